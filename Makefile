@@ -21,12 +21,12 @@ demo: $(BIN)/fika
 	$(BIN)/fika data
 
 test: $(BIN)/fika
-	$(BIN)/ruff check fika search tests
+	$(BIN)/ruff check .
 	$(BIN)/pytest -m "not gpu"
 
 lint: $(BIN)/fika
-	$(BIN)/ruff check fika search tests spaces bench
-	$(BIN)/ruff format --check fika search tests spaces bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,6 +1,8 @@
 """The `fika` command: one entry point, a subcommand per job; heavy imports live inside the commands.
 
   fika data  [--config FILE.yaml] [key=value ...] [--json] [--show N]   build and describe the data mix
+  fika train [--config FILE.yaml] [key=value ...]                      one trial, or a full run
+  fika search SPEC.yaml [key=value ...] [--address auto] [--resume] [--dry-run]   many trials
 
 With no --config every command uses the embedded default (fika/default.yaml): the built-in SmolLM2 and
 ShareGPT data, offline, sized for a CPU. Bad input prints one line per problem and exits with code 2.
@@ -12,7 +14,7 @@ import argparse
 import json
 import sys
 
-from fika.config import FikaError, TrialConfig, load_config
+from fika.config import FikaError, load_config
 from fika.data import DROP_REASONS
 
 
@@ -55,10 +57,11 @@ def render_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(parts)
 
 
-def cmd_data(args: argparse.Namespace, config: TrialConfig) -> None:
+def cmd_data(args: argparse.Namespace) -> None:
     from fika.data import prepare_data
     from fika.model import load_tokenizer
 
+    config = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(config.model)
     mix = prepare_data(config.data, tokenizer, config.model.max_seq_length, rebuild=args.rebuild)
     summary = mix.summary()
@@ -80,6 +83,98 @@ def cmd_data(args: argparse.Namespace, config: TrialConfig) -> None:
         print(render_masked(tokenizer, row["input_ids"], row["labels"]))
 
 
+def format_result(result) -> str:
+    """The summary `fika train` prints at the end of a run."""
+    per_step = (result.wall_time_s - (result.time_to_first_step_s or 0)) / max(result.steps - 1, 1)
+    evals = ", ".join(f"{step}: {loss:.4f}" for step, loss in sorted(result.eval_losses.items())) or "none"
+    lines = [
+        f"status      {result.status}" + (f" ({result.error})" if result.error else ""),
+        f"steps       {result.steps}/{result.max_steps} on {result.device}",
+        f"train loss  {result.train_loss:.4f} (mean of the last 10 steps {result.train_loss_smooth:.4f})"
+        if result.train_loss is not None
+        else "train loss  none",
+        f"eval loss   {evals}",
+        f"tokens seen {result.tokens_seen:,}",
+        f"time        {result.wall_time_s:.1f} s, first step after {result.time_to_first_step_s or 0:.1f} s, "
+        f"then {per_step:.2f} s/step",
+        f"peak memory {result.peak_memory_mb:,.0f} MB ({result.memory_kind})",
+        f"parameters  {result.trainable_params:,} trainable of {result.total_params:,}",
+        f"outputs     {result.output_dir}" + (f" (adapter: {result.adapter_dir})" if result.adapter_dir else ""),
+    ]
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from fika.trial import run_trial
+
+    config = load_config(args.config, args.overrides)
+    bar = tqdm(total=config.train.max_steps if config.train.max_steps > 0 else None, unit="step", disable=None)
+
+    def report(record: dict) -> None:
+        bar.total = record["max_steps"] or bar.total
+        bar.update(record["step"] - bar.n)
+        bar.set_postfix(loss=f"{record['train_loss']:.4f}", avg10=f"{record['train_loss_smooth']:.4f}")
+        if "eval_loss" in record or (bar.disable and record["step"] % 10 == 0):
+            line = f"step {record['step']}/{record['max_steps']}: train loss {record['train_loss']:.4f} "
+            line += f"(avg10 {record['train_loss_smooth']:.4f}), lr {record['learning_rate']:.2e}"
+            line += f", eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+            bar.write(line, file=sys.stderr)
+
+    result = run_trial(config, report)
+    bar.close()
+    print(format_result(result))
+    return 0 if result.status == "completed" else 1
+
+
+def quiet_libraries() -> None:
+    """Keeps the terminal for fika's own progress: library warnings and load bars off, errors kept."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|trl|peft)")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from search.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.dry_run:
+        print(describe_search(spec))
+        return 0
+    from search.progress import SearchProgress
+    from search.tuner import run_dir, run_search
+
+    progress = SearchProgress(spec.num_trials(), spec.metric, spec.max_steps)
+    print(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {run_dir(spec)}")
+    run_search(spec, address=args.address, resume=args.resume, callbacks=[progress])
+    return 0
+
+
+def describe_search(spec) -> str:
+    """What a search will run and cost, without starting Ray (`fika search --dry-run`)."""
+    t = spec.base.train
+    tokens = spec.max_steps * t.batch_size * t.gradient_accumulation * spec.base.model.max_seq_length
+    lines = [
+        f"search {spec.name}: {spec.searcher} searcher, {spec.num_trials()} trials, metric {spec.metric}",
+        f"space: {', '.join(f'{k} {v.model_dump(exclude_none=True)}' for k, v in spec.space.items())}",
+        f"each trial: {spec.max_steps} steps of {t.batch_size} x {t.gradient_accumulation} conversations, "
+        f"at most {tokens:,} tokens; eval at steps {spec.eval_steps()}",
+        f"scheduler: {spec.scheduler.kind}" + (f", rungs at steps {spec.rungs()}" if spec.rungs() else ""),
+        f"budget: at most {spec.num_trials() * spec.max_steps:,} trial-steps, {spec.num_trials() * tokens:,} tokens; "
+        f"{spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial"
+        + (f", {spec.max_concurrent} at once" if spec.max_concurrent else ""),
+    ]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fika", description="LoRA hyperparameter search for chat LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,14 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rebuild", action="store_true", help="ignore the cached mix and build it again")
     p.set_defaults(run=cmd_data)
+
+    p = sub.add_parser("train", help="run one trial, or a full run (train.max_steps=-1 train.epochs=3)")
+    add_config_args(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("search", help="run or resume a search: Ray Tune + Optuna over short trials")
+    p.add_argument("spec", help="a search spec YAML (search/specs/demo.yaml is the embedded CPU default)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. num_samples=4")
+    p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search from its storage folder")
+    p.add_argument("--dry-run", action="store_true", help="validate the spec and print trials and budget; no Ray")
+    p.set_defaults(run=cmd_search)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may also follow the flags
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
-        config = load_config(args.config, args.overrides)
-        args.run(args, config)
+        quiet_libraries()
+        code = args.run(args) or 0
     except FikaError as err:
         for line in str(err).splitlines():
             print(f"fika {args.command}: error: {line}", file=sys.stderr)
@@ -111,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fika {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

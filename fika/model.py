@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fika.config import ConfigError, ModelConfig, cache_root
+from fika.config import ConfigError, LoraConfig, ModelConfig, cache_root
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,3 +157,98 @@ def load_tokenizer(config: ModelConfig):
         vocab = tokenizer.get_vocab()
         tokenizer.pad_token = "<|finetune_right_pad_id|>" if "<|finetune_right_pad_id|>" in vocab else END_OF_TURN[kind]
     return tokenizer
+
+
+def device_kind() -> str:
+    """`cuda` when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES per trial), else `cpu`."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype():
+    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on a CPU."""
+    import torch
+
+    if device_kind() == "cpu":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_tiny_model(vocab_size: int):
+    """A randomly initialised 2-layer Llama (about 0.1M parameters) that trains in seconds on a CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        initializer_range=0.1,  # larger than Llama's 0.02, so LoRA alone can move the frozen head's logits
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config)
+
+
+def load_base_model(config: ModelConfig, tokenizer, quantize: bool | None = None):
+    """The frozen base model on this process's device: 4-bit NF4 on CUDA when asked, fp32 on a CPU.
+
+    On CUDA the model goes to local device 0, which is the trial's own GPU once Ray has set
+    CUDA_VISIBLE_DEVICES. `quantize=None` follows `config.load_in_4bit` (CUDA only).
+    """
+    cuda = device_kind() == "cuda"
+    quantize = config.load_in_4bit if quantize is None else quantize
+    if config.name == TINY:
+        model = build_tiny_model(len(tokenizer))
+        return model.to("cuda:0") if cuda else model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict = {
+        "dtype": compute_dtype(),
+        "revision": config.revision,
+        "trust_remote_code": config.trust_remote_code,
+    }
+    if cuda:
+        kwargs["device_map"] = {"": 0}
+        if quantize:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute_dtype(),
+            )
+    path = resolve_model_path(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ConfigError(f"model.name: cannot load {config.name!r}: {err}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if cuda and quantize:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes and up-casts norms; gradient checkpointing is switched on by the trainer (train config).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False
+    return model
+
+
+def lora_config(config: LoraConfig):
+    """The peft LoraConfig of a fika lora section (all linear layers by default, as in QLoRA)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )

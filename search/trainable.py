@@ -1,0 +1,104 @@
+"""The Ray Tune trainable: one search trial = `fika.trial.run_trial` on a worker, every record forwarded.
+
+A class trainable, so that with `reuse_actors=True` a worker keeps its process, its loaded base model and
+its memory-mapped data between trials (`reset_config` starts the next trial in the same process). The
+trial runs in a thread; `step()` hands Tune one record at a time, and an ASHA stop is passed back to
+`run_trial` through its `report` return value, so a pruned trial ends cleanly as `stopped`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from fika.config import TrialConfig
+from fika.trial import run_trial
+from search.spec import SearchSpec, trial_config
+
+_BASE_MODELS: dict[str, Any] = {}  # per worker process: the loaded base model, keyed by its model config
+
+
+def cached_base_model(config: TrialConfig):
+    """The base model of `config.model`, loaded once per worker process and reused by its later trials."""
+    from fika.model import load_base_model, load_tokenizer
+
+    key = config.model.model_dump_json()
+    if key not in _BASE_MODELS:
+        _BASE_MODELS.clear()  # one base model per worker: free the previous one first
+        _BASE_MODELS[key] = load_base_model(config.model, load_tokenizer(config.model))
+    return _BASE_MODELS[key]
+
+
+class FikaTrainable(tune.Trainable):
+    """Runs one fika trial per Tune trial; see the module docstring."""
+
+    def setup(self, config: dict, spec: dict, run_dir: str) -> None:
+        self.spec = SearchSpec.model_validate(spec)
+        self.run_dir = Path(run_dir)
+        self._start(config)
+
+    def _start(self, params: dict) -> None:
+        self.trial_config = trial_config(self.spec, params, str(self.run_dir / "trials" / self.trial_id))
+        self.records: queue.Queue = queue.Queue()
+        self.stop_requested = threading.Event()
+        self.last: dict = {}
+        self.thread = threading.Thread(target=self._run, name=f"fika-trial-{self.trial_id}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            base = cached_base_model(self.trial_config)
+            result = run_trial(self.trial_config, self._report, base_model=base)
+            self.records.put(("done", result))
+        except BaseException as err:  # handed to step(), which raises it in Tune's thread
+            self.records.put(("error", err))
+
+    def _report(self, record: dict) -> bool:
+        self.records.put(("record", record))
+        return self.stop_requested.is_set()
+
+    def step(self) -> dict:
+        kind, item = self.records.get()
+        if kind == "error":
+            raise item
+        if kind == "record":
+            self.last = {**item, **self._where()}
+            return self.last
+        result = {**self.last, **self._where(), "status": item.status, "done": True}
+        result.setdefault(self.spec.metric, float("nan"))  # a trial that diverged before its first eval
+        return result
+
+    def _where(self) -> dict:
+        """Where this trial ran: checked by the scheduling tests and shown in reports."""
+        return {
+            "trial_dir": self.trial_config.output.dir,
+            "pid": os.getpid(),
+            "node": socket.gethostname(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        }
+
+    def _stop_thread(self) -> None:
+        """Asks a still running trial to stop at its next step, and waits for it (the queue never blocks)."""
+        self.stop_requested.set()
+        self.thread.join()
+
+    def reset_config(self, new_config: dict) -> bool:
+        self._stop_thread()
+        self._start(new_config)
+        return True
+
+    def cleanup(self) -> None:
+        self._stop_thread()
+
+    # 60-step trials keep no checkpoints; Tune still needs these two to reuse a worker between trials.
+    def save_checkpoint(self, checkpoint_dir: str) -> dict:
+        return {}
+
+    def load_checkpoint(self, checkpoint: dict) -> None:
+        pass

@@ -1,0 +1,216 @@
+"""One real LoRA trial on the tiny model: the loss falls, only the adapter moves, every output is written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fika.config import ModelConfig, load_config
+from fika.model import build_tiny_model, load_base_model, load_tokenizer
+from fika.trial import run_trial
+
+
+def tiny_config(tmp_path, *overrides, name="trial"):
+    return load_config(
+        None,
+        [
+            "model.name=tiny",
+            "data.sources.0.limit=400",
+            "data.eval_size=16",
+            "train.learning_rate=5e-3",
+            "train.max_steps=40",
+            "train.eval_steps=[10, 20, 30]",
+            f"output.dir={tmp_path / name}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 40-step tiny trial, run on a base model the test holds, with its reports."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    config = tiny_config(tmp_path)
+    tokenizer = load_tokenizer(config.model)
+    base = load_base_model(config.model, tokenizer)
+    base_before = {k: v.clone() for k, v in base.state_dict().items()}
+    records: list[dict] = []
+    result = run_trial(config, records.append, base_model=base)
+    return config, result, records, base, base_before
+
+
+def test_the_loss_falls_and_eval_is_reported_at_every_eval_step(trained):
+    config, result, records, *_ = trained
+    assert result.status == "completed" and result.steps == 40 and [r["step"] for r in records] == list(range(1, 41))
+    losses = [r["train_loss"] for r in records]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert sorted(evals) == [10, 20, 30, 40]  # the configured steps plus the last one
+    assert evals[40] < evals[10] and result.eval_loss == evals[40]
+    assert records[-1]["train_loss_smooth"] == pytest.approx(sum(losses[-10:]) / 10)
+    for key in ("learning_rate", "grad_norm", "tokens_seen", "elapsed_s"):
+        assert all(r[key] is not None for r in records), key
+    assert records[-1]["tokens_seen"] > records[0]["tokens_seen"] > 0
+
+
+def test_only_the_adapter_changed(trained):
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import set_seed
+
+    from fika.model import lora_config
+
+    config, result, _, base, base_before = trained
+    after = base.state_dict()
+    assert after.keys() == base_before.keys()  # the LoRA layers were removed again
+    assert all(torch.equal(after[k], base_before[k]) for k in base_before), "a base weight changed"
+
+    tokenizer = load_tokenizer(config.model)
+    set_seed(config.train.seed)
+    initial = get_peft_model(build_tiny_model(len(tokenizer)), lora_config(config.lora))
+    initial_lora = {k: v for k, v in initial.state_dict().items() if "lora_" in k}
+    trained_lora = load_file(f"{result.adapter_dir}/adapter_model.safetensors")
+    assert len(trained_lora) == len(initial_lora) == 2 * 7 * 2  # A and B, 7 linear layers, 2 blocks
+    for key, value in trained_lora.items():
+        start = initial_lora[key.replace(".weight", ".default.weight")]
+        assert not torch.equal(value, start), f"{key} did not change"
+
+
+def test_outputs_are_written_and_parse(trained):
+    config, result, records, *_ = trained
+    out = result.output_dir
+    assert yaml.safe_load(open(f"{out}/config.yaml")) == config.model_dump(mode="json")
+    saved = json.load(open(f"{out}/result.json"))
+    assert saved["status"] == "completed" and saved["eval_loss"] == result.eval_loss
+    for key in (
+        "train_loss",
+        "train_loss_smooth",
+        "tokens_seen",
+        "wall_time_s",
+        "time_to_first_step_s",
+        "peak_memory_mb",
+    ):
+        assert saved[key] and saved[key] > 0, key
+    assert saved["trainable_params"] == 32_768 and saved["total_params"] > saved["trainable_params"]
+    lines = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    assert lines == records
+    assert not [p for p in Path(out).rglob("*") if p.name.startswith("checkpoint")]
+
+
+def test_same_seed_same_losses(trained, tmp_path):
+    config, result, records, *_ = trained
+    again: list[dict] = []
+    run_trial(
+        config.model_copy(update={"output": config.output.model_copy(update={"dir": str(tmp_path)})}), again.append
+    )
+    assert [r["train_loss"] for r in again] == [r["train_loss"] for r in records]
+    assert [r.get("eval_loss") for r in again] == [r.get("eval_loss") for r in records]
+
+
+def test_logged_loss_does_not_depend_on_how_a_batch_is_split(tmp_path):
+    """Loss is a mean over the tokens of the whole optimizer step, whatever batch x accumulation is."""
+    runs = {}
+    for batch, accumulation in [(4, 1), (2, 2), (1, 4)]:
+        records: list[dict] = []
+        config = tiny_config(
+            tmp_path,
+            f"train.batch_size={batch}",
+            f"train.gradient_accumulation={accumulation}",
+            "train.max_steps=6",
+            "train.eval_steps=[6]",
+            "output.save_adapter=false",
+            name=f"b{batch}x{accumulation}",
+        )
+        run_trial(config, records.append)
+        runs[(batch, accumulation)] = records
+    reference = runs[(4, 1)]
+    for records in runs.values():
+        assert [r["tokens_seen"] for r in records] == [r["tokens_seen"] for r in reference]
+        for a, b in zip(records, reference, strict=True):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_a_nan_stops_the_trial_as_diverged(tmp_path):
+    config = tiny_config(tmp_path, "train.max_steps=30")
+    tokenizer = load_tokenizer(config.model)
+    base = load_base_model(config.model, tokenizer)
+    records: list[dict] = []
+
+    def poison_at_step_5(record: dict) -> None:
+        records.append(record)
+        if record["step"] == 5:  # a NaN enters the forward pass from step 6 on
+            with torch.no_grad():
+                base.model.layers[0].mlp.down_proj.base_layer.weight[0, 0] = float("nan")
+
+    result = run_trial(config, poison_at_step_5, base_model=base)
+    assert result.status == "diverged" and result.steps == 6
+    assert math.isnan(records[-1]["train_loss"]) and records[-1]["status"] == "diverged"
+    assert result.adapter_dir is None
+    assert json.load(open(f"{result.output_dir}/result.json"))["status"] == "diverged"
+
+
+def test_cosine_with_restarts_differs_from_cosine(tmp_path):
+    lrs = {}
+    for scheduler in ("cosine", "cosine_with_restarts"):
+        records: list[dict] = []
+        config = tiny_config(
+            tmp_path, f"train.lr_scheduler={scheduler}", "train.max_steps=30", "output.save_adapter=false"
+        )
+        run_trial(config, records.append)
+        lrs[scheduler] = [r["learning_rate"] for r in records]
+    assert lrs["cosine"] != lrs["cosine_with_restarts"]
+    after_warmup = lrs["cosine_with_restarts"][5:]
+    assert sum(b > a for a, b in zip(after_warmup, after_warmup[1:])) == 2  # 3 cycles: 2 restarts
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_trains_offline_on_builtin_sharegpt(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = load_config(
+        None,
+        [
+            "model.max_seq_length=128",
+            "data.sources.0.limit=200",
+            "data.eval_size=8",
+            "train.max_steps=4",
+            "train.eval_steps=[4]",
+            f"output.dir={tmp_path}",
+        ],
+    )
+    records: list[dict] = []
+    result = run_trial(config, records.append)
+    assert result.status == "completed" and len(records) == 4
+    assert 0 < result.eval_loss < 5  # a pretrained instruct model, not a random one (ln 49152 = 10.8)
+    assert result.total_params > 134_000_000 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_4bit_qlora_on_the_trials_gpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "llama"
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(model_dir)
+    load_tokenizer(ModelConfig(name="tiny")).save_pretrained(model_dir)
+    config = tiny_config(
+        tmp_path, f"model.name={model_dir}", "model.chat_template=chatml", "train.max_steps=5", "train.eval_steps=[5]"
+    )
+    base = load_base_model(config.model, load_tokenizer(config.model))
+    assert base.is_loaded_in_4bit and next(base.parameters()).device == torch.device("cuda", 0)
+    result = run_trial(config, base_model=base)
+    assert result.status == "completed" and result.memory_kind == "gpu" and result.device == "cuda"

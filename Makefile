@@ -18,7 +18,7 @@ $(BIN)/fika:
 	$(MAKE) install
 
 demo: $(BIN)/fika
-	$(BIN)/fika data
+	$(BIN)/fika search search/specs/demo.yaml
 
 test: $(BIN)/fika
 	$(BIN)/ruff check .

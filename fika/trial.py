@@ -37,6 +37,8 @@ class TrialResult:
     eval_loss: float | None = None
     eval_losses: dict[int, float] = field(default_factory=dict)
     tokens_seen: int = 0
+    started_at: float = 0.0  # unix time
+    ended_at: float = 0.0
     wall_time_s: float = 0.0
     time_to_first_step_s: float | None = None
     peak_memory_mb: float = 0.0
@@ -130,7 +132,7 @@ class TrialRun:
         self.config = config
         self.report = report
         self.out = out
-        self.result = TrialResult(output_dir=str(out))
+        self.result = TrialResult(output_dir=str(out), started_at=time.time())
         self.started = time.perf_counter()
         self.losses: list[float] = []
         self.eval_steps = set(config.train.eval_steps)
@@ -182,6 +184,7 @@ class TrialRun:
             self.result.status = status
         self.result.error = error
         self.result.wall_time_s = round(time.perf_counter() - self.started, 3)
+        self.result.ended_at = time.time()
         self.result.peak_memory_mb, self.result.memory_kind = peak_memory_mb(self.result.device)
         write_atomic(self.out / "result.json", json.dumps(asdict(self.result), indent=1))
         return self.result

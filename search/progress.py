@@ -20,7 +20,7 @@ class SearchProgress(Callback):
         total: int,
         metric: str,
         max_steps: int,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] | None = None,
         on_trial_end: Callable[[], None] | None = None,
         every_s: float = 30.0,
     ):
@@ -67,9 +67,13 @@ class SearchProgress(Callback):
         left_steps = (self.total - len(self.ended)) * self.max_steps - sum(
             self.steps.get(t.trial_id, 0) for t in running
         )
-        eta = f"{max(left_steps, 0) * elapsed / done_steps / 60:.1f} min left (at most)" if done_steps else "time left: unknown"
+        eta = (
+            f"{max(left_steps, 0) * elapsed / done_steps / 60:.1f} min left (at most)"
+            if done_steps
+            else "time left: unknown"
+        )
         best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"no {self.metric} yet"
-        self.log(
+        (self.log or print)(  # print looked up late: Tune pickles its callbacks with the experiment state
             f"[{elapsed / 60:5.1f} min] {len(self.ended)}/{self.total} trials done "
             f"({', '.join(f'{v} {k}' for k, v in counts.items())}), {len(running)} running; {best}; {eta}"
         )

@@ -8,6 +8,7 @@ trial runs in a thread; `step()` hands Tune one record at a time, and an ASHA st
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import socket
@@ -15,10 +16,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from fika.config import TrialConfig
-from fika.trial import run_trial
+from fika.trial import TrialResult, run_trial
 from search.spec import SearchSpec, trial_config
 
 _BASE_MODELS: dict[str, Any] = {}  # per worker process: the loaded base model, keyed by its model config
@@ -35,6 +37,21 @@ def cached_base_model(config: TrialConfig):
     return _BASE_MODELS[key]
 
 
+def finished_trial(directory: Path) -> tuple[dict, TrialResult] | None:
+    """The last record and result of a trial that already ended in `directory` (None if it did not)."""
+    try:
+        result = TrialResult(**json.loads((directory / "result.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    if result.status not in ("completed", "stopped", "diverged"):
+        return None
+    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line]
+    last = records[-1] if records else {}
+    if result.eval_loss is not None:
+        last["eval_loss"] = result.eval_loss
+    return last, result
+
+
 class FikaTrainable(tune.Trainable):
     """Runs one fika trial per Tune trial; see the module docstring."""
 
@@ -49,7 +66,12 @@ class FikaTrainable(tune.Trainable):
         self.stop_requested = threading.Event()
         self.last: dict = {}
         self.thread = threading.Thread(target=self._run, name=f"fika-trial-{self.trial_id}", daemon=True)
-        self.thread.start()
+        finished = finished_trial(Path(self.trial_config.output.dir))
+        if finished is not None:  # resumed after the driver died: this trial had ended, do not run it again
+            self.last, result = finished
+            self.records.put(("done", result))
+        else:
+            self.thread.start()
 
     def _run(self) -> None:
         try:
@@ -79,14 +101,16 @@ class FikaTrainable(tune.Trainable):
         return {
             "trial_dir": self.trial_config.output.dir,
             "pid": os.getpid(),
-            "node": socket.gethostname(),
+            "node": ray.get_runtime_context().get_node_id()[:12],
+            "host": socket.gethostname(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         }
 
     def _stop_thread(self) -> None:
         """Asks a still running trial to stop at its next step, and waits for it (the queue never blocks)."""
         self.stop_requested.set()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
 
     def reset_config(self, new_config: dict) -> bool:
         self._stop_thread()

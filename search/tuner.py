@@ -20,6 +20,9 @@ from search.spec import SearchSpec, baseline_params, encode_choice
 # Trials report every step, the eval metric only at eval steps (ASHA rungs and the last step).
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # fika prints its own progress lines
+# Save the experiment state every second (Ray's default starts at 10 s), so that after a killed driver
+# `--resume` knows every trial that had started; a trial that had ended is replayed from its result.json.
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 
 def run_dir(spec: SearchSpec) -> Path:

@@ -84,8 +84,8 @@ def test_only_the_adapter_changed(trained):
 def test_outputs_are_written_and_parse(trained):
     config, result, records, *_ = trained
     out = result.output_dir
-    assert yaml.safe_load(open(f"{out}/config.yaml")) == config.model_dump(mode="json")
-    saved = json.load(open(f"{out}/result.json"))
+    assert yaml.safe_load(Path(out, "config.yaml").read_text()) == config.model_dump(mode="json")
+    saved = json.loads(Path(out, "result.json").read_text())
     assert saved["status"] == "completed" and saved["eval_loss"] == result.eval_loss
     for key in (
         "train_loss",
@@ -97,7 +97,7 @@ def test_outputs_are_written_and_parse(trained):
     ):
         assert saved[key] and saved[key] > 0, key
     assert saved["trainable_params"] == 32_768 and saved["total_params"] > saved["trainable_params"]
-    lines = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    lines = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
     assert lines == records
     assert not [p for p in Path(out).rglob("*") if p.name.startswith("checkpoint")]
 
@@ -151,7 +151,7 @@ def test_a_nan_stops_the_trial_as_diverged(tmp_path):
     assert result.status == "diverged" and result.steps == 6
     assert math.isnan(records[-1]["train_loss"]) and records[-1]["status"] == "diverged"
     assert result.adapter_dir is None
-    assert json.load(open(f"{result.output_dir}/result.json"))["status"] == "diverged"
+    assert json.loads(Path(result.output_dir, "result.json").read_text())["status"] == "diverged"
 
 
 def test_cosine_with_restarts_differs_from_cosine(tmp_path):
@@ -165,7 +165,7 @@ def test_cosine_with_restarts_differs_from_cosine(tmp_path):
         lrs[scheduler] = [r["learning_rate"] for r in records]
     assert lrs["cosine"] != lrs["cosine_with_restarts"]
     after_warmup = lrs["cosine_with_restarts"][5:]
-    assert sum(b > a for a, b in zip(after_warmup, after_warmup[1:])) == 2  # 3 cycles: 2 restarts
+    assert sum(b > a for a, b in zip(after_warmup, after_warmup[1:], strict=False)) == 2  # 3 cycles: 2 restarts
 
 
 @pytest.mark.slow

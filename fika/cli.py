@@ -3,6 +3,7 @@
   fika data  [--config FILE.yaml] [key=value ...] [--json] [--show N]   build and describe the data mix
   fika train [--config FILE.yaml] [key=value ...]                      one trial, or a full run
   fika search SPEC.yaml [key=value ...] [--address auto] [--resume] [--dry-run]   many trials
+  fika report RUN_DIR [--out DIR]                                      the ranked report of a search
 
 With no --config every command uses the embedded default (fika/default.yaml): the built-in SmolLM2 and
 ShareGPT data, offline, sized for a CPU. Bad input prints one line per problem and exits with code 2.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from fika.config import FikaError, load_config
 from fika.data import DROP_REASONS
@@ -150,11 +152,36 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(describe_search(spec))
         return 0
     from search.progress import SearchProgress
-    from search.tuner import run_dir, run_search
+    from search.report import build_report
+    from search.tuner import run_confirm, run_dir, run_search
 
-    progress = SearchProgress(spec.num_trials(), spec.metric, spec.max_steps)
-    print(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {run_dir(spec)}")
+    directory = run_dir(spec)
+    report_dir = Path(spec.report_dir or Path("reports") / spec.name)
+
+    def refresh_report() -> None:  # after every trial: a running search always has an up-to-date report
+        try:
+            build_report(directory, report_dir)
+        except Exception as err:  # a report problem must never stop the search
+            print(f"report: not updated ({type(err).__name__}: {err})", file=sys.stderr)
+
+    print(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
+    progress = SearchProgress(spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh_report)
     run_search(spec, address=args.address, resume=args.resume, callbacks=[progress])
+    if args.confirm_top:
+        confirm = SearchProgress(
+            args.confirm_top * args.seeds, spec.metric, spec.max_steps, on_trial_end=refresh_report
+        )
+        run_confirm(spec, args.confirm_top, args.seeds, callbacks=[confirm])
+    refresh_report()
+    print(f"report: {report_dir / 'index.html'} (also index.md, trials.csv, best.yaml)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from search.report import build_report
+
+    out = build_report(args.run_dir, args.out)
+    print(f"report: {out / 'index.md'} and {out / 'index.html'}")
     return 0
 
 
@@ -202,7 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search from its storage folder")
     p.add_argument("--dry-run", action="store_true", help="validate the spec and print trials and budget; no Ray")
+    p.add_argument(
+        "--confirm-top", type=int, default=0, metavar="K", help="then re-run the K best trials with other seeds"
+    )
+    p.add_argument("--seeds", type=int, default=3, metavar="S", help="seeds per re-run trial (with --confirm-top)")
     p.set_defaults(run=cmd_search)
+
+    p = sub.add_parser("report", help="(re)build the ranked report of a search, finished or not")
+    p.add_argument("run_dir", help="the search folder, <storage>/<name> (e.g. runs/demo)")
+    p.add_argument("--out", help="where to write it (default: reports/<name>)")
+    p.set_defaults(run=cmd_report)
     return parser
 
 

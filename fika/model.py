@@ -239,6 +239,22 @@ def load_base_model(config: ModelConfig, tokenizer, quantize: bool | None = None
     return model
 
 
+_KEPT_BASE_MODELS: dict = {}
+
+
+def kept_base_model(config: ModelConfig, tokenizer):
+    """The base model of `config`, loaded once per process and kept for later trials (a search worker).
+
+    Trials leave the base weights as they were (fika.trial removes the LoRA layers again), so one
+    process can serve trial after trial without reloading; a different base model replaces it.
+    """
+    key = config.model_dump_json()
+    if key not in _KEPT_BASE_MODELS:
+        _KEPT_BASE_MODELS.clear()  # free the previous model first
+        _KEPT_BASE_MODELS[key] = load_base_model(config, tokenizer)
+    return _KEPT_BASE_MODELS[key]
+
+
 def lora_config(config: LoraConfig):
     """The peft LoraConfig of a fika lora section (all linear layers by default, as in QLoRA)."""
     from peft import LoraConfig as PeftLoraConfig

@@ -229,12 +229,15 @@ def training_args(config: TrialConfig, out: Path, device: str):
     )
 
 
-def run_trial(config: TrialConfig, report: Report | None = None, data=None, base_model=None) -> TrialResult:
+def run_trial(
+    config: TrialConfig, report: Report | None = None, data=None, base_model=None, keep_base_model: bool = False
+) -> TrialResult:
     """Trains one LoRA trial and returns its result.
 
     `data` is a prepared DataMix (else it is loaded from the cache or built). `base_model` is an already
-    loaded base model of `config.model` (a worker reusing it between trials); the LoRA layers are removed
-    from it again when the trial ends, leaving its weights as they were.
+    loaded base model of `config.model`; `keep_base_model=True` loads it once per process and keeps it for
+    the next trial (a search worker). Either way the LoRA layers are removed again when the trial ends,
+    leaving the base weights as they were.
     """
     import torch
     from peft import get_peft_model
@@ -243,7 +246,7 @@ def run_trial(config: TrialConfig, report: Report | None = None, data=None, base
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from fika.data import prepare_data
-    from fika.model import device_kind, load_base_model, load_tokenizer, lora_config
+    from fika.model import device_kind, kept_base_model, load_base_model, load_tokenizer, lora_config
 
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +267,10 @@ def run_trial(config: TrialConfig, report: Report | None = None, data=None, base
         trial.eval_dataset, trial.collator = eval_dataset, collator
 
         set_seed(config.train.seed)
-        base = base_model if base_model is not None else load_base_model(config.model, tokenizer)
+        if base_model is not None:
+            base = base_model
+        else:
+            base = (kept_base_model if keep_base_model else load_base_model)(config.model, tokenizer)
         model = get_peft_model(base, lora_config(config.lora))
         trial.result.trainable_params, trial.result.total_params = model.get_nb_trainable_parameters()
         trainer = SFTTrainer(

@@ -181,10 +181,12 @@ def decode_choice(value: Any) -> Any:
     return yaml.safe_load(value) if isinstance(value, str) else value
 
 
-def trial_config(spec: SearchSpec, params: dict[str, Any], output_dir: str) -> TrialConfig:
+def trial_config(spec: SearchSpec, params: dict[str, Any], output_dir: str, seed: int | None = None) -> TrialConfig:
     """The TrialConfig of one trial: the base config with the sampled params and the search's eval steps."""
     raw = apply_params(spec.base.model_dump(mode="json"), params)
     raw["train"]["eval_steps"] = spec.eval_steps()
+    if seed is not None:
+        raw["train"]["seed"] = seed
     raw["output"].update(dir=output_dir, save_adapter=False)
     return build_config(raw)
 

@@ -14,27 +14,12 @@ import queue
 import socket
 import threading
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray import tune
 
-from fika.config import TrialConfig
 from fika.trial import TrialResult, run_trial
 from search.spec import SearchSpec, trial_config
-
-_BASE_MODELS: dict[str, Any] = {}  # per worker process: the loaded base model, keyed by its model config
-
-
-def cached_base_model(config: TrialConfig):
-    """The base model of `config.model`, loaded once per worker process and reused by its later trials."""
-    from fika.model import load_base_model, load_tokenizer
-
-    key = config.model.model_dump_json()
-    if key not in _BASE_MODELS:
-        _BASE_MODELS.clear()  # one base model per worker: free the previous one first
-        _BASE_MODELS[key] = load_base_model(config.model, load_tokenizer(config.model))
-    return _BASE_MODELS[key]
 
 
 def finished_trial(directory: Path) -> tuple[dict, TrialResult] | None:
@@ -61,7 +46,14 @@ class FikaTrainable(tune.Trainable):
         self._start(config)
 
     def _start(self, params: dict) -> None:
-        self.trial_config = trial_config(self.spec, params, str(self.run_dir / "trials" / self.trial_id))
+        out = self.run_dir / "trials" / self.trial_id
+        confirm = json.loads(params["_confirm"]) if "_confirm" in params else None
+        if confirm is not None:  # a re-run of a finished trial with another seed (--confirm-top)
+            params = confirm["params"]
+        self.trial_config = trial_config(self.spec, params, str(out), seed=confirm and confirm["seed"])
+        if confirm is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "confirm.json").write_text(json.dumps({"of": confirm["of"], "seed": confirm["seed"]}))
         self.records: queue.Queue = queue.Queue()
         self.stop_requested = threading.Event()
         self.last: dict = {}
@@ -75,8 +67,7 @@ class FikaTrainable(tune.Trainable):
 
     def _run(self) -> None:
         try:
-            base = cached_base_model(self.trial_config)
-            result = run_trial(self.trial_config, self._report, base_model=base)
+            result = run_trial(self.trial_config, self._report, keep_base_model=True)
             self.records.put(("done", result))
         except BaseException as err:  # handed to step(), which raises it in Tune's thread
             self.records.put(("error", err))

@@ -211,3 +211,42 @@ def spec_yaml(spec: SearchSpec) -> str:
     import yaml
 
     return yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False)
+
+
+def run_confirm(
+    spec: SearchSpec, top: int, seeds: int, callbacks: list | None = None, log: Callable[[str], None] = print
+):
+    """Re-runs the `top` best completed trials with `seeds` other seeds each, to measure seed noise."""
+    from ray import tune
+
+    from search.report import load_rows, rank
+
+    directory = run_dir(spec)
+    best = [r for r in rank(load_rows(directory, spec)) if r.status == "completed" and not r.confirm_of][:top]
+    if not best:
+        raise ConfigError("--confirm-top: the search has no completed trial to confirm")
+    runs = [
+        json.dumps(
+            {
+                "of": row.trial_id,
+                "params": {k: encode_choice(v) for k, v in row.params.items()},
+                "seed": spec.base.train.seed + i,
+            }
+        )  # fmt: skip
+        for row in best
+        for i in range(1, seeds + 1)
+    ]
+    log(f"confirm: {len(best)} trials x {seeds} seeds = {len(runs)} runs")
+    tuner = tune.Tuner(
+        trainable_for(spec, directory),
+        param_space={"_confirm": tune.grid_search(runs)},
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=spec.max_concurrent),
+        run_config=tune.RunConfig(
+            name="tune-confirm",
+            storage_path=str(directory),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            callbacks=callbacks or [],
+            verbose=0,
+        ),
+    )
+    return tuner.fit()

@@ -200,7 +200,9 @@ def test_a_space_key_must_be_a_config_key(tmp_path, capsys):
     path.write_text(yaml.safe_dump(spec))
     assert main(["search", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fika search: error: space.train.lr_sched: train.lr_sched: unknown key (allowed here: learning_rate")
+    assert err.startswith(
+        "fika search: error: space.train.lr_sched: train.lr_sched: unknown key (allowed here: learning_rate"
+    )
 
 
 def test_dry_run_counts_the_grid(capsys):

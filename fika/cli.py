@@ -4,6 +4,7 @@
   fika train [--config FILE.yaml] [key=value ...]                      one trial, or a full run
   fika search SPEC.yaml [key=value ...] [--address auto] [--resume] [--dry-run]   many trials
   fika report RUN_DIR [--out DIR]                                      the ranked report of a search
+  fika space [export] [--adapter DIR] [--report DIR] [--out DIR]        the FIKA Assistant Gradio app
 
 With no --config every command uses the embedded default (fika/default.yaml): the built-in SmolLM2 and
 ShareGPT data, offline, sized for a CPU. Bad input prints one line per problem and exits with code 2.
@@ -166,6 +167,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     print(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
     progress = SearchProgress(spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh_report)
+    if args.resume:  # count what ended before the interruption
+        for path in (directory / "trials").glob("*/result.json"):
+            status = json.loads(path.read_text())["status"]
+            progress.ended[path.parent.name] = {"stopped": "pruned"}.get(status, status)
     run_search(spec, address=args.address, resume=args.resume, callbacks=[progress])
     if args.confirm_top:
         confirm = SearchProgress(
@@ -182,6 +187,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = build_report(args.run_dir, args.out)
     print(f"report: {out / 'index.md'} and {out / 'index.html'}")
+    return 0
+
+
+def space_app_path() -> Path:
+    path = Path(__file__).resolve().parents[1] / "spaces" / "app.py"
+    if not path.exists():
+        raise FikaError(f"fika space needs the spaces/ folder of a fika checkout (not found at {path.parent})")
+    return path
+
+
+def cmd_space(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        from fika.space_export import export_space
+
+        if not args.out:
+            raise FikaError("fika space export: --out DIR is required")
+        out = export_space(space_app_path().parent, Path(args.out), args.adapter, args.compare, args.report, args.base)
+        print(f"Space written to {out}: upload the folder as a Hugging Face Space (sdk gradio), or run "
+              f"`python app.py` inside it")  # fmt: skip
+        return 0
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fika_space_app", space_app_path())
+    app_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_module)
+    app = app_module.build_app(args.base, args.adapter, args.compare, args.report)
+    app.launch(server_name=args.host, server_port=args.port)
     return 0
 
 
@@ -239,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the search folder, <storage>/<name> (e.g. runs/demo)")
     p.add_argument("--out", help="where to write it (default: reports/<name>)")
     p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("space", help="serve the FIKA Assistant locally, or `fika space export` a Space folder")
+    p.add_argument("action", nargs="?", choices=["serve", "export"], default="serve")
+    p.add_argument("--adapter", help="a LoRA adapter dir (from fika train) or hub id")
+    p.add_argument("--compare", help="a second adapter for the Compare tab (e.g. the baseline's)")
+    p.add_argument("--base", help="the base model (default: the adapter's own, else the built-in SmolLM2)")
+    p.add_argument("--report", help="a search report folder (reports/<name>) for the Leaderboard tab")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: localhost only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--out", help="with export: the folder to write")
+    p.set_defaults(run=cmd_space)
     return parser
 
 

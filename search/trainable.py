@@ -8,6 +8,7 @@ trial runs in a thread; `step()` hands Tune one record at a time, and an ASHA st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -54,14 +55,16 @@ class FikaTrainable(tune.Trainable):
         if confirm is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "confirm.json").write_text(json.dumps({"of": confirm["of"], "seed": confirm["seed"]}))
-        self.records: queue.Queue = queue.Queue()
+        # One record in flight: the trial waits for Tune to take each record, so a scheduler's stop
+        # reaches it at most one step later, however fast the steps are.
+        self.records: queue.Queue = queue.Queue(maxsize=1)
         self.stop_requested = threading.Event()
         self.last: dict = {}
         self.thread = threading.Thread(target=self._run, name=f"fika-trial-{self.trial_id}", daemon=True)
         finished = finished_trial(Path(self.trial_config.output.dir))
         if finished is not None:  # resumed after the driver died: this trial had ended, do not run it again
             self.last, result = finished
-            self.records.put(("done", result))
+            self.records.put_nowait(("done", result))
         else:
             self.thread.start()
 
@@ -98,9 +101,12 @@ class FikaTrainable(tune.Trainable):
         }
 
     def _stop_thread(self) -> None:
-        """Asks a still running trial to stop at its next step, and waits for it (the queue never blocks)."""
+        """Asks a still running trial to stop at its next step, and waits for it to end."""
         self.stop_requested.set()
-        if self.thread.is_alive():
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # take what it hands over, so it never waits on us
+                self.records.get(timeout=0.1)
+        if self.thread.ident is not None:  # a replayed trial never started one
             self.thread.join()
 
     def reset_config(self, new_config: dict) -> bool:

@@ -68,11 +68,25 @@ def build_searcher(spec: SearchSpec, directory: Path):
         )
 
     class EvalStepOptunaSearch(OptunaSearch):
-        """OptunaSearch that skips the per-step results without the metric (Optuna prunes nothing anyway)."""
+        """OptunaSearch that skips per-step results without the metric (Optuna prunes nothing anyway) and
+        does not run a configuration twice: TPE (random for its first 10 trials) can draw a combination of
+        choices again; such a draw is told to the study as FAIL and replaced, up to 20 times."""
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if self.metric in result:
                 super().on_trial_result(trial_id, result)
+
+        def suggest(self, trial_id: str):
+            seen = self.__dict__.setdefault("_fika_seen", set())
+            for _ in range(20):
+                config = super().suggest(trial_id)
+                key = json.dumps(config, sort_keys=True, default=str)
+                if not isinstance(config, dict) or key not in seen:
+                    break
+                self._ot_study.tell(self._ot_trials.pop(trial_id), state=optuna.trial.TrialState.FAIL)
+            if isinstance(config, dict):
+                seen.add(key)
+            return config
 
     import optuna
 

@@ -183,3 +183,23 @@ def tiny_tokenizer():
     from fika.model import load_tokenizer
 
     return load_tokenizer(ModelConfig(name="tiny"))
+
+
+SMOKE_SPEC = Path(__file__).resolve().parents[1] / "search" / "specs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="session")
+def smoke_report(tmp_path_factory):
+    """A real smoke search with 2 x 2 seed re-runs of its best trials, and its report."""
+    import ray
+
+    from fika.cli import main
+
+    tmp = tmp_path_factory.mktemp("report")
+    try:
+        code = main(["search", str(SMOKE_SPEC), f"storage={tmp}", f"report_dir={tmp / 'report'}", "--confirm-top", "2",
+                     "--seeds", "2"])  # fmt: skip
+    finally:
+        ray.shutdown()
+    assert code == 0
+    return tmp / "smoke", tmp / "report"

@@ -19,21 +19,6 @@ SMOKE = REPO / "search" / "specs" / "smoke.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def smoke_report(tmp_path_factory):
-    """A real smoke search with 2 x 2 seed re-runs of its best trials, and its report."""
-    import ray
-
-    tmp = tmp_path_factory.mktemp("report")
-    try:
-        code = main(["search", str(SMOKE), f"storage={tmp}", f"report_dir={tmp / 'report'}", "--confirm-top", "2",
-                     "--seeds", "2"])  # fmt: skip
-    finally:
-        ray.shutdown()
-    assert code == 0
-    return tmp / "smoke", tmp / "report"
-
-
 def test_ranking_matches_trials_csv_and_lists_every_trial_once(smoke_report):
     run, report = smoke_report
     table = pd.read_csv(report / "trials.csv")

@@ -42,7 +42,7 @@ def ray_shutdown():
 
 
 def test_smoke_search_runs_optuna_and_asha(tmp_path, ray_shutdown, capsys):
-    assert main(["search", str(SMOKE), f"storage={tmp_path}"]) == 0
+    assert main(["search", str(SMOKE), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0
     run = tmp_path / "smoke"
     results = trial_results(run)
     assert len(results) == 8
@@ -53,7 +53,9 @@ def test_smoke_search_runs_optuna_and_asha(tmp_path, ray_shutdown, capsys):
         if r["status"] == "completed":
             assert sorted(r["eval_losses"], key=int) == ["4", "8", "12"] and r["steps"] == 12
     study = load_study(run, "smoke")
-    assert len(study.trials) == 8 and all(t.state.name == "COMPLETE" for t in study.trials)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 8  # one per Tune trial (a repeated draw is told FAIL and replaced)
+    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == 8  # no configuration ran twice
     assert study.best_value == pytest.approx(min(r["eval_loss"] for r in results))
     # the baseline (the base config's own values) ran first
     first = min(results, key=lambda r: r["started_at"])
@@ -78,7 +80,16 @@ def test_declared_gpus_give_each_trial_its_own_device(tmp_path, ray_shutdown):
     import ray
 
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
-    spec = load_spec(SMOKE, [f"storage={tmp_path}", "resources.gpu=1", "resources.cpu=1", "base.train.max_steps=24"])
+    spec = load_spec(
+        SMOKE,
+        [
+            f"storage={tmp_path}",
+            f"report_dir={tmp_path / 'report'}",
+            "resources.gpu=1",
+            "resources.cpu=1",
+            "base.train.max_steps=24",
+        ],
+    )
     from search.tuner import run_search
 
     grid = run_search(spec, log=lambda _: None)
@@ -103,7 +114,19 @@ def test_search_on_a_multi_node_cluster(tmp_path, ray_shutdown):
         cluster.add_node(num_cpus=1)
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        assert main(["search", str(SMOKE), f"storage={tmp_path}", "--address", cluster.address]) == 0
+        assert (
+            main(
+                [
+                    "search",
+                    str(SMOKE),
+                    f"storage={tmp_path}",
+                    f"report_dir={tmp_path / 'report'}",
+                    "--address",
+                    cluster.address,
+                ]
+            )
+            == 0
+        )
         results = [
             json.loads(line)
             for p in (tmp_path / "smoke" / "tune").rglob("result.json")
@@ -124,6 +147,7 @@ def test_an_interrupted_search_resumes_without_losing_or_repeating_trials(tmp_pa
         "search",
         str(SMOKE),
         f"storage={tmp_path}",
+        f"report_dir={tmp_path / 'report'}",
         "base.train.max_steps=200",  # trials of a few seconds, so the driver dies while some run
         "scheduler.grace_period=50",
     ]
@@ -186,7 +210,7 @@ def test_bad_specs_fail_before_ray_starts(tmp_path, capsys, override, message):
     else:
         if override.startswith("resources.gpu"):
             pytest.importorskip("torch").cuda.is_available() and pytest.skip("this machine has a GPU")
-        assert main(["search", str(SMOKE), f"storage={tmp_path}", override]) == 2
+        assert main(["search", str(SMOKE), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}", override]) == 2
         errors = capsys.readouterr().err.strip().splitlines()
         assert len(errors) == 1 and re.search(message, errors[0]), errors
     assert not ray.is_initialized()

@@ -1,0 +1,265 @@
+"""FIKA Assistant: chat with a base model plus a fika LoRA adapter, compare two models, read a search's leaderboard.
+
+A Hugging Face Space (sdk gradio) and a local app (`fika space`). Configured by environment variables:
+
+  FIKA_BASE_MODEL      base model: a hub id, a local dir, builtin:smollm2-135m-instruct (default) or tiny;
+                       by default the one the adapter was trained on (its fika.yaml)
+  FIKA_ADAPTER         the tuned LoRA adapter: a local dir (from `fika train`) or a hub id
+  FIKA_COMPARE_ADAPTER a second adapter for the Compare tab (for example the baseline's)
+  FIKA_REPORT          a search report folder (reports/<name>) for the Leaderboard tab
+  FIKA_MAX_INPUT_CHARS the longest message accepted (default 4000)
+
+An exported Space (`fika space export`) names its adapter, report and base in `space.yaml` beside this file.
+
+Runs on a CPU (a free Space: 2 vCPU, 16 GB). Replies stream token by token with the chat template the model
+was trained with; Gradio's queue serves concurrent users one generation at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if (HERE / "fika").is_dir():  # an exported Space carries its own copy of fika, and maybe the base GGUF
+    sys.path.insert(0, str(HERE))
+    for gguf in (HERE / "base").glob("*.gguf"):
+        os.environ.setdefault("FIKA_SMOLLM2_GGUF", str(gguf))
+
+import gradio as gr  # noqa: E402
+import yaml  # noqa: E402
+
+from fika.config import ModelConfig  # noqa: E402
+from fika.model import END_OF_TURN, load_base_model, load_tokenizer, template_kind  # noqa: E402
+
+DEFAULT_SYSTEM = "You are FIKA Assistant, a helpful, concise assistant."
+MAX_INPUT_CHARS = int(os.environ.get("FIKA_MAX_INPUT_CHARS", "4000"))
+BASE, TUNED, OTHER = "base model", "tuned adapter", "compare adapter"
+
+
+def setting(name: str, env: str) -> str | None:
+    """A FIKA_* environment variable, else the exported Space's space.yaml (paths relative to this file)."""
+    path = HERE / "space.yaml"
+    saved = yaml.safe_load(path.read_text()) if path.exists() else {}
+    value = os.environ.get(env) or (saved or {}).get(name)
+    return str(HERE / value) if value and (HERE / value).exists() else value
+
+
+def adapter_model_config(adapter: str | None) -> ModelConfig | None:
+    """The model section of the fika config saved beside an adapter (which base, which template)."""
+    if adapter and (Path(adapter) / "fika.yaml").exists():
+        return ModelConfig.model_validate(yaml.safe_load((Path(adapter) / "fika.yaml").read_text())["model"])
+    return None
+
+
+class Assistant:
+    """One base model with up to two LoRA adapters on it, and the tokenizer they were trained with."""
+
+    def __init__(self, base: str | None, adapter: str | None, compare: str | None):
+        self.warnings: list[str] = []
+        adapters = {TUNED: adapter, OTHER: compare}
+        for label, path in list(adapters.items()):
+            if path and not Path(path).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+                self.warnings.append(f"The {label} directory `{path}` was not found: it is not served.")
+                adapters[label] = None
+        trained = adapter_model_config(adapters[TUNED]) or adapter_model_config(adapters[OTHER])
+        config = ModelConfig(name=base) if base else (trained or ModelConfig())
+        if trained is not None:
+            config = config.model_copy(update={"chat_template": trained.chat_template})
+        self.model_name = config.name
+        self.tokenizer = load_tokenizer(config)
+        self.end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN[template_kind(self.tokenizer, config)])
+        self.model = load_base_model(config, self.tokenizer, quantize=False).eval()
+        self.model.config.use_cache = True
+        self.choices = [BASE]
+        for label, path in adapters.items():
+            if path is None:
+                continue
+            try:
+                self.model = self.attach(label, path)
+                self.choices.append(label)
+            except Exception as err:  # a broken adapter must not take the app down
+                self.warnings.append(f"The {label} `{path}` could not be loaded ({type(err).__name__}: {err}).")
+        self.lock = threading.Lock()  # one generation at a time: the active adapter is model state
+
+    def attach(self, label: str, path: str):
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=label)
+            return self.model
+        return PeftModel.from_pretrained(self.model, path, adapter_name=label)
+
+    def stream(self, messages: list[dict], which: str, max_new_tokens: int, temperature: float, top_p: float):
+        """Yields the reply as it grows, token by token."""
+        from transformers import TextIteratorStreamer
+
+        inputs = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        window = getattr(self.model.config, "max_position_embeddings", 2048) - max_new_tokens
+        inputs = {k: v[:, -window:] for k, v in inputs.items()}  # keep the latest turns when the chat grows long
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        kwargs = dict(
+            **inputs,
+            streamer=streamer,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            eos_token_id=self.end_of_turn,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        from peft import PeftModel
+
+        with self.lock:
+            context = contextlib.nullcontext()
+            if isinstance(self.model, PeftModel):
+                if which == BASE:
+                    context = self.model.disable_adapter()
+                else:
+                    self.model.set_adapter(which)
+            with context:
+                worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+                worker.start()
+                try:
+                    reply = ""
+                    for piece in streamer:
+                        reply += piece
+                        yield reply
+                finally:  # also when the user leaves mid-reply: the next request waits for this one
+                    worker.join()
+
+
+def text_of(content) -> str:
+    """Gradio 6 message content may be a string or a list of blocks; the chat template needs a string."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(text_of(c) for c in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return "" if content is None else str(content)
+
+
+def conversation(message: str, history: list[dict], system: str) -> list[dict]:
+    messages = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
+    for turn in history or []:
+        if turn.get("role") in ("user", "assistant"):
+            messages.append({"role": turn["role"], "content": text_of(turn.get("content"))})
+    return [*messages, {"role": "user", "content": message}]
+
+
+def check_message(message) -> str | None:
+    """A reason to refuse a message, or None."""
+    text = text_of(message).strip()
+    if not text:
+        return "Please type a message."
+    if len(text) > MAX_INPUT_CHARS:
+        return f"Your message is {len(text):,} characters long; the limit is {MAX_INPUT_CHARS:,}. Please shorten it."
+    return None
+
+
+def leaderboard(report: str | None):
+    """The ranked table (top rows), the best config and the loss curves of a search report, if configured."""
+    if not report or not (Path(report) / "trials.csv").exists():
+        return None
+    import pandas as pd
+
+    table = pd.read_csv(Path(report) / "trials.csv")
+    columns = ["rank", "trial"] + [c for c in table.columns if c.startswith("param:")]
+    columns += ["status", "eval_loss", "train_loss_smooth", "steps", "tokens_seen", "wall_time_s"]
+    table = table[columns].rename(columns=lambda c: c.removeprefix("param:"))
+    best = (Path(report) / "best.yaml").read_text() if (Path(report) / "best.yaml").exists() else ""
+    curves = Path(report) / "curves.png"
+    return table, best, str(curves) if curves.exists() else None
+
+
+def build_app(base: str | None = None, adapter: str | None = None, compare: str | None = None,
+              report: str | None = None) -> gr.Blocks:  # fmt: skip
+    """The Gradio app; arguments default to the FIKA_* environment variables, then to ./adapter etc."""
+    adapter = adapter or setting("adapter", "FIKA_ADAPTER")
+    compare = compare or setting("compare", "FIKA_COMPARE_ADAPTER")
+    report = report or setting("report", "FIKA_REPORT")
+    assistant = Assistant(base or setting("base", "FIKA_BASE_MODEL"), adapter, compare)
+    default_model = TUNED if TUNED in assistant.choices else BASE
+    for warning in assistant.warnings:
+        print(f"FIKA Assistant: {warning}", file=sys.stderr)
+
+    def chat(message, history, model, system, max_new_tokens, temperature, top_p):
+        problem = check_message(message)
+        if problem:
+            yield problem
+            return
+        yield from assistant.stream(conversation(text_of(message).strip(), history, system), model,
+                                    int(max_new_tokens), float(temperature), float(top_p))  # fmt: skip
+
+    def compare_models(message, model_a, model_b, system, max_new_tokens, temperature, top_p):
+        problem = check_message(message)
+        if problem:
+            yield problem, problem
+            return
+        messages = conversation(text_of(message).strip(), [], system)
+        reply_a = ""
+        for reply_a in assistant.stream(messages, model_a, int(max_new_tokens), float(temperature), float(top_p)):
+            yield reply_a, ""
+        for reply_b in assistant.stream(messages, model_b, int(max_new_tokens), float(temperature), float(top_p)):
+            yield reply_a, reply_b
+
+    title = "FIKA Assistant"
+    served = ", ".join(assistant.choices)
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f"# {title}\nBase model `{assistant.model_name}`; serving: {served}.")
+        for warning in assistant.warnings:
+            gr.Markdown(f"**Note:** {warning}")
+        with gr.Accordion("Generation settings", open=False):
+            system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2)
+            with gr.Row():
+                max_new_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens")
+                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
+        with gr.Tab("Chat"):
+            model = gr.Radio(assistant.choices, value=default_model, label="Model")
+            gr.ChatInterface(
+                chat,
+                additional_inputs=[model, system, max_new_tokens, temperature, top_p],
+                chatbot=gr.Chatbot(height=420, label="FIKA Assistant"),
+                textbox=gr.Textbox(placeholder="Ask anything...", max_lines=8, submit_btn=True),
+                api_name="chat",
+            )
+        with gr.Tab("Compare"):
+            gr.Markdown("One message, two models side by side: what did the search buy?")
+            with gr.Row():
+                model_a = gr.Dropdown(assistant.choices, value=BASE, label="Model A")
+                model_b = gr.Dropdown(assistant.choices, value=default_model, label="Model B")
+            prompt = gr.Textbox(label="Message", placeholder="Ask both models...", lines=2)
+            run = gr.Button("Compare", variant="primary")
+            with gr.Row():
+                out_a = gr.Textbox(label="Model A", lines=12)
+                out_b = gr.Textbox(label="Model B", lines=12)
+            inputs = [prompt, model_a, model_b, system, max_new_tokens, temperature, top_p]
+            run.click(compare_models, inputs, [out_a, out_b], api_name="compare")
+            prompt.submit(compare_models, inputs, [out_a, out_b], api_name=False)
+        with gr.Tab("Leaderboard"):
+            board = leaderboard(report)
+            if board is None:
+                gr.Markdown("No search report configured: set FIKA_REPORT to a `reports/<name>` folder "
+                            "(written by `fika search`).")  # fmt: skip
+            else:
+                table, best, curves = board
+                gr.Markdown(f"Ranked trials of `{Path(report).name}` (eval loss at the last step; lower is better).")
+                gr.Dataframe(table, interactive=False, wrap=True)
+                if curves:
+                    gr.Image(curves, label="Loss curves of the top trials", interactive=False)
+                if best:
+                    gr.Code(best, language="yaml", label="best.yaml: `fika train --config best.yaml`")
+    app.queue(default_concurrency_limit=1, max_size=64)
+    return app
+
+
+if __name__ == "__main__":
+    build_app().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

@@ -225,7 +225,7 @@ def describe_search(spec) -> str:
         f"search {spec.name}: {spec.searcher} searcher, {spec.num_trials()} trials, metric {spec.metric}",
         f"space: {', '.join(f'{k} {v.model_dump(exclude_none=True)}' for k, v in spec.space.items())}",
         f"each trial: {spec.max_steps} steps of {t.batch_size} x {t.gradient_accumulation} conversations, "
-        f"at most {tokens:,} tokens; eval at steps {spec.eval_steps()}",
+        f"at most {tokens:,} tokens (base settings); eval at steps {spec.eval_steps()}",
         f"scheduler: {spec.scheduler.kind}" + (f", rungs at steps {spec.rungs()}" if spec.rungs() else ""),
         f"budget: at most {spec.num_trials() * spec.max_steps:,} trial-steps, {spec.num_trials() * tokens:,} tokens; "
         f"{spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial"

@@ -257,7 +257,8 @@ def plot_params(spec: SearchSpec, ranked: list[TrialRow]) -> bytes:
         ax.set(title=key, xlabel="value")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{spec.metric} (pruned: at their last rung)")
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=8)
     data = figure_png(fig)
     plt.close(fig)
     return data

@@ -83,7 +83,7 @@ def test_report_of_a_running_search(smoke_report, tmp_path):
     run, _ = smoke_report
     partial = tmp_path / "smoke"
     shutil.copytree(run, partial)
-    running = sorted((partial / "trials").iterdir())[0]
+    running = next(p for p in sorted((partial / "trials").iterdir()) if not (p / "confirm.json").exists())
     (running / "result.json").unlink()  # as while the trial still trains
     lines = (running / "metrics.jsonl").read_text().splitlines()
     (running / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")

@@ -1,0 +1,93 @@
+"""Times one trial per setting and prints a table: time to first step, seconds per step, tokens/s, peak memory.
+
+  python bench/trial_speed.py                               # CPU: tiny and SmolLM2-135M at two lengths
+  python bench/trial_speed.py --shapes llama-3.2-1b llama-3.2-3b --steps 10   # GPU: 4-bit QLoRA, real shapes
+
+`--shapes` builds randomly initialised Llama-3.2 models of the real sizes (no download; speed and memory
+do not depend on the weights) and trains them on the built-in ShareGPT data through the real trial path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from fika.config import load_config
+from fika.model import build_tiny_tokenizer, device_kind
+from fika.trial import run_trial
+
+LLAMA_SHAPES = {  # from the published Llama-3.2 configs
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def build_shape(name: str, root: Path) -> str:
+    """A local model dir of a real Llama-3.2 shape with random weights and a ChatML byte tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128_256, max_position_embeddings=4096, rope_theta=500_000.0, **LLAMA_SHAPES[name])
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    out = root / name
+    model.save_pretrained(out)
+    build_tiny_tokenizer().save_pretrained(out)
+    del model
+    return str(out)
+
+
+def measure(label: str, overrides: list[str], steps: int) -> dict:
+    config = load_config(None, ["data.eval_size=16", f"train.max_steps={steps}", f"train.eval_steps=[{steps}]",
+                                "output.save_adapter=false", *overrides])  # fmt: skip
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_trial(config.model_copy(update={"output": config.output.model_copy(update={"dir": tmp})}), records.append)
+    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records, records[1:], strict=False)]
+    per_step = statistics.median(times[:-1] or times)  # the last step also evaluates
+    tokens_per_step = records[-1]["tokens_seen"] / len(records)
+    return {
+        "setting": label,
+        "device": result.device,
+        "len": config.model.max_seq_length,
+        "batch x accum": f"{config.train.batch_size} x {config.train.gradient_accumulation}",
+        "first step s": f"{result.time_to_first_step_s:.1f}",
+        "s/step": f"{per_step:.2f}",
+        "tokens/s": f"{tokens_per_step / per_step:,.0f}",
+        f"{result.memory_kind} peak MB": f"{result.peak_memory_mb:,.0f}",
+        "trainable": f"{result.trainable_params / 1e6:.1f}M",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--shapes", nargs="*", default=[], choices=sorted(LLAMA_SHAPES))
+    args = parser.parse_args()
+    settings = [
+        ("tiny", ["model.name=tiny", "model.max_seq_length=256", "train.gradient_accumulation=1"]),
+        ("smollm2-135m", ["model.max_seq_length=128", "train.gradient_accumulation=1"]),
+        ("smollm2-135m", ["model.max_seq_length=256", "train.gradient_accumulation=1"]),
+        ("smollm2-135m", ["model.max_seq_length=256", "train.gradient_accumulation=4"]),
+    ]
+    with tempfile.TemporaryDirectory() as root:
+        for shape in args.shapes:
+            path = build_shape(shape, Path(root))
+            for accumulation in (4, 8):
+                settings.append((f"{shape} 4-bit", [f"model.name={path}", "model.chat_template=chatml",
+                                 "model.max_seq_length=2048", f"train.gradient_accumulation={accumulation}"]))  # fmt: skip
+        rows = [measure(label, overrides, args.steps) for label, overrides in settings]
+    headers = list(rows[0])
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
+    print(f"device: {device_kind()}")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

@@ -154,6 +154,11 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def short_key(key: str) -> str:
+    """`train.learning_rate` -> `learning_rate`, `lora.r,lora.alpha` -> `r, alpha` (the table stays narrow)."""
+    return ", ".join(part.split(".")[-1] for part in split_key(key))
+
+
 def fmt_param(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -162,8 +167,8 @@ def fmt_param(value: Any) -> str:
 
 def table(spec: SearchSpec, rows: list[TrialRow]) -> tuple[list[str], list[list[str]]]:
     """The ranked table: rank, trial, searched params, metrics, cost, status."""
-    headers = ["rank", "trial", *spec.space, f"eval loss @{spec.max_steps} (or last rung)", "train loss (avg10)", "steps",
-               "tokens", "wall s", "peak MB", "status"]  # fmt: skip
+    headers = ["rank", "trial", *(short_key(k) for k in spec.space), f"eval loss @{spec.max_steps}", "train loss avg10",
+               "steps", "tokens", "wall s", "peak MB", "status"]  # fmt: skip
     body = []
     for i, row in enumerate(rows, 1):
         ranked = row.status in ("completed", "pruned")
@@ -254,11 +259,12 @@ def plot_params(spec: SearchSpec, ranked: list[TrialRow]) -> bytes:
             ax.set_xticks(range(len(labels)), labels, rotation=30)
         elif spec.space[key].loguniform:
             ax.set_xscale("log")
-        ax.set(title=key, xlabel="value")
+        ax.set(title=key)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{spec.metric} (pruned: at their last rung)")
-    if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2)
     data = figure_png(fig)
     plt.close(fig)
     return data
@@ -294,7 +300,13 @@ def plot_importance(spec: SearchSpec, ranked: list[TrialRow]) -> bytes | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ax = optuna.visualization.matplotlib.plot_param_importances(study)
+    ax.figure.set_size_inches(8, 1.2 + 0.6 * len(spec.space))
+    for loc in ("left", "center", "right"):  # Optuna writes its own title; keep one
+        ax.set_title("", loc=loc)
     ax.set_title(f"parameter importance for {spec.metric} ({len(done)} completed trials, fANOVA)")
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.remove()
     data = figure_png(ax.figure)
     plt.close(ax.figure)
     return data
@@ -418,10 +430,10 @@ def to_html(spec, summary, note, confirm_lines, headers, body, rows, best, image
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>fika search report: {esc(spec.name)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222}"
+        "<style>body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1400px;padding:0 1rem;color:#222}"
         "table{border-collapse:collapse;font-size:.85rem;width:100%}th,td{border-bottom:1px solid #ddd;"
         "padding:.3rem .5rem;text-align:right;white-space:nowrap}th{background:#f4f4f4;position:sticky;top:0}"
-        "td:nth-child(2),td:last-child{text-align:left}tr.pruned{color:#777}tr.failed,tr.diverged{color:#a00}"
+        "td:nth-child(2),td:last-child{text-align:left}td:last-child{white-space:normal;min-width:8rem}tr.pruned{color:#777}tr.failed,tr.diverged{color:#a00}"
         "tr.baseline{font-style:italic;background:#fffbe6}tr:first-child.completed{font-weight:600}"
         "blockquote{border-left:4px solid #e0a800;margin:1rem 0;padding:.5rem 1rem;background:#fffbe6}"
         "img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:1rem;overflow:auto}"

@@ -171,9 +171,12 @@ def leaderboard(report: str | None):
     import pandas as pd
 
     table = pd.read_csv(Path(report) / "trials.csv")
-    columns = ["rank", "trial"] + [c for c in table.columns if c.startswith("param:")]
-    columns += ["status", "eval_loss", "train_loss_smooth", "steps", "tokens_seen", "wall_time_s"]
-    table = table[columns].rename(columns=lambda c: c.removeprefix("param:"))
+    params = [c for c in table.columns if c.startswith("param:")]
+    table = table[["rank", "trial", *params, "status", "eval_loss", "train_loss_smooth", "steps", "tokens_seen",
+                   "wall_time_s"]].round({"eval_loss": 4, "train_loss_smooth": 4, "wall_time_s": 0})  # fmt: skip
+    short = {c: ", ".join(part.split(".")[-1] for part in c.removeprefix("param:").split(",")) for c in params}
+    table = table.rename(columns={**short, "train_loss_smooth": "train loss avg10", "eval_loss": "eval loss",
+                                  "tokens_seen": "tokens", "wall_time_s": "wall s"})  # fmt: skip
     best = (Path(report) / "best.yaml").read_text() if (Path(report) / "best.yaml").exists() else ""
     curves = Path(report) / "curves.png"
     return table, best, str(curves) if curves.exists() else None
@@ -256,7 +259,10 @@ def build_app(base: str | None = None, adapter: str | None = None, compare: str 
                 if curves:
                     gr.Image(curves, label="Loss curves of the top trials", interactive=False)
                 if best:
-                    gr.Code(best, language="yaml", label="best.yaml: `fika train --config best.yaml`")
+                    with gr.Accordion(
+                        "best.yaml: the best trial's config (`fika train --config best.yaml`)", open=False
+                    ):
+                        gr.Code(best, language="yaml", max_lines=60)
     app.queue(default_concurrency_limit=1, max_size=64)
     return app
 

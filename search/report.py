@@ -397,7 +397,8 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
                 f"- {trial_id}: {spec.metric} mean {statistics.mean(values):.4f}, std {statistics.stdev(values):.4f} "
                 f"over seeds {sorted(r.seed for r in group)}"
             )
-    command = f"fika search {run / 'spec.yaml'}"
+    shown = Path(os.path.relpath(run)) if run.resolve().is_relative_to(Path.cwd()) else run
+    command = f"fika search {shown / 'spec.yaml'}"
     md = [f"# Search report: {spec.name}", "", *[f"- {s}" for s in summary], ""]
     if note:
         md += [f"> {note}", ""]

@@ -89,7 +89,7 @@ def test_leaderboard_reads_a_real_smoke_report(smoke_report):
     table, best, curves = load_app_module().leaderboard(str(report))
     assert len(table) == 8 and list(table["rank"]) == list(range(1, 9))
     assert (
-        "lora.r,lora.alpha" in table.columns and best.startswith("# The best trial") and curves.endswith("curves.png")
+        "r, alpha" in table.columns and best.startswith("# The best trial") and curves.endswith("curves.png")
     )
 
 

@@ -430,34 +430,26 @@ def prepare_data(config: DataConfig, tokenizer, max_length: int, rebuild: bool =
     datasets.disable_progress_bars()
     fingerprint = data_fingerprint(config, tokenizer, max_length)
     path = cache_root() / "data" / fingerprint
-    if (path / "stats.json").exists() and not rebuild:
-        stats = [SourceStats(**s) for s in json.loads((path / "stats.json").read_text())]
-        log(f"data: loaded the tokenized mix {fingerprint} from the cache")
-        return DataMix(
-            datasets.load_from_disk(str(path / "train")),
-            datasets.load_from_disk(str(path / "eval")),
-            stats,
-            fingerprint,
-            path,
-            from_cache=True,
-        )
-    train_rows, eval_rows, stats = build_mix(config, tokenizer, max_length)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{fingerprint}.{random.getrandbits(32):08x}.tmp")
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        datasets.Dataset.from_list(rows).save_to_disk(str(tmp / name))
-    (tmp / "stats.json").write_text(json.dumps([asdict(s) for s in stats], indent=1))
-    if path.exists():  # a rebuild, or another process won the race: keep one copy
-        import shutil
+    from_cache = (path / "stats.json").exists() and not rebuild
+    if not from_cache:
+        train_rows, eval_rows, built = build_mix(config, tokenizer, max_length)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{fingerprint}.{random.getrandbits(32):08x}.tmp")
+        for name, rows in (("train", train_rows), ("eval", eval_rows)):
+            datasets.Dataset.from_list(rows).save_to_disk(str(tmp / name))
+        (tmp / "stats.json").write_text(json.dumps([asdict(s) for s in built], indent=1))
+        if path.exists():  # a rebuild, or another process won the race: keep one copy
+            import shutil
 
-        shutil.rmtree(path)
-    tmp.rename(path)
-    log(f"data: tokenized mix {fingerprint} saved to {path}")
+            shutil.rmtree(path)
+        tmp.rename(path)
+    log(f"data: tokenized mix {fingerprint} {'loaded from' if from_cache else 'saved to'} {path}")
+    stats = [SourceStats(**s) for s in json.loads((path / "stats.json").read_text())]
     return DataMix(
         datasets.load_from_disk(str(path / "train")),
         datasets.load_from_disk(str(path / "eval")),
         stats,
         fingerprint,
         path,
-        from_cache=False,
+        from_cache=from_cache,
     )

@@ -19,7 +19,6 @@ A spec is YAML:
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from pathlib import Path
@@ -250,8 +249,3 @@ def check_space(spec: SearchSpec) -> None:
     if errors:
         raise ConfigError("\n".join(errors))
 
-
-def grid_points(spec: SearchSpec) -> list[dict[str, Any]]:
-    """Every combination of the choice lists (for the grid searcher and --dry-run)."""
-    keys = list(spec.space)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(spec.space[k].choice for k in keys))]

@@ -59,7 +59,7 @@ def measure(label: str, overrides: list[str], steps: int) -> dict:
         "s/step": f"{per_step:.2f}",
         "tokens/s": f"{tokens_per_step / per_step:,.0f}",
         f"{result.memory_kind} peak MB": f"{result.peak_memory_mb:,.0f}",
-        "trainable": f"{result.trainable_params / 1e6:.1f}M",
+        "trainable": f"{result.trainable_params:,}",
     }
 
 

@@ -53,10 +53,10 @@ class TrialResult:
     error: str | None = None
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
     """Writes a file so that a reader sees the old or the new content, never half of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
     tmp.replace(path)
 
 
@@ -129,7 +129,6 @@ class TrialRun:
     """The state of one running trial: result, loss window, eval schedule, metrics file."""
 
     def __init__(self, config: TrialConfig, report: Report | None, out: Path):
-        self.config = config
         self.report = report
         self.out = out
         self.result = TrialResult(output_dir=str(out), started_at=time.time())
@@ -230,12 +229,11 @@ def training_args(config: TrialConfig, out: Path, device: str):
 
 
 def run_trial(
-    config: TrialConfig, report: Report | None = None, data=None, base_model=None, keep_base_model: bool = False
+    config: TrialConfig, report: Report | None = None, base_model=None, keep_base_model: bool = False
 ) -> TrialResult:
-    """Trains one LoRA trial and returns its result.
+    """Trains one LoRA trial and returns its result; the tokenized mix is loaded from the cache (or built).
 
-    `data` is a prepared DataMix (else it is loaded from the cache or built). `base_model` is an already
-    loaded base model of `config.model`; `keep_base_model=True` loads it once per process and keeps it for
+    `base_model` is an already loaded base model of `config.model`; `keep_base_model=True` loads it once per process and keeps it for
     the next trial (a search worker). Either way the LoRA layers are removed again when the trial ends,
     leaving the base weights as they were.
     """
@@ -258,7 +256,7 @@ def run_trial(
         torch.cuda.reset_peak_memory_stats()
     try:
         tokenizer = load_tokenizer(config.model)
-        mix = data if data is not None else prepare_data(config.data, tokenizer, config.model.max_seq_length)
+        mix = prepare_data(config.data, tokenizer, config.model.max_seq_length)
         trial.result.data_fingerprint = mix.fingerprint
         train_dataset, eval_dataset = mix.train, mix.eval
         if not config.train.assistant_only_loss:  # the collator then trains on every token

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from fika.trial import write_atomic
 from search.spec import SearchSpec, baseline_params, encode_choice, split_key
 
 STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "diverged": 3, "failed": 4}
@@ -48,12 +49,6 @@ class TrialRow:
     error: str = ""
     config: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
-
-
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def param_value(spec: SearchSpec, config: dict, key: str) -> Any:
@@ -367,7 +362,7 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     ]  # fmt: skip
     import pandas as pd
 
-    write_atomic_bytes(out / "trials.csv", pd.DataFrame(csv_rows).to_csv(index=False).encode())
+    write_atomic(out / "trials.csv", pd.DataFrame(csv_rows).to_csv(index=False))
 
     images = {"curves.png": plot_curves(spec, main_rows)} if any(r.records for r in main_rows) else {}
     if any(r.metric is not None for r in main_rows):
@@ -376,9 +371,9 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
     if importance:
         images["importance.png"] = importance
     for name, data in images.items():
-        write_atomic_bytes(out / name, data)
+        write_atomic(out / name, data)
     if best is not None:
-        write_atomic_bytes(out / "best.yaml", best_yaml(spec, best, out).encode())
+        write_atomic(out / "best.yaml", best_yaml(spec, best, out))
 
     summary = [
         f"{len(main_rows)} trials: "
@@ -414,9 +409,9 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
             md += [f"## {title}", "", f"![{title}]({name})", ""]
     md += ["## The search", "", f"Re-run or resume: `{command} --resume`", "", "```yaml",
            yaml.safe_dump(yaml.safe_load(spec_path.read_text()), sort_keys=False).strip(), "```", ""]  # fmt: skip
-    write_atomic_bytes(out / "index.md", "\n".join(md).encode())
-    write_atomic_bytes(out / "index.html", to_html(spec, summary, note, confirm_lines, headers, body, main_rows, best,
-                                                   images, spec_path, out).encode())  # fmt: skip
+    write_atomic(out / "index.md", "\n".join(md))
+    write_atomic(out / "index.html", to_html(spec, summary, note, confirm_lines, headers, body, main_rows, best,
+                                                   images, spec_path, out))  # fmt: skip
     return out
 
 

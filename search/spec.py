@@ -248,4 +248,3 @@ def check_space(spec: SearchSpec) -> None:
                 break
     if errors:
         raise ConfigError("\n".join(errors))
-

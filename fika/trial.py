@@ -1,28 +1,40 @@
-"""One LoRA trial: trl's SFTTrainer on a peft model, observed step by step. Knows nothing of Ray.
+"""One LoRA run: trl's SFTTrainer on a peft model, observed step by step. Knows nothing of Ray.
 
 `run_trial(config, report)` calls `report(record)` after every logged step with the step, the train loss,
-its mean over the last 10 steps, learning rate, grad norm, tokens seen and elapsed seconds; at each eval
-step the record also holds `eval_loss`, the per-token loss on the fixed held-out set. A non-finite loss
-stops the run as `diverged`; a `report` that returns True stops it as `stopped` (an early-stopping
-scheduler's decision, made by the caller). The output dir receives `config.yaml` (resolved) at the start,
-`metrics.jsonl` line by line as steps arrive, and `result.json` at the end (also when the trial fails).
+its mean over the last 10 steps, learning rate, grad norm, tokens seen, the step's own time and elapsed
+seconds; at each eval step the record also holds `eval_loss`, the per-token loss on the fixed held-out set
+(fika.evaluate). A non-finite loss stops the run as `diverged`; a `report` that returns True stops it as
+`stopped` (an early-stopping scheduler's decision, made by the caller).
+
+The output dir is created only once the tokenizer and the data are ready, and receives `config.yaml`
+(resolved), `data.json` (rows and tokens per source), `metrics.jsonl` and `evals.jsonl` (each eval's loss
+per held-out conversation) line by line as steps arrive, and `result.json` at the end (also on failure).
+A long run (`train.checkpoints: true`) saves a checkpoint at every eval step and continues after a kill
+with `run_trial(config, resume=True)`: same data order, no step counted twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
+import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fika.common import FikaError, read_json, read_jsonl, write_atomic
 from fika.config import TrialConfig, dump_config
 
 SMOOTHING_WINDOW = 10
-Report = Callable[[dict], None]
+OUTPUT_FILES = ("config.yaml", "data.json", "metrics.jsonl", "evals.jsonl", "result.json")
+OUTPUT_DIRS = ("adapter", "merged", "checkpoints", "trainer", "tracking")
+FAULT_ENV = "FIKA_FAIL_AT_STEP"  # fault injection for tests: raise a simulated out-of-memory error at that step
+Report = Callable[[dict], bool | None]
 
 
 @dataclass
@@ -36,63 +48,93 @@ class TrialResult:
     train_loss_smooth: float | None = None
     eval_loss: float | None = None
     eval_losses: dict[int, float] = field(default_factory=dict)
+    eval_per_source: dict[str, float] = field(default_factory=dict)
     tokens_seen: int = 0
     started_at: float = 0.0  # unix time
     ended_at: float = 0.0
     wall_time_s: float = 0.0
     time_to_first_step_s: float | None = None
+    step_time_s: float = 0.0  # training steps only: no eval, no start-up
+    eval_time_s: float = 0.0
+    seconds_per_step: float | None = None  # median training step
     peak_memory_mb: float = 0.0
     memory_kind: str = "rss"
     trainable_params: int = 0
     total_params: int = 0
     device: str = "cpu"
+    quantized: bool = False
     data_fingerprint: str = ""
     output_dir: str = ""
     adapter_dir: str | None = None
     merged_dir: str | None = None
+    resumed_from: int | None = None
     error: str | None = None
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Writes a file so that a reader sees the old or the new content, never half of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
-    tmp.replace(path)
+def load_result(directory: Path) -> TrialResult | None:
+    """The result.json of a run folder, or None when it is missing or cut short."""
+    data = read_json(Path(directory) / "result.json")
+    if not isinstance(data, dict):
+        return None
+    known = {k: v for k, v in data.items() if k in TrialResult.__dataclass_fields__}
+    result = TrialResult(**known)
+    result.eval_losses = {int(k): v for k, v in result.eval_losses.items()}
+    return result
+
+
+def write_failed_result(directory: Path, error: str) -> None:
+    """Records a run that failed outside `run_trial` (before it started, or cut short by a killed process)."""
+    result = TrialResult(status="failed", output_dir=str(directory), error=error, ended_at=time.time())
+    write_atomic(Path(directory) / "result.json", json.dumps(asdict(result), indent=1))
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+
+def reset_peak_memory(device: str) -> None:
+    """Starts a new peak for this trial: the CUDA allocator's, or the process's resident-set high-water mark."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: writing 5 resets VmHWM, so a reused worker does not inherit an earlier trial's peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_memory_mb(device: str) -> tuple[float, str]:
-    """Peak GPU memory allocated by torch, or the process's peak resident set size on a CPU."""
+    """Peak GPU memory allocated by torch, or the peak resident set since `reset_peak_memory`."""
     if device == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20, "gpu"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "rss"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss (process lifetime)"
 
 
-def evaluate_loss(model, dataset, collator, batch_size: int = 8) -> float:
-    """Per-token cross-entropy over every labelled token of `dataset`, independent of batching."""
-    import torch
+# --- the eval schedule and the step observer ----------------------------------------------------------
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            total += loss.item()
-            count += int((labels != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1)
+
+def eval_schedule(config: TrialConfig, max_steps: int) -> set[int]:
+    """The steps with a full eval: every `eval_every`, `num_evals` evenly spaced, or `eval_steps`; and the last."""
+    t = config.train
+    if t.eval_every:
+        steps = set(range(t.eval_every, max_steps + 1, t.eval_every))
+    elif t.num_evals:
+        steps = {max(1, round(max_steps * (i + 1) / t.num_evals)) for i in range(t.num_evals)}
+    elif t.eval_steps is not None:
+        steps = {s for s in t.eval_steps if s <= max_steps}
+    else:
+        steps = {round(max_steps / 3), round(2 * max_steps / 3)} - {0}
+    return steps | {max_steps}
 
 
 def scheduler_kwargs(config: TrialConfig) -> dict:
@@ -102,71 +144,108 @@ def scheduler_kwargs(config: TrialConfig) -> dict:
     return {}
 
 
-def make_callback(trial: TrialRun):
-    """A transformers TrainerCallback that feeds the TrialRun's observers (built lazily: heavy imports)."""
-    from transformers import TrainerCallback
-
-    class Observer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            trial.result.max_steps = state.max_steps
-            trial.eval_steps.add(state.max_steps)
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if trial.result.time_to_first_step_s is None:
-                trial.result.time_to_first_step_s = round(time.perf_counter() - trial.started, 3)
-            if state.global_step in trial.eval_steps:
-                control.should_log = True
-                trial.pending_eval = evaluate_loss(model, trial.eval_dataset, trial.collator)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs and trial.observe(state.global_step, logs):
-                control.should_training_stop = True
-
-    return Observer()
-
-
 class TrialRun:
-    """The state of one running trial: result, loss window, eval schedule, metrics file."""
+    """The state of one running trial: result, loss window, evals, timings, metrics files, checkpoints."""
 
-    def __init__(self, config: TrialConfig, report: Report | None, out: Path):
-        self.report = report
-        self.out = out
+    def __init__(
+        self, config: TrialConfig, report: Report | None, out: Path, quick_evals: tuple[list[int], int] | None
+    ):
+        self.config, self.report, self.out = config, report, out
         self.result = TrialResult(output_dir=str(out), started_at=time.time())
         self.started = time.perf_counter()
         self.losses: list[float] = []
-        self.eval_steps = set(config.train.eval_steps)
-        self.pending_eval: float | None = None
+        self.step_times: list[float] = []
+        self.eval_steps: set[int] = set()
+        self.quick_steps, self.quick_size = quick_evals or ([], 0)
+        self.pending: dict = {}
+        self.step_began = 0.0
         self.eval_dataset = None
-        self.collator = None
-        self.metrics = (out / "metrics.jsonl").open("w")
+        self.pad_token_id = 0
+        self.checkpoint_evals: dict[int, float] = {}
+        self.fail_at = int(os.environ.get(FAULT_ENV, "0") or 0)
 
-    def observe(self, step: int, logs: dict) -> bool:
-        """Records one logged step, reports it, and returns True when training must stop (diverged)."""
+    def open_files(self, resume_step: int | None) -> None:
+        """Opens metrics.jsonl and evals.jsonl: new, or cut back to a checkpoint's step when resuming."""
+        for name in ("metrics.jsonl", "evals.jsonl"):
+            path = self.out / name
+            if resume_step is None:
+                path.write_text("")
+            else:
+                kept = [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+                write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.metrics = (self.out / "metrics.jsonl").open("a")
+        self.evals = (self.out / "evals.jsonl").open("a")
+
+    def restore(self, step: int) -> None:
+        """Picks up the loss window, evals and timings of a resumed run from its metrics."""
+        records = read_jsonl(self.out / "metrics.jsonl")
+        self.losses = [r["train_loss"] for r in records]
+        self.step_times = [r.get("step_time_s", 0.0) for r in records]
+        for r in records:
+            if "eval_loss" in r:
+                self.result.eval_losses[r["step"]] = r["eval_loss"]
+                self.result.eval_loss = r["eval_loss"]
+                self.result.eval_per_source = r.get("eval_per_source", {})
+                self.checkpoint_evals[r["step"]] = r["eval_loss"]
+        self.result.resumed_from = step
+        self.result.step_time_s = sum(self.step_times)
+        self.result.eval_time_s = sum(r.get("eval_time_s", 0.0) for r in records)
+
+    def run_eval(self, model, step: int, rows: list[int] | None = None):
+        from fika.evaluate import evaluate
+
+        began = time.perf_counter()
+        result = evaluate(model, self.eval_dataset, self.pad_token_id, rows=rows)
+        spent = time.perf_counter() - began
+        self.result.eval_time_s += spent
+        return result, spent
+
+    def step_end(self, model, step: int) -> None:
+        """Times the step just trained, then runs the evals due at this step (full, or a scheduler's subset)."""
+        self.step_times.append(time.perf_counter() - self.step_began)
+        self.result.step_time_s += self.step_times[-1]
+        if self.result.time_to_first_step_s is None:
+            self.result.time_to_first_step_s = round(time.perf_counter() - self.started, 3)
+        if self.fail_at and step >= self.fail_at:
+            raise RuntimeError(f"CUDA out of memory (simulated by {FAULT_ENV}={self.fail_at})")
+        if step in self.eval_steps:
+            result, spent = self.run_eval(model, step)
+            self.evals.write(json.dumps(result.record(step)) + "\n")
+            self.evals.flush()
+            self.pending.update(eval_loss=result.loss, eval_per_source=result.per_source(), eval_time_s=round(spent, 3))
+        elif step in self.quick_steps:
+            from fika.evaluate import subset_rows
+
+            result, spent = self.run_eval(model, step, subset_rows(self.eval_dataset["source"], self.quick_size))
+            self.pending.update(eval_loss_subset=result.loss, eval_time_s=round(spent, 3))
+
+    def observe(self, step: int, logs: dict, tokens_seen: int) -> bool:
+        """Records one logged step, reports it, and returns True when training must stop."""
         loss = float(logs["loss"])
         self.losses.append(loss)
-        smooth = sum(self.losses[-SMOOTHING_WINDOW:]) / len(self.losses[-SMOOTHING_WINDOW:])
+        window = self.losses[-SMOOTHING_WINDOW:]
         record = {
             "step": step,
             "train_loss": loss,
-            "train_loss_smooth": smooth,
+            "train_loss_smooth": sum(window) / len(window),
             "learning_rate": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
-            "tokens_seen": int(logs.get("num_tokens", 0)),
+            "tokens_seen": tokens_seen,
+            "step_time_s": round(self.step_times[-1], 4) if self.step_times else None,
             "elapsed_s": round(time.perf_counter() - self.started, 3),
             "max_steps": self.result.max_steps,
+            **self.pending,
         }
-        if self.pending_eval is not None:
-            record["eval_loss"] = self.pending_eval
-            self.result.eval_losses[step] = self.pending_eval
-            self.result.eval_loss = self.pending_eval
-            self.pending_eval = None
+        self.pending = {}
+        if "eval_loss" in record:
+            self.result.eval_losses[step] = self.result.eval_loss = record["eval_loss"]
+            self.result.eval_per_source = record["eval_per_source"]
         grad_norm = record["grad_norm"]
-        diverged = not all(
-            math.isfinite(x) for x in (loss, record.get("eval_loss", 0.0), grad_norm if grad_norm is not None else 0.0)
-        )
+        values = (loss, record.get("eval_loss", 0.0), grad_norm if grad_norm is not None else 0.0)
+        diverged = not all(math.isfinite(x) for x in values)
         self.result.steps = step
-        self.result.train_loss, self.result.train_loss_smooth = loss, smooth
-        self.result.tokens_seen = record["tokens_seen"]
+        self.result.train_loss, self.result.train_loss_smooth = loss, record["train_loss_smooth"]
+        self.result.tokens_seen = tokens_seen
         if diverged:
             self.result.status = record["status"] = "diverged"
         self.metrics.write(json.dumps(record) + "\n")
@@ -176,29 +255,93 @@ class TrialRun:
             self.result.status = "stopped"
         return diverged or stop
 
+    def saved(self, checkpoint: Path, step: int) -> None:
+        """Marks a checkpoint complete (fika_state.json is written last) and keeps the last K and the best."""
+        self.metrics.flush()
+        self.evals.flush()
+        write_atomic(checkpoint / "fika_state.json", json.dumps({"step": step, "eval_loss": self.result.eval_loss}))
+        self.checkpoint_evals[step] = self.result.eval_losses.get(step, math.inf)
+        done = sorted(complete_checkpoints(checkpoint.parent))
+        keep = set(done[-self.config.train.keep_checkpoints :])
+        scored = [s for s in done if math.isfinite(self.checkpoint_evals.get(s, math.inf))]
+        if scored:
+            keep.add(min(scored, key=lambda s: self.checkpoint_evals[s]))
+        for s in done:
+            if s not in keep:
+                shutil.rmtree(checkpoint.parent / f"checkpoint-{s}", ignore_errors=True)
+
     def finish(self, status: str, error: str | None = None) -> TrialResult:
         """Fills in the totals and writes `result.json`."""
-        self.metrics.close()
+        for f in (getattr(self, "metrics", None), getattr(self, "evals", None)):
+            if f is not None:
+                f.close()
         if status == "failed" or self.result.status == "running":
             self.result.status = status
         self.result.error = error
         self.result.wall_time_s = round(time.perf_counter() - self.started, 3)
         self.result.ended_at = time.time()
+        self.result.step_time_s = round(self.result.step_time_s, 3)
+        self.result.eval_time_s = round(self.result.eval_time_s, 3)
+        if self.step_times:
+            self.result.seconds_per_step = round(statistics.median(self.step_times), 4)
         self.result.peak_memory_mb, self.result.memory_kind = peak_memory_mb(self.result.device)
+        with contextlib.suppress(OSError):  # the trainer's folder stays only when it holds checkpoints
+            (self.out / "checkpoints").rmdir()
         write_atomic(self.out / "result.json", json.dumps(asdict(self.result), indent=1))
         return self.result
 
 
+def make_callback(trial: TrialRun, on_start: Callable[[int], None] | None):
+    """A transformers TrainerCallback that feeds the TrialRun (built lazily: heavy imports)."""
+    from transformers import TrainerCallback
+
+    class Observer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            trial.result.max_steps = state.max_steps
+            trial.eval_steps = eval_schedule(trial.config, state.max_steps)
+            if on_start is not None:
+                on_start(state.max_steps)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            trial.step_began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            trial.step_end(model, state.global_step)
+            if state.global_step in trial.eval_steps:
+                control.should_log = True
+                control.should_save = trial.config.train.checkpoints
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and trial.observe(state.global_step, logs, state.num_input_tokens_seen):
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            trial.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+    return Observer()
+
+
+def complete_checkpoints(folder: Path) -> list[int]:
+    """The steps of the checkpoints in `folder` that were written to the end (they hold fika_state.json)."""
+    steps = []
+    for path in folder.glob("checkpoint-*"):
+        if (path / "fika_state.json").exists() and path.name.removeprefix("checkpoint-").isdigit():
+            steps.append(int(path.name.removeprefix("checkpoint-")))
+    return sorted(steps)
+
+
 def training_args(config: TrialConfig, out: Path, device: str):
-    """The SFTConfig of a trial: no checkpoints, no trainer-side eval (fika evaluates), data prepared by fika."""
+    """The SFTConfig of a trial: fika evaluates and checkpoints itself; data prepared by fika."""
     from trl import SFTConfig
 
     from fika.model import compute_dtype
 
     optimizer = config.train.optimizer if device == "cuda" else "adamw_torch"
     dtype = compute_dtype()
+    if "tensorboard" in config.train.report_to:  # transformers' TensorBoard callback reads its folder from here
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tracking")
     return SFTConfig(
-        output_dir=str(out / "trainer"),
+        output_dir=str(out / "checkpoints"),
         max_steps=config.train.max_steps,
         num_train_epochs=config.train.epochs,
         per_device_train_batch_size=config.train.batch_size,
@@ -215,9 +358,12 @@ def training_args(config: TrialConfig, out: Path, device: str):
         data_seed=config.train.seed,
         logging_steps=config.train.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must reach fika's divergence check, not be averaged away
-        save_strategy="no",
+        include_num_input_tokens_seen="non_padding",  # kept in checkpoints, so a resumed run counts on
+        save_strategy="no",  # fika asks for a save at its eval steps when train.checkpoints is on
+        save_only_model=False,
         eval_strategy="no",
-        report_to="none",
+        report_to=list(config.train.report_to) or "none",
+        run_name=out.name,
         disable_tqdm=True,
         bf16=device == "cuda" and str(dtype) == "torch.bfloat16",
         fp16=device == "cuda" and str(dtype) == "torch.float16",
@@ -228,14 +374,51 @@ def training_args(config: TrialConfig, out: Path, device: str):
     )
 
 
-def run_trial(
-    config: TrialConfig, report: Report | None = None, base_model=None, keep_base_model: bool = False
-) -> TrialResult:
-    """Trains one LoRA trial and returns its result; the tokenized mix is loaded from the cache (or built).
+def check_output_dir(out: Path, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuses to write into a file, or into the folder of an earlier run unless asked to (`--overwrite`)."""
+    if out.exists() and not out.is_dir():
+        raise FikaError(f"output.dir: {str(out)!r} is a file; give a folder")
+    earlier = [name for name in OUTPUT_FILES + OUTPUT_DIRS if (out / name).exists()]
+    if resume:
+        if not (out / "config.yaml").exists():
+            raise FikaError(f"--resume: {str(out)!r} holds no run to resume (no config.yaml)")
+        return
+    if earlier and not overwrite:
+        result = load_result(out)
+        what = f"a {result.status} run" if result else "an unfinished run"
+        raise FikaError(
+            f"output.dir: {str(out)!r} already holds {what}; pass --overwrite to replace it, --resume to continue "
+            "it, or choose another output.dir"
+        )
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise FikaError(f"output.dir: {str(out)!r} cannot be written (no permission on {parent})")
 
-    `base_model` is an already loaded base model of `config.model`; `keep_base_model=True` loads it once per process and keeps it for
-    the next trial (a search worker). Either way the LoRA layers are removed again when the trial ends,
-    leaving the base weights as they were.
+
+def clear_outputs(out: Path) -> None:
+    """Removes what an earlier run wrote into `out` (for `--overwrite`); other files stay."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in OUTPUT_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+def run_trial(
+    config: TrialConfig,
+    report: Report | None = None,
+    base_model=None,
+    keep_base_model: bool = False,
+    resume: bool = False,
+    quick_evals: tuple[list[int], int] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> TrialResult:
+    """Trains one LoRA run and returns its result; the tokenized mix is loaded from the cache (or built).
+
+    `base_model` is an already loaded base model of `config.model`; `keep_base_model=True` loads it once per
+    process and keeps it for the next trial (a search worker). Either way the LoRA layers are removed again
+    when the run ends, leaving the base weights as they were. `resume=True` continues from the last complete
+    checkpoint in the output dir. `quick_evals` = (steps, size): cheaper evals on a stratified subset of the
+    eval set, for a scheduler's rungs. `on_start(max_steps)` is called before the first step.
     """
     import torch
     from peft import get_peft_model
@@ -244,25 +427,34 @@ def run_trial(
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from fika.data import prepare_data
-    from fika.model import device_kind, kept_base_model, load_base_model, load_tokenizer, lora_config
+    from fika.model import device_kind, kept_base_model, load_base_model, load_tokenizer, lora_config, wants_4bit
 
-    out = Path(config.output.dir)
+    out = Path(config.output.dir).expanduser()
+    tokenizer = load_tokenizer(config.model)
+    mix = prepare_data(config.data, tokenizer, config.model.max_seq_length)
+    checkpoint = None
+    if resume:
+        steps = complete_checkpoints(out / "checkpoints")
+        checkpoint = out / "checkpoints" / f"checkpoint-{steps[-1]}" if steps else None
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", dump_config(config))
-    trial = TrialRun(config, report, out)
+    write_atomic(out / "data.json", json.dumps(mix.summary(), indent=1))
+    trial = TrialRun(config, report, out, quick_evals)
+    trial.open_files(int(checkpoint.name.split("-")[1]) if checkpoint else 0 if resume else None)
+    if checkpoint is not None:
+        trial.restore(int(checkpoint.name.split("-")[1]))
     trial.result.device = device = device_kind()
+    trial.result.quantized = wants_4bit(config.model)
+    trial.result.data_fingerprint = mix.fingerprint
+    reset_peak_memory(device)
     model = None
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     try:
-        tokenizer = load_tokenizer(config.model)
-        mix = prepare_data(config.data, tokenizer, config.model.max_seq_length)
-        trial.result.data_fingerprint = mix.fingerprint
         train_dataset, eval_dataset = mix.train, mix.eval
         if not config.train.assistant_only_loss:  # the collator then trains on every token
-            train_dataset, eval_dataset = train_dataset.remove_columns("labels"), eval_dataset.remove_columns("labels")
+            train_dataset = train_dataset.remove_columns("labels")
+            eval_dataset = eval_dataset.map(lambda row: {"labels": row["input_ids"]})
+        trial.eval_dataset, trial.pad_token_id = eval_dataset, tokenizer.pad_token_id
         collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-        trial.eval_dataset, trial.collator = eval_dataset, collator
 
         set_seed(config.train.seed)
         if base_model is not None:
@@ -277,10 +469,10 @@ def run_trial(
             train_dataset=train_dataset,
             processing_class=tokenizer,
             data_collator=collator,
-            callbacks=[make_callback(trial)],
+            callbacks=[make_callback(trial, on_start)],
         )
         trainer.remove_callback(PrinterCallback)  # fika reports steps itself
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if trial.result.status == "running" and config.output.save_adapter:
             adapter_dir = out / "adapter"
             model.save_pretrained(adapter_dir)
@@ -290,11 +482,13 @@ def run_trial(
             if config.output.save_merged:
                 trial.result.merged_dir = str(save_merged(config, adapter_dir, out / "merged"))
     except Exception as err:
-        trial.finish("failed", f"{type(err).__name__}: {err}")
+        trial.finish("failed", f"{type(err).__name__}: {str(err)[:500]}")
         raise
     finally:
         if model is not None:
             model.unload()  # the base model loses its LoRA layers, ready for the next trial
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return trial.finish("completed")
 
 
@@ -310,3 +504,28 @@ def save_merged(config: TrialConfig, adapter_dir: Path, out: Path) -> Path:
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def format_result(result: TrialResult) -> str:
+    """The summary `fika train` prints at the end of a run."""
+    evals = ", ".join(f"{step}: {loss:.4f}" for step, loss in sorted(result.eval_losses.items())) or "none"
+    train = (
+        f"{result.train_loss:.4f} (mean of the last 10 steps {result.train_loss_smooth:.4f})"
+        if result.train_loss is not None
+        else "none"
+    )
+    lines = [
+        f"status      {result.status}" + (f" ({result.error})" if result.error else ""),
+        f"steps       {result.steps}/{result.max_steps} on {result.device}"
+        + (" (4-bit)" if result.quantized else "")
+        + (f", resumed at step {result.resumed_from}" if result.resumed_from else ""),
+        f"train loss  {train}",
+        f"eval loss   {evals}",
+        f"tokens seen {result.tokens_seen:,}",
+        f"time        {result.wall_time_s:.1f} s: first step after {result.time_to_first_step_s or 0:.1f} s, "
+        f"{result.seconds_per_step or 0:.2f} s/step, evals {result.eval_time_s:.1f} s",
+        f"peak memory {result.peak_memory_mb:,.0f} MB ({result.memory_kind})",
+        f"parameters  {result.trainable_params:,} trainable of {result.total_params:,}",
+        f"outputs     {result.output_dir}" + (f" (adapter: {result.adapter_dir})" if result.adapter_dir else ""),
+    ]
+    return "\n".join(lines)

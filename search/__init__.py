@@ -1,0 +1,1 @@
+"""Many trials (installed as `fika.search`): Ray Tune + Optuna over fika trials, and their ranked reports."""

@@ -1,53 +1,68 @@
-"""Live progress of a search: trials done / running / pruned / failed, the best metric, time left."""
+"""Live progress of a search: trials done / running / pruned / failed, the best metric, time left.
+
+The counts come from the run folder (every trial's result.json), not from what this driver saw, so a
+resumed search counts the trials of the interrupted run too.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from ray.tune import Callback
+
+from fika.common import public_status, read_json
+
+
+def record_error(folder: Path, error_file: str | None) -> None:
+    """Records a trial that Ray gave up on (its worker died, say) in its own folder, unless the trial already
+    recorded how it failed; the reason is the last line of Ray's error file."""
+    result = read_json(folder / "result.json") or {}
+    if result.get("status") == "failed" and result.get("error"):
+        return
+    lines = []
+    if error_file and Path(error_file).exists():
+        lines = [line for line in Path(error_file).read_text(errors="replace").splitlines() if line.strip()]
+    from fika.trial import write_failed_result
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_failed_result(folder, (lines[-1] if lines else "the trial's worker failed")[:500])
 
 
 class SearchProgress(Callback):
     """Prints one status line when a trial ends (and at most every `every_s` seconds otherwise).
 
-    `on_trial_end(trial_id)` is called after each finished trial (the report is rebuilt there).
+    `on_trial_end()` is called after each finished trial (the report is rebuilt there).
     """
 
     def __init__(
         self,
+        run_dir: Path,
         total: int,
         metric: str,
         max_steps: int,
-        log: Callable[[str], None] | None = None,
         on_trial_end: Callable[[], None] | None = None,
         every_s: float = 30.0,
     ):
-        self.total, self.metric, self.max_steps = total, metric, max_steps
-        self.log, self.on_trial_end, self.every_s = log, on_trial_end, every_s
+        self.run_dir, self.total, self.metric, self.max_steps = Path(run_dir), total, metric, max_steps
+        self.on_trial_end, self.every_s = on_trial_end, every_s
         self.started = time.time()
         self.last_line = 0.0
         self.steps: dict[str, int] = {}
-        self.ended: dict[str, str] = {}
-        self.best: tuple[float, str] | None = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.steps[trial.trial_id] = result.get("step", 0)
-        value = result.get(self.metric)
-        if value is not None and math.isfinite(value) and (self.best is None or value < self.best[0]):
-            self.best = (value, trial.trial_id)
         if time.time() - self.last_line > self.every_s:
             self.print_status(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        status = last.get("status") or ("completed" if last.get("step", 0) >= self.max_steps else "stopped")
-        self.ended[trial.trial_id] = "pruned" if status == "stopped" else status
         self.trial_ended(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.ended[trial.trial_id] = "failed"
+        record_error(self.run_dir / "trials" / trial.trial_id, trial.error_file)
         self.trial_ended(trials)
 
     def trial_ended(self, trials) -> None:
@@ -55,25 +70,41 @@ class SearchProgress(Callback):
             self.on_trial_end()
         self.print_status(trials)
 
+    def ended(self) -> tuple[Counter, tuple[float, str] | None, int]:
+        """Counts by status of the trials that ended, the best metric so far, and their steps."""
+        counts: Counter = Counter()
+        best, steps = None, 0
+        for path in (self.run_dir / "trials").glob("*/result.json"):
+            result = read_json(path)
+            if not result or (path.parent / "confirm.json").exists():
+                continue
+            counts[public_status(result.get("status", "failed"))] += 1
+            steps += result.get("steps", 0)
+            value = result.get(self.metric)
+            done = result.get("status") == "completed" and value is not None and math.isfinite(value)
+            if done and (best is None or value < best[0]):
+                best = (value, path.parent.name)
+        return counts, best, steps
+
     def print_status(self, trials) -> None:
         self.last_line = time.time()
         elapsed = self.last_line - self.started
-        counts = {
-            k: sum(1 for v in self.ended.values() if v == k) for k in ("completed", "pruned", "diverged", "failed")
-        }
-        running = [t for t in trials if t.status == "RUNNING" and t.trial_id not in self.ended]
-        done_steps = sum(self.steps.values())
-        # time left: the steps still to run (a trial not yet pruned may run to max_steps) at the pace so far
-        left_steps = (self.total - len(self.ended)) * self.max_steps - sum(
-            self.steps.get(t.trial_id, 0) for t in running
-        )
-        eta = (
-            f"{max(left_steps, 0) * elapsed / done_steps / 60:.1f} min left (at most)"
-            if done_steps
-            else "time left: unknown"
-        )
-        best = f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else f"no {self.metric} yet"
-        (self.log or print)(  # print looked up late: Tune pickles its callbacks with the experiment state
-            f"[{elapsed / 60:5.1f} min] {len(self.ended)}/{self.total} trials done "
-            f"({', '.join(f'{v} {k}' for k, v in counts.items())}), {len(running)} running; {best}; {eta}"
+        counts, best, _ = self.ended()
+        done = sum(counts.values())
+        running = [
+            t
+            for t in trials
+            if t.status == "RUNNING" and read_json(self.run_dir / "trials" / t.trial_id / "result.json") is None
+        ]
+        run_steps = sum(self.steps.get(t.trial_id, 0) for t in running)
+        ran = sum(self.steps.values())
+        # time left: the steps still to run (a trial not yet pruned may run to max_steps) at this driver's pace
+        left = max(self.total - done, 0) * self.max_steps - run_steps
+        eta = f"{max(left, 0) * elapsed / ran / 60:.1f} min left (at most)" if ran else "time left: unknown"
+        shown = ", ".join(f"{counts[k]} {k}" for k in ("completed", "pruned", "diverged", "failed"))
+        best_text = f"best {self.metric} {best[0]:.4f} ({best[1]})" if best else f"no {self.metric} yet"
+        print(  # looked up late: Tune pickles its callbacks with the experiment state
+            f"[{elapsed / 60:5.1f} min] {done}/{self.total} trials done ({shown}), {len(running)} running; "
+            f"{best_text}; {eta}",
+            flush=True,
         )

@@ -1,31 +1,44 @@
-"""The ranked report of a search, finished or not: index.md, index.html, trials.csv, plots, best.yaml.
+"""The ranked report of a search, finished or not: index.md, index.html, trials.csv, plots, best.yaml, report.json.
 
-Reads only the run folder (`spec.yaml`, `trials/*/{config.yaml,metrics.jsonl,result.json}` and Ray's error
-files), so it works on a running search, a killed one, and one with failed trials. Ranking ("60-step loss"):
-the spec's metric at the last step for completed trials; pruned trials rank below them (deeper rung first);
-diverged and failed trials are listed last with their reason. Every file is replaced atomically.
+Reads only the run folder (`spec.yaml`, `run.json`, `draws.jsonl`, `trials/*/{config.yaml, data.json,
+metrics.jsonl, evals.jsonl, result.json}`), tolerating files cut short by a killed process, so it works on a
+running search, a killed one, and one with failed trials. Ranking ("60-step loss"): the spec's metric at the
+last step for completed trials; pruned trials rank below them (deeper rung first); diverged and failed
+trials are listed last with their reason. Markdown and HTML are rendered from one list of sections; every
+file is replaced atomically. A report folder belongs to one search: another search's report is not replaced
+while that search's run folder still exists.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
+import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fika.trial import write_atomic
-from search.spec import SearchSpec, baseline_params, encode_choice, split_key
+from fika.common import log, mask_secrets, public_status, read_json, read_jsonl, write_atomic
+from fika.config import ConfigError, get_dotted
+from fika.search import analysis, plots
+from fika.search.confirm import load_run_spec
+from fika.search.spec import SearchSpec, baseline_params, encode_choice, split_key
 
 STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "diverged": 3, "failed": 4}
-TOP_CURVES = 5
+HARD_FLOOR = {"dropout": 0, "weight": 0, "limit": 0, "min_tokens": 0, "warmup_steps": 0, "weight_decay": 0}
+REPORT_FILES = ("index.md", "index.html", "trials.csv", "best.yaml", "report.json")
+
+
+def default_report_dir(name: str) -> Path:
+    """Where a search's report goes unless told otherwise: `reports/<name>` under the current folder."""
+    return Path("reports") / name
 
 
 @dataclass
@@ -42,81 +55,93 @@ class TrialRow:
     steps: int = 0
     tokens_seen: int = 0
     wall_time_s: float = 0.0
+    step_time_s: float = 0.0
+    seconds_per_step: float | None = None
     peak_memory_mb: float = 0.0
+    trainable_params: int = 0
+    device: str = ""
     seed: int | None = None
     confirm_of: str | None = None
+    confirm_steps: int | None = None
     baseline: bool = False
+    drawn: str = ""
     error: str = ""
     config: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
+    final_eval: dict | None = None  # the evals.jsonl record at eval_step: per-conversation sums
+    eval_per_source: dict[str, float] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    rung_values: dict[int, float] = field(default_factory=dict)
 
 
 def param_value(spec: SearchSpec, config: dict, key: str) -> Any:
     """The value of a searched key (or a pair of keys) in a trial's resolved config, spelled as in the space."""
-    values = []
-    for part in split_key(key):
-        node: Any = config
-        for name in part.split("."):
-            node = node.get(name) if isinstance(node, dict) else None
-        values.append(node)
+    values = [get_dotted(config, part) for part in split_key(key)]
     value = values if len(values) > 1 else values[0]
     choices = spec.space[key].choice
     return choices[choices.index(value)] if choices and value in choices else value
 
 
-def tune_errors(run: Path) -> dict[str, str]:
-    """The first line of Ray's error file per trial id (for trials that failed before fika could record it)."""
-    errors = {}
-    for path in (run / "tune").glob("*/error.txt"):
-        trial_id = path.parent.name.split("_")[1] if "_" in path.parent.name else path.parent.name
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        errors[trial_id] = lines[-1][:300] if lines else "error"
-    return errors
-
-
 def load_rows(run: Path, spec: SearchSpec) -> list[TrialRow]:
     """Every trial folder of a run as a TrialRow (running and failed ones included)."""
     rows = []
-    errors = tune_errors(run)
     baseline = baseline_params(spec) if spec.baseline else None
+    draws = {d.get("trial"): d.get("drawn", "") for d in read_jsonl(run / "draws.jsonl")}
+    rungs = set(spec.rungs())
     for directory in sorted((run / "trials").glob("*/")):
-        config_path = directory / "config.yaml"
-        if not config_path.exists():
-            continue
-        config = yaml.safe_load(config_path.read_text())
-        records = []
-        if (directory / "metrics.jsonl").exists():
-            records = [
-                json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()
-            ]
-        result = json.loads((directory / "result.json").read_text()) if (directory / "result.json").exists() else {}
-        confirm = json.loads((directory / "confirm.json").read_text()) if (directory / "confirm.json").exists() else {}
-        status = {"stopped": "pruned"}.get(result.get("status", ""), result.get("status", ""))
-        if not status:
-            status = "failed" if directory.name in errors else "running"
+        try:
+            config = yaml.safe_load((directory / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            config = None
+        if not isinstance(config, dict):
+            if not (directory / "result.json").exists():
+                continue  # a folder still being created
+            config = {}  # a trial whose worker died before it wrote its config
+        records = read_jsonl(directory / "metrics.jsonl")
+        result = read_json(directory / "result.json") or {}
+        confirm = read_json(directory / "confirm.json") or {}
+        status = public_status(result.get("status") or "running")
         last = records[-1] if records else {}
-        evals = {int(k): v for k, v in result.get("eval_losses", {}).items()} or {
+        evals = {int(k): v for k, v in (result.get("eval_losses") or {}).items()} or {
             r["step"]: r["eval_loss"] for r in records if "eval_loss" in r
         }
-        eval_loss = evals[max(evals)] if evals else None
+        eval_step = max(evals) if evals else None
+        final = [e for e in read_jsonl(directory / "evals.jsonl") if e.get("step") == eval_step and "sums" in e]
         row = TrialRow(
             trial_id=directory.name,
             params={key: param_value(spec, config, key) for key in spec.space},
             status=status,
-            eval_loss=eval_loss,
-            eval_step=max(evals) if evals else None,
+            eval_loss=evals.get(eval_step),
+            eval_step=eval_step,
             train_loss_smooth=result.get("train_loss_smooth", last.get("train_loss_smooth")),
-            steps=result.get("steps", last.get("step", 0)),
-            tokens_seen=result.get("tokens_seen", last.get("tokens_seen", 0)),
-            wall_time_s=result.get("wall_time_s", last.get("elapsed_s", 0.0)),
+            steps=result.get("steps") or last.get("step", 0),
+            tokens_seen=result.get("tokens_seen") or last.get("tokens_seen", 0),
+            wall_time_s=result.get("wall_time_s") or last.get("elapsed_s", 0.0),
+            step_time_s=result.get("step_time_s") or 0.0,
+            seconds_per_step=result.get("seconds_per_step"),
             peak_memory_mb=result.get("peak_memory_mb", 0.0),
-            seed=config.get("train", {}).get("seed"),
+            trainable_params=result.get("trainable_params", 0),
+            device=result.get("device", ""),
+            seed=get_dotted(config, "train.seed"),
             confirm_of=confirm.get("of"),
-            error=result.get("error") or errors.get(directory.name, ""),
+            confirm_steps=confirm.get("steps"),
+            drawn=draws.get(directory.name, ""),
+            error=result.get("error") or "",
             config=config,
             records=records,
+            final_eval=final[-1] if final else None,
+            eval_per_source=result.get("eval_per_source") or last.get("eval_per_source") or {},
+            data=read_json(directory / "data.json") or {},
+            rung_values={
+                r["step"]: r[spec.rung_key()] for r in records if r.get("step") in rungs and spec.rung_key() in r
+            },
         )
-        row.metric = row.eval_loss if spec.metric == "eval_loss" else row.train_loss_smooth
+        if spec.metric == "eval_loss":
+            row.metric = (
+                row.eval_loss if status != "pruned" else next(reversed(row.rung_values.values()), row.eval_loss)
+            )
+        else:
+            row.metric = row.train_loss_smooth
         if status == "diverged" and not row.error:
             row.error = f"non-finite loss at step {row.steps}"
         row.baseline = (
@@ -150,307 +175,461 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def short_key(key: str) -> str:
-    """`train.learning_rate` -> `learning_rate`, `lora.r,lora.alpha` -> `r, alpha` (the table stays narrow)."""
-    return ", ".join(part.split(".")[-1] for part in split_key(key))
+    """`train.learning_rate` -> `learning_rate`, `data.sources.ultrachat.weight` -> `ultrachat.weight`."""
+
+    def short(part: str) -> str:
+        pieces = part.split(".")
+        return ".".join(pieces[-2:]) if part.startswith("data.sources.") else pieces[-1]
+
+    return ", ".join(short(part) for part in split_key(key))
 
 
-def fmt_param(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return ", ".join(fmt_param(v) for v in value) if isinstance(value, list) else str(value)
+# --- sections: one list, rendered as Markdown and as HTML ---------------------------------------------
 
 
-def table(spec: SearchSpec, rows: list[TrialRow]) -> tuple[list[str], list[list[str]]]:
-    """The ranked table: rank, trial, searched params, metrics, cost, status."""
-    headers = ["rank", "trial", *(short_key(k) for k in spec.space), f"eval loss @{spec.max_steps}", "train loss avg10",
-               "steps", "tokens", "wall s", "peak MB", "status"]  # fmt: skip
-    body = []
-    for i, row in enumerate(rows, 1):
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    classes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Section:
+    title: str
+    lines: list[str] = field(default_factory=list)  # paragraphs; `code` is kept as code in both renderings
+    table: Table | None = None
+    image: str | None = None
+    code: str | None = None
+    note: bool = False  # a highlighted remark
+
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    md = [f"# {title}", ""]
+    for s in sections:
+        if s.title:
+            md += [f"## {s.title}", ""]
+        md += [(f"> {line}" if s.note else line) for line in s.lines] + ([""] if s.lines else [])
+        if s.table:
+            md.append("| " + " | ".join(s.table.headers) + " |")
+            md.append("|" + "|".join("---" for _ in s.table.headers) + "|")
+            md += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in s.table.rows]
+            md.append("")
+        if s.image:
+            md += [f"![{s.title}]({s.image})", ""]
+        if s.code:
+            md += ["```yaml", s.code.strip(), "```", ""]
+    return "\n".join(md)
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1400px;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;font-size:.85rem}th,td{border-bottom:1px solid #ddd;padding:.3rem .5rem;"
+    "text-align:right;white-space:nowrap}th{background:#f4f4f4;position:sticky;top:0}td:nth-child(2){text-align:left}"
+    "td.text{text-align:left;white-space:normal;min-width:8rem}tr.pruned{color:#777}tr.failed,tr.diverged{color:#a00}"
+    "tr.baseline{font-style:italic;background:#fffbe6}tr.best{font-weight:600}"
+    ".note{border-left:4px solid #e0a800;margin:1rem 0;padding:.5rem 1rem;background:#fffbe6}"
+    "img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:1rem;overflow:auto}"
+    ".wrap{overflow-x:auto}code{background:#f4f4f4;padding:0 .2rem}"
+)
+
+
+def inline_html(text: str) -> str:
+    """Escapes text and turns `code` spans into <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def render_html(title: str, sections: list[Section], images: dict[str, bytes]) -> str:
+    """The same report as one self-contained HTML page (plots inline as data URIs)."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+             f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]  # fmt: skip
+    for s in sections:
+        if s.title:
+            parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        lines = [line.removeprefix("- ") for line in s.lines]
+        if s.lines and all(line.startswith("- ") for line in s.lines):
+            parts.append("<ul>" + "".join(f"<li>{inline_html(line)}</li>" for line in lines) + "</ul>")
+        else:
+            parts += [f"<p{' class=note' if s.note else ''}>{inline_html(line)}</p>" for line in lines]
+        if s.table:
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in s.table.headers)
+            body = []
+            for i, row in enumerate(s.table.rows):
+                css = s.table.classes[i] if i < len(s.table.classes) else ""
+                cells = "".join(
+                    f"<td{' class=text' if j == len(row) - 1 else ''}>{html.escape(c)}</td>" for j, c in enumerate(row)
+                )
+                body.append(f"<tr class='{css}'>{cells}</tr>")
+            parts.append(
+                f"<div class='wrap'><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+            )
+        if s.image and s.image in images:
+            data = base64.b64encode(images[s.image]).decode()
+            parts.append(f"<img alt='{html.escape(s.title)}' src='data:image/png;base64,{data}'>")
+        if s.code:
+            parts.append(f"<pre>{html.escape(s.code)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# --- what the report says ---------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """Everything a report is built from: the spec, the ranked trials, and where it is written."""
+
+    spec: SearchSpec
+    run: Path
+    out: Path
+    ranked: list[TrialRow]
+    confirms: list[TrialRow]
+
+    @property
+    def completed(self) -> list[TrialRow]:
+        return [r for r in self.ranked if r.status == "completed" and r.metric is not None and math.isfinite(r.metric)]
+
+    @property
+    def best(self) -> TrialRow | None:
+        return self.completed[0] if self.completed else None
+
+    @property
+    def baseline(self) -> TrialRow | None:
+        return next((r for r in self.ranked if r.baseline), None)
+
+
+def paired_against(row: TrialRow, other: TrialRow | None) -> analysis.Paired | None:
+    if other is None or row is other or row.final_eval is None or other.final_eval is None:
+        return None
+    if row.eval_step != other.eval_step:
+        return None
+    return analysis.compare(row.final_eval, other.final_eval)
+
+
+def ranking_table(r: Report) -> Table:
+    spec = r.spec
+    headers = ["rank", "trial", *(short_key(k) for k in spec.space), f"{spec.metric} @{spec.max_steps}",
+               "vs best [95% CI]", "vs baseline", "train loss avg10", "steps", "tokens", "trainable", "wall s",
+               "peak MB", "status"]  # fmt: skip
+    rows, classes = [], []
+    for i, row in enumerate(r.ranked, 1):
         ranked = row.status in ("completed", "pruned")
         status = row.status + (" (baseline)" if row.baseline else "") + (f": {row.error}" if row.error else "")
-        at = f" @{row.eval_step}" if row.eval_loss is not None and row.eval_step != spec.max_steps else ""
-        body.append([str(i) if ranked else "", row.trial_id, *(fmt_param(v) for v in row.params.values()),
-                     fmt(row.eval_loss) + at, fmt(row.train_loss_smooth), str(row.steps), f"{row.tokens_seen:,}",
+        at = ""
+        if row.status == "pruned" and row.rung_values:
+            rung = max(row.rung_values)
+            at = f" @{rung}" + ("" if spec.rung_key() == spec.metric else f" ({spec.rung_key()})")
+        vs_best = paired_against(row, r.best) if row.status == "completed" else None
+        vs_base = paired_against(row, r.baseline) if row.status == "completed" else None
+        rows.append([str(i) if ranked else "", row.trial_id, *(plots.fmt_param(v) for v in row.params.values()),
+                     fmt(row.metric) + at, vs_best.text() if vs_best else "", f"{vs_base.diff:+.4f}" if vs_base else "",
+                     fmt(row.train_loss_smooth), str(row.steps), f"{row.tokens_seen:,}", f"{row.trainable_params:,}",
                      f"{row.wall_time_s:.0f}", f"{row.peak_memory_mb:,.0f}", status])  # fmt: skip
-    return headers, body
+        classes.append(row.status + (" baseline" if row.baseline else "") + (" best" if row is r.best else ""))
+    return Table(headers, rows, classes)
 
 
-def noise_note(spec: SearchSpec, ranked: list[TrialRow], confirms: dict[str, list[TrialRow]]) -> str:
-    """Says whether the top trials differ by more than the seed-to-seed spread."""
-    done = [r for r in ranked if r.status == "completed" and r.metric is not None and math.isfinite(r.metric)]
-    if len(done) < 2:
-        return ""
-    gap = done[1].metric - done[0].metric
-    spreads = [statistics.stdev(v) for v in ([r.metric for r in c] for c in confirms.values()) if len(v) > 1]
-    if spreads:
-        spread = max(spreads)
-        verdict = "within" if gap < 2 * spread else "beyond"
-        return (f"The top two trials differ by {gap:.4f} in {spec.metric}; re-running with other seeds moved it by up to "
-                f"{spread:.4f} (std): the gap is {verdict} seed noise.")  # fmt: skip
-    return (f"The top two trials differ by {gap:.4f} in {spec.metric}. How much a seed alone moves it is not measured "
-            f"yet: `fika search ... --confirm-top 3 --seeds 3` re-runs the best trials with other seeds.")  # fmt: skip
+def decision_lines(r: Report) -> list[str]:
+    """Whether the winner beats #2 and the baseline beyond the eval noise, in numbers."""
+    done, best = r.completed, r.best
+    if best is None:
+        return ["No trial has completed yet."]
+    lines = []
+    second = done[1] if len(done) > 1 else None
+    for other, name in ((second, "#2, the baseline," if second is r.baseline else "#2"), (r.baseline, "the baseline")):
+        if other is None or other is best or (name == "the baseline" and other is second):
+            continue
+        paired = paired_against(other, best)
+        if paired is None:
+            lines.append(
+                f"The best trial {best.trial_id} leads {name} ({other.trial_id}) by {other.metric - best.metric:.4f}."
+            )
+            continue
+        beyond = "beyond the eval noise" if paired.significant else "within the eval noise"
+        lines.append(
+            f"The best trial `{best.trial_id}` beats {name} (`{other.trial_id}`) by {paired.diff:.4f} {r.spec.metric} "
+            f"(95% interval {paired.low:+.4f} to {paired.high:+.4f}, paired over the same {paired.conversations} "
+            f"conversations): {beyond}."
+        )
+    if r.baseline is best:
+        lines.append(f"The baseline `{best.trial_id}` (the base config's own values) is the best trial.")
+    return lines
 
 
-def figure_png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
+def warnings_lines(r: Report) -> list[str]:
+    """Edge values, random-only searches, low rung agreement."""
+    lines = []
+    if r.best is not None:
+        lines += [f"Edge: {note}." for note in analysis.edge_values(r.spec.space, r.best.params, HARD_FLOOR)]
+    draws = [row.drawn for row in r.ranked if row.drawn]
+    if r.spec.searcher == "optuna" and draws and "tpe" not in draws:
+        lines.append(
+            f"Every trial was drawn at random ({draws.count('random')} random, {draws.count('baseline')} baseline): "
+            f"TPE starts modelling after {r.spec.startup()} finished trials; raise num_samples or lower startup_trials."
+        )
+    return lines
 
 
-def plot_curves(spec: SearchSpec, ranked: list[TrialRow]) -> bytes:
-    """Train loss (mean of 10 steps) and eval loss against steps for the top trials and the baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top = [r for r in ranked if r.status in ("completed", "pruned") and r.records][:TOP_CURVES]
-    baseline = next((r for r in ranked if r.baseline and r.records), None)
-    if baseline is not None and baseline not in top:
-        top.append(baseline)
-    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, row in enumerate(top):
-        style = {"color": "black", "linestyle": "--"} if row.baseline else {"color": colors[i % len(colors)]}
-        label = f"{row.trial_id}{' (baseline)' if row.baseline else ''}: {fmt(row.metric)}"
-        steps = [r["step"] for r in row.records]
-        train_ax.plot(steps, [r["train_loss_smooth"] for r in row.records], label=label, **style)
-        evals = [(r["step"], r["eval_loss"]) for r in row.records if "eval_loss" in r]
-        if evals:
-            eval_ax.plot(*zip(*evals, strict=True), marker="o", label=label, **style)
-    train_ax.set(title="train loss (mean of the last 10 steps)", xlabel="step", ylabel="loss")
-    eval_ax.set(title="eval loss (held-out set)", xlabel="step")
-    for ax in (train_ax, eval_ax):
-        ax.grid(alpha=0.3)
-        ax.axvline(spec.max_steps, color="gray", linewidth=0.8)
-    handles, labels = eval_ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, title=f"trial: {spec.metric} at its last eval",
-               title_fontsize=8, bbox_to_anchor=(0.5, -0.12))  # fmt: skip
-    fig.suptitle(f"{spec.name}: top {len(top)} trials" + (" and the baseline (dashed)" if baseline else ""))
-    data = figure_png(fig)
-    plt.close(fig)
-    return data
+def rung_lines(r: Report) -> list[str]:
+    """Rank agreement between each rung's value and the final metric, over the completed trials."""
+    lines = []
+    for step in r.spec.rungs():
+        pairs = [(row.rung_values[step], row.metric) for row in r.completed if step in row.rung_values]
+        rho = analysis.spearman([a for a, _ in pairs], [b for _, b in pairs])
+        if rho is None:
+            lines.append(f"- rung {step}: {len(pairs)} completed trials, too few to measure")
+            continue
+        low = " (low: the early stops may have cut trials that would have ended well)" if rho < 0.5 else ""
+        lines.append(f"- rung {step} ({r.spec.rung_key()}) vs {r.spec.metric} at step {r.spec.max_steps}: Spearman "
+                     f"rho {rho:.2f} over {len(pairs)} completed trials{low}")  # fmt: skip
+    return lines
 
 
-def plot_params(spec: SearchSpec, ranked: list[TrialRow]) -> bytes:
-    """For each searched parameter: the metric of every trial by value (pruned trials hollow)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = list(spec.space)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.6), sharey=True, squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        choices = spec.space[key].choice
-        labels = [fmt_param(c) for c in choices] if choices else None
-        for status, style in (("completed", {"color": "C0"}), ("pruned", {"facecolors": "none", "edgecolors": "C1"})):
-            points = [(r.params[key], r.metric) for r in ranked if r.status == status and r.metric is not None]
-            if not points:
-                continue
-            xs = [labels.index(fmt_param(v)) if labels else v for v, _ in points]
-            ax.scatter(xs, [m for _, m in points], label=status, **style)
-        if labels:
-            ax.set_xticks(range(len(labels)), labels, rotation=30)
-        elif spec.space[key].loguniform:
-            ax.set_xscale("log")
-        ax.set(title=key)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{spec.metric} (pruned: at their last rung)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2)
-    data = figure_png(fig)
-    plt.close(fig)
-    return data
-
-
-def plot_importance(spec: SearchSpec, ranked: list[TrialRow]) -> bytes | None:
-    """Optuna's parameter importances (fANOVA) over the completed trials, when there are enough of them."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
-
-    done = [r for r in ranked if r.status == "completed" and r.metric is not None and math.isfinite(r.metric)]
-    if len(done) < 4 or len(spec.space) < 2:
+def seeds_section(r: Report) -> Section | None:
+    groups: dict[str, list[TrialRow]] = {}
+    for row in r.confirms:
+        if row.status == "completed" and row.confirm_steps is None:
+            groups.setdefault(row.confirm_of, []).append(row)
+    if not groups:
         return None
-    distributions = {}
-    for key, param in spec.space.items():
-        if param.choice is not None:
-            distributions[key] = CategoricalDistribution([encode_choice(c) for c in param.choice])
-        else:
-            low, high = param.uniform or param.loguniform
-            distributions[key] = FloatDistribution(low, high, log=param.loguniform is not None)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize")
-    for row in done:
-        params = {k: encode_choice(v) for k, v in row.params.items()}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=row.metric))
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ax = optuna.visualization.matplotlib.plot_param_importances(study)
-    ax.figure.set_size_inches(8, 1.2 + 0.6 * len(spec.space))
-    for loc in ("left", "center", "right"):  # Optuna writes its own title; keep one
-        ax.set_title("", loc=loc)
-    ax.set_title(f"parameter importance for {spec.metric} ({len(done)} completed trials, fANOVA)")
-    legend = ax.get_legend()
-    if legend is not None:
-        legend.remove()
-    data = figure_png(ax.figure)
-    plt.close(ax.figure)
-    return data
+    order = [row for row in r.completed if row.trial_id in groups]
+    lines, means = [], {}
+    for row in order:
+        values = [row.metric] + [c.metric for c in groups[row.trial_id] if c.metric is not None]
+        means[row.trial_id] = statistics.mean(values)
+        lines.append(f"- `{row.trial_id}`: {r.spec.metric} {means[row.trial_id]:.4f} +/- {statistics.stdev(values):.4f} "
+                     f"(mean +/- std over {len(values)} seeds: {', '.join(f'{v:.4f}' for v in values)})")  # fmt: skip
+    by_mean = sorted(means, key=means.get)
+    original = [row.trial_id for row in order]
+    survives = by_mean == original
+    lines.append(f"The ranking of these {len(order)} trials {'survives' if survives else 'does not survive'} the seeds "
+                 f"(by the seed mean: {', '.join(by_mean)}).")  # fmt: skip
+    return Section("Seeds: re-runs of the top trials", lines)
 
 
-def best_yaml(spec: SearchSpec, best: TrialRow, out: Path) -> str:
+def horizon_section(r: Report) -> Section | None:
+    runs = {row.confirm_of: row for row in r.confirms if row.confirm_steps and row.status == "completed"}
+    pairs = [(row, runs[row.trial_id]) for row in r.completed if row.trial_id in runs]
+    if not pairs:
+        return None
+    steps = pairs[0][1].confirm_steps
+    short = analysis.ranks([a.metric for a, _ in pairs])
+    long = analysis.ranks([b.metric for _, b in pairs])
+    rho = analysis.spearman([a.metric for a, _ in pairs], [b.metric for _, b in pairs])
+    rows = [[a.trial_id, fmt(a.metric), f"{s:g}", fmt(b.metric), f"{lg:g}"]
+            for (a, b), s, lg in zip(pairs, short, long, strict=True)]  # fmt: skip
+    rho_text = f"Spearman rho {rho:.2f}" if rho is not None else "rho not defined"
+    lines = [f"The same configs (same seeds and data order) re-run with a schedule of {steps} steps: {rho_text} between "
+             f"the {r.spec.max_steps}-step and the {steps}-step ranking: {analysis.verdict(rho)}."]  # fmt: skip
+    table = Table(["trial", f"{r.spec.metric} @{r.spec.max_steps}", "rank", f"{r.spec.metric} @{steps}", "rank"], rows)
+    return Section(f"Horizon: does the {r.spec.max_steps}-step order hold at {steps} steps?", lines, table)
+
+
+def data_section(r: Report) -> list[Section]:
+    """Rows and tokens per source, the eval loss per source, and the data keys' effects."""
+    rows = [row for row in r.ranked if row.data.get("sources")]
+    if not rows:
+        return []
+    names = [s["name"] for s in rows[0].data["sources"]]
+    eval_counts = rows[0].data.get("eval_per_source", {})
+    headers = ["trial", *(f"{n} rows" for n in names), *(f"{n} tokens" for n in names),
+               *(f"eval {n}" for n in eval_counts), r.spec.metric]  # fmt: skip
+    body = []
+    for row in rows:
+        by_name = {s["name"]: s for s in row.data["sources"]}
+        body.append([row.trial_id, *(f"{by_name.get(n, {}).get('train', 0):,}" for n in names),
+                     *(f"{by_name.get(n, {}).get('train_tokens', 0):,}" for n in names),
+                     *(fmt(row.eval_per_source.get(n)) for n in eval_counts), fmt(row.metric)])  # fmt: skip
+    shared = "; ".join(f"{n} {c}" for n, c in eval_counts.items())
+    lines = [f"Every trial is scored on the same {sum(eval_counts.values())} held-out conversations ({shared}), "
+             "drawn once for the search, before any limit, weight or filter."]  # fmt: skip
+    sections = [Section("Data: rows and tokens per source, eval loss per source", lines, Table(headers, body))]
+    return sections
+
+
+def build_sections(r: Report, images: dict[str, bytes]) -> list[Section]:
+    spec, best = r.spec, r.best
+    counts = {s: sum(1 for row in r.ranked if row.status == s) for s in STATUS_ORDER}
+    draws = [row.drawn for row in r.ranked if row.drawn]
+    drawn = ", ".join(f"{draws.count(k)} {k}" for k in ("baseline", "random", "tpe") if draws.count(k))
+    hours = sum(row.wall_time_s for row in r.ranked + r.confirms) / 3600
+    tokens = sum(row.tokens_seen for row in r.ranked + r.confirms)
+    summary = [
+        f"- {len(r.ranked)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        + (f"; drawn: {drawn}" if drawn else "") + (f"; {len(r.confirms)} re-runs" if r.confirms else ""),
+        f"- compute: {hours:.2f} trial-hours, {tokens:,} tokens seen",
+        f"- ranked by {spec.metric} at step {spec.max_steps} on the same {spec.base.data.eval_size} held-out "
+        f"conversations for every trial; pruned trials rank below completed ones, by the rung they reached "
+        f"({spec.rung_key()} at steps {spec.rungs()})." if spec.rungs() else
+        f"- ranked by {spec.metric} at step {spec.max_steps} on the same {spec.base.data.eval_size} held-out "
+        "conversations for every trial.",
+    ]  # fmt: skip
+    sections = [Section("", summary), Section("", decision_lines(r) + warnings_lines(r), note=True)]
+    sections.append(Section("Ranking", [], ranking_table(r)))
+    if best is not None:
+        sections.append(Section("Best config", best_lines(r)))
+    for extra in (seeds_section(r), horizon_section(r)):
+        if extra is not None:
+            sections.append(extra)
+    rung = rung_lines(r)
+    if rung:
+        sections.append(Section("Rung agreement", rung))
+    sections += data_section(r)
+    pictures = [("curves.png", "Loss curves"), ("params.png", "Parameter effects"), ("data.png", "Data effects"),
+                ("pareto.png", "Loss against cost"), ("history.png", "Optimization history"),
+                ("parallel.png", "Parallel coordinates"), ("slice.png", "Slices"),
+                ("intermediate.png", "Intermediate values (rungs)"), ("importance.png", "Parameter importance")]  # fmt: skip
+    for name, title in pictures:
+        if name in images:
+            sections.append(Section(title, [], image=name))
+    if "importance.png" not in images:
+        need = plots.importance_rule(len(spec.space))
+        sections.append(Section("Parameter importance", [f"Not drawn: fANOVA importances need at least {need} completed "
+                                f"trials for {len(spec.space)} searched keys (8, or 2 per key); this search has "
+                                f"{len(r.completed)}."]))  # fmt: skip
+    spec_text = (r.run / "spec.yaml").read_text() if (r.run / "spec.yaml").exists() else ""
+    sections.append(Section("The search", [f"Resume: `fika search {relative(r.run / 'spec.yaml')} --resume`"],
+                            code=mask_secrets(spec_text)))  # fmt: skip
+    return sections
+
+
+def relative(path: Path) -> str:
+    """A path relative to the current folder when it lies below it (reports hold no machine paths)."""
+    path = Path(path)
+    try:
+        return os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def steps_per_epoch(best: TrialRow) -> int | None:
+    rows = best.data.get("train_rows")
+    t = best.config.get("train", {})
+    if not rows:
+        return None
+    return math.ceil(rows / (t.get("batch_size", 1) * t.get("gradient_accumulation", 1)))
+
+
+def full_run_command(r: Report) -> str:
+    best_file = relative(r.out / "best.yaml")
+    return (f"fika train --config {best_file} train.max_steps=-1 train.epochs=3 train.num_evals=10 "
+            f"train.checkpoints=true output.dir=outputs/{r.spec.name}-full")  # fmt: skip
+
+
+def best_lines(r: Report) -> list[str]:
+    best = r.best
+    lines = [f"`{best.trial_id}`: {r.spec.metric} {fmt(best.metric)}.",
+             f"Reproduce the trial: `fika train --config {relative(r.out / 'best.yaml')}`",
+             f"The full run (3 epochs, 10 evals, checkpoints; `fika train --resume DIR` continues a killed run): "
+             f"`{full_run_command(r)}`"]  # fmt: skip
+    per_epoch = steps_per_epoch(best)
+    if per_epoch and best.seconds_per_step:
+        lines.append(f"At the {best.seconds_per_step:.2f} s/step measured here ({best.device}), 3 epochs of {per_epoch:,} "
+                     f"steps take about {3 * per_epoch * best.seconds_per_step / 3600:.1f} h plus evals.")  # fmt: skip
+    return lines
+
+
+def best_yaml(r: Report) -> str:
     """The best trial's full TrialConfig, runnable as is; the header shows how to make it a full run."""
+    best = r.best
     config = json.loads(json.dumps(best.config))
-    config["output"].update(dir=f"outputs/{spec.name}-best", save_adapter=True)
+    config["output"].update(dir=f"outputs/{r.spec.name}-best", save_adapter=True)
     header = (
-        f"# The best trial of search '{spec.name}': {best.trial_id}, {spec.metric} {fmt(best.metric)} "
-        f"at step {best.steps}.\n"
-        f"#   fika train --config {out / 'best.yaml'}            # reproduces the trial\n"
-        f"#   fika train --config {out / 'best.yaml'} train.max_steps=-1 train.epochs=3   # the full run\n"
+        f"# The best trial of search '{r.spec.name}': {best.trial_id}, {r.spec.metric} {fmt(best.metric)} at step {best.steps}.\n"
+        f"#   fika train --config {relative(r.out / 'best.yaml')}            # reproduces the trial\n"
+        f"#   {full_run_command(r)}   # the full run\n"
     )
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
-def to_markdown(headers: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
-    return "\n".join(lines)
+def csv_text(r: Report) -> str:
+    import pandas as pd
+
+    records = []
+    for i, row in enumerate(r.ranked, 1):
+        config = json.loads(json.dumps(row.config))
+        if isinstance(config.get("output"), dict):  # relative to the run folder, never a machine path
+            config["output"]["dir"] = f"trials/{row.trial_id}"
+        records.append({"rank": i, "trial": row.trial_id, **{f"param:{k}": encode_choice(v) for k, v in row.params.items()},
+                        "status": row.status, "metric": row.metric, "eval_loss": row.eval_loss,
+                        "train_loss_smooth": row.train_loss_smooth, "steps": row.steps, "tokens_seen": row.tokens_seen,
+                        "trainable_params": row.trainable_params, "wall_time_s": row.wall_time_s,
+                        "step_time_s": row.step_time_s, "peak_memory_mb": row.peak_memory_mb,
+                        "baseline": row.baseline, "drawn": row.drawn, "error": row.error,
+                        "config": json.dumps(config, sort_keys=True)})  # fmt: skip
+    return mask_secrets(pd.DataFrame(records).to_csv(index=False))
+
+
+def claim_folder(out: Path, run: Path, run_id: str) -> None:
+    """Refuses to replace the report of another search whose run folder still exists; a folder that is not
+    a fika report is never written into."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"report: {out} is a file; give a folder")
+    owner = read_json(out / "report.json")
+    if owner is None:
+        if any(out.iterdir()):
+            raise ConfigError(f"report: {out} exists and is not a fika report; give another folder (--out)")
+        return
+    if owner.get("run_id") == run_id:
+        return
+    other = (out / owner.get("run", "")).resolve() if owner.get("run") else None
+    other_id = (read_json(other / "run.json") or {}).get("id") if other else None
+    if other_id and other_id == owner.get("run_id"):
+        raise ConfigError(
+            f"report: {out} holds the report of another search ({relative(other)}); give another folder (--out or "
+            "report_dir=...)"
+        )
+    log(f"report: replacing {out}, the report of a search whose run folder is gone")
 
 
 def build_report(run: str | Path, out: str | Path | None = None) -> Path:
-    """Writes the report of the search in `run` to `out` (default: the spec's report_dir or reports/<name>)."""
-    run = Path(run)
-    spec_path = run / "spec.yaml"
-    if not spec_path.exists():
-        from fika.config import ConfigError
-
-        raise ConfigError(f"{run}: not a search folder (no spec.yaml); give the folder `fika search` printed")
-    spec = SearchSpec.model_validate(yaml.safe_load(spec_path.read_text()))
-    out = Path(out or spec.report_dir or Path("reports") / spec.name)
-    out.mkdir(parents=True, exist_ok=True)
+    """Writes the report of the search in `run` to `out` (default: reports/<name>)."""
+    run = Path(run).expanduser()
+    spec = load_run_spec(run)
+    out = Path(out).expanduser() if out else default_report_dir(spec.name)
+    run_id = (read_json(run / "run.json") or {}).get("id", "")
+    claim_folder(out, run, run_id)
     rows = load_rows(run, spec)
-    main_rows = rank([r for r in rows if not r.confirm_of])
-    confirms: dict[str, list[TrialRow]] = {}
-    for row in rows:
-        if row.confirm_of and row.status == "completed":
-            confirms.setdefault(row.confirm_of, []).append(row)
-    for row in main_rows:
-        if row.trial_id in confirms and row.status == "completed":
-            confirms[row.trial_id].append(row)
-
-    headers, body = table(spec, main_rows)
-    counts = {s: sum(1 for r in main_rows if r.status == s) for s in STATUS_ORDER}
-    hours = sum(r.wall_time_s for r in rows) / 3600
-    tokens = sum(r.tokens_seen for r in rows)
-    best = next((r for r in main_rows if r.status == "completed"), None)
-    csv_rows = [
-        {"rank": i, "trial": r.trial_id, **{f"param:{k}": encode_choice(v) for k, v in r.params.items()},
-         "status": r.status, "metric": r.metric, "eval_loss": r.eval_loss, "train_loss_smooth": r.train_loss_smooth,
-         "steps": r.steps, "tokens_seen": r.tokens_seen, "wall_time_s": r.wall_time_s,
-         "peak_memory_mb": r.peak_memory_mb, "baseline": r.baseline, "error": r.error,
-         "config": json.dumps(r.config, sort_keys=True)}
-        for i, r in enumerate(main_rows, 1)
-    ]  # fmt: skip
-    import pandas as pd
-
-    write_atomic(out / "trials.csv", pd.DataFrame(csv_rows).to_csv(index=False))
-
-    images = {"curves.png": plot_curves(spec, main_rows)} if any(r.records for r in main_rows) else {}
-    if any(r.metric is not None for r in main_rows):
-        images["params.png"] = plot_params(spec, main_rows)
-    importance = plot_importance(spec, main_rows)
+    r = Report(
+        spec, run, out, rank([row for row in rows if not row.confirm_of]), [row for row in rows if row.confirm_of]
+    )
+    images: dict[str, bytes] = {}
+    if any(row.records for row in r.ranked):
+        images["curves.png"] = plots.plot_curves(spec, r.ranked)
+    model_keys = [k for k in spec.space if not k.startswith("data.")]
+    data_keys = [k for k in spec.space if k.startswith("data.")]
+    if any(row.metric is not None for row in r.ranked):
+        if model_keys:
+            images["params.png"] = plots.plot_effects(spec, r.ranked, model_keys, "eval loss by parameter value")
+        if data_keys:
+            images["data.png"] = plots.plot_effects(spec, r.ranked, data_keys, "eval loss by data key")
+    if len(r.completed) >= 2:
+        images["pareto.png"] = plots.plot_pareto(spec, r.completed)
+        images.update(plots.optuna_views(spec, r.ranked))
+    importance = plots.plot_importance(spec, r.ranked)
     if importance:
         images["importance.png"] = importance
+    sections = build_sections(r, images)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.png"):  # a plot the new report no longer draws must not linger
+        if stale.name not in images:
+            stale.unlink()
     for name, data in images.items():
         write_atomic(out / name, data)
-    if best is not None:
-        write_atomic(out / "best.yaml", best_yaml(spec, best, out))
-
-    summary = [
-        f"{len(main_rows)} trials: "
-        + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
-        + (f"; {sum(len(v) for v in confirms.values())} confirmation runs" if confirms else ""),
-        f"compute: {hours:.2f} trial-hours, {tokens:,} tokens seen",
-        f"ranked by {spec.metric} at step {spec.max_steps} on the same {spec.base.data.eval_size} held-out "
-        "conversations for every trial; pruned trials rank below completed ones, by the rung they reached.",
-    ]
-    note = noise_note(spec, main_rows, confirms)
-    confirm_lines = []
-    for trial_id, group in confirms.items():
-        values = [r.metric for r in group if r.metric is not None]
-        if len(values) > 1:
-            confirm_lines.append(
-                f"- {trial_id}: {spec.metric} mean {statistics.mean(values):.4f}, std {statistics.stdev(values):.4f} "
-                f"over seeds {sorted(r.seed for r in group)}"
-            )
-    shown = Path(os.path.relpath(run)) if run.resolve().is_relative_to(Path.cwd()) else run
-    command = f"fika search {shown / 'spec.yaml'}"
-    md = [f"# Search report: {spec.name}", "", *[f"- {s}" for s in summary], ""]
-    if note:
-        md += [f"> {note}", ""]
-    if confirm_lines:
-        md += ["## Seeds (re-runs of the top trials)", "", *confirm_lines, ""]
-    md += ["## Ranking", "", to_markdown(headers, body), ""]
-    if best is not None:
-        md += ["## Best config", "", f"`{best.trial_id}`: {spec.metric} {fmt(best.metric)}. "
-               f"Full run: `fika train --config {out / 'best.yaml'} train.max_steps=-1 train.epochs=3`", ""]  # fmt: skip
-    for name, title in (("curves.png", "Loss curves"), ("params.png", "Metric by parameter value"),
-                        ("importance.png", "Parameter importance")):  # fmt: skip
-        if name in images:
-            md += [f"## {title}", "", f"![{title}]({name})", ""]
-    md += ["## The search", "", f"Re-run or resume: `{command} --resume`", "", "```yaml",
-           yaml.safe_dump(yaml.safe_load(spec_path.read_text()), sort_keys=False).strip(), "```", ""]  # fmt: skip
-    write_atomic(out / "index.md", "\n".join(md))
-    write_atomic(out / "index.html", to_html(spec, summary, note, confirm_lines, headers, body, main_rows, best,
-                                                   images, spec_path, out))  # fmt: skip
+    write_atomic(out / "trials.csv", csv_text(r))
+    if r.best is not None:
+        write_atomic(out / "best.yaml", best_yaml(r))
+    title = f"Search report: {spec.name}"
+    write_atomic(out / "index.md", render_markdown(title, sections))
+    write_atomic(out / "index.html", render_html(title, sections, images))
+    best = r.best
+    write_atomic(out / "report.json", json.dumps({
+        "name": spec.name, "run_id": run_id, "run": os.path.relpath(run.resolve(), out.resolve()),
+        "generated_at": time.time(), "counts": {s: sum(1 for x in r.ranked if x.status == s) for s in STATUS_ORDER},
+        "best": None if best is None else {"trial": best.trial_id, "metric": best.metric,
+                                           "seconds_per_step": best.seconds_per_step, "device": best.device,
+                                           "steps_per_epoch": steps_per_epoch(best)},
+    }, indent=1))  # fmt: skip
     return out
-
-
-def to_html(spec, summary, note, confirm_lines, headers, body, rows, best, images, spec_path, out) -> str:
-    """The same report as one self-contained HTML page (plots inline as data URIs)."""
-    esc = html.escape
-    head_cells = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body_rows = []
-    for row, cells in zip(rows, body, strict=True):
-        css = row.status + (" baseline" if row.baseline else "")
-        body_rows.append(f'<tr class="{css}">' + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>fika search report: {esc(spec.name)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1400px;padding:0 1rem;color:#222}"
-        "table{border-collapse:collapse;font-size:.85rem;width:100%}th,td{border-bottom:1px solid #ddd;"
-        "padding:.3rem .5rem;text-align:right;white-space:nowrap}th{background:#f4f4f4;position:sticky;top:0}"
-        "td:nth-child(2),td:last-child{text-align:left}td:last-child{white-space:normal;min-width:8rem}tr.pruned{color:#777}tr.failed,tr.diverged{color:#a00}"
-        "tr.baseline{font-style:italic;background:#fffbe6}tr:first-child.completed{font-weight:600}"
-        "blockquote{border-left:4px solid #e0a800;margin:1rem 0;padding:.5rem 1rem;background:#fffbe6}"
-        "img{max-width:100%;border:1px solid #eee}pre{background:#f7f7f7;padding:1rem;overflow:auto}"
-        ".wrap{overflow-x:auto}</style></head><body>",
-        f"<h1>Search report: {esc(spec.name)}</h1><ul>" + "".join(f"<li>{esc(s)}</li>" for s in summary) + "</ul>",
-    ]
-    if note:
-        parts.append(f"<blockquote>{esc(note)}</blockquote>")
-    if confirm_lines:
-        parts.append("<h2>Seeds (re-runs of the top trials)</h2><ul>"
-                     + "".join(f"<li>{esc(c[2:])}</li>" for c in confirm_lines) + "</ul>")  # fmt: skip
-    parts.append(f"<h2>Ranking</h2><div class='wrap'><table><thead><tr>{head_cells}</tr></thead><tbody>"
-                 + "".join(body_rows) + "</tbody></table></div>")  # fmt: skip
-    if best is not None:
-        parts.append(f"<h2>Best config</h2><p><code>{esc(best.trial_id)}</code>: {esc(spec.metric)} "
-                     f"{esc(fmt(best.metric))}. Full run: <code>fika train --config {esc(str(out / 'best.yaml'))} "
-                     "train.max_steps=-1 train.epochs=3</code></p>")  # fmt: skip
-    for name, title in (("curves.png", "Loss curves"), ("params.png", "Metric by parameter value"),
-                        ("importance.png", "Parameter importance")):  # fmt: skip
-        if name in images:
-            data = base64.b64encode(images[name]).decode()
-            parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{data}'>")
-    parts.append(f"<h2>The search</h2><pre>{esc(spec_path.read_text())}</pre></body></html>")
-    return "\n".join(parts)

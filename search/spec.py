@@ -7,18 +7,22 @@ A spec is YAML:
     space:
       train.learning_rate: {choice: [1.0e-4, 2.0e-4, 5.0e-4]}
       lora.dropout: {uniform: [0.0, 0.1]}
-      train.warmup_steps: {choice: [0, 5]}
       lora.r,lora.alpha: {choice: [[8, 16], [16, 16], [32, 64]]}   # paired values, tried together
       lora.alpha_ratio: {choice: [1, 2]}                             # tied alpha = ratio x r
+      data.sources.ultrachat.weight: {choice: [0, 1, 2]}             # data keys: by source name or index
     searcher: optuna          # optuna (TPE) | grid (every choice combination) | random
+    startup_trials: 4         # optuna: trials drawn at random before TPE models the results
     num_samples: 12
-    scheduler: {kind: asha, grace_period: 20, reduction_factor: 2}  # or {kind: fifo}
-    metric: eval_loss         # or train_loss_smooth (mean of the last 10 steps)
+    scheduler: {kind: asha, grace_period: 20, reduction_factor: 2, rung_metric: train_loss_smooth}
+    metric: eval_loss         # the ranking: eval loss at the last step (or train_loss_smooth)
     resources: {cpu: 2, gpu: 0}
+
+`fika search NAME` also finds the specs that ship with fika by name (demo, smoke, grid, data-mix).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -27,23 +31,53 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from fika.common import shorten
 from fika.config import (
     ConfigError,
     Section,
     TrialConfig,
+    apply_overrides,
     build_config,
     format_validation_error,
+    get_dotted,
     read_yaml,
     set_dotted,
 )
 
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
 METRICS = ("eval_loss", "train_loss_smooth")
+RUNG_METRICS = ("eval_loss", "train_loss_smooth", "eval_subset")
+# Keys a search may not vary: they define the run's outputs, or the eval set every trial is scored on
+# (the tokenizer, the sequence length, the held-out conversations), or the schedule of evals.
+UNSEARCHABLE = (
+    "output.",
+    "model.name",
+    "model.revision",
+    "model.max_seq_length",
+    "model.chat_template",
+    "model.trust_remote_code",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_steps",
+    "train.eval_every",
+    "train.num_evals",
+    "train.checkpoints",
+    "train.keep_checkpoints",
+    "train.report_to",
+    "train.assistant_only_loss",
+    "data.eval_size",
+    "data.eval_sources",
+    "data.seed",
+    "data.overlong",
+)
+INTEGER_KEYS = re.compile(r"(lora\.r|train\.(max_steps|batch_size|gradient_accumulation|warmup_steps|num_cycles|seed)|"
+                          r"data\.(sources\.[a-z0-9_]+\.)?(limit|min_tokens|max_tokens|min_assistant_turns))$")  # fmt: skip
 
 
 class Param(Section):
     """One searched key (or a comma-joined group of keys for paired values): exactly one distribution."""
 
-    choice: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1, max_length=1000)
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
 
@@ -71,63 +105,105 @@ class SchedulerSpec(Section):
     kind: Literal["asha", "fifo"] = "asha"
     grace_period: int | None = Field(None, gt=0)
     """Steps before the first ASHA rung (default: a third of max_steps)."""
-    reduction_factor: float = Field(2.0, gt=1)
+    reduction_factor: float = Field(2.0, gt=1, le=100)
+    rung_metric: Literal["eval_loss", "train_loss_smooth", "eval_subset"] = "train_loss_smooth"
+    """What ASHA compares at its rungs: the smoothed train loss (free: every trial sees the same batches, so it is
+    a paired comparison), a full eval, or an eval of `rung_eval_size` conversations. The final ranking is
+    always the spec's metric at the last step."""
+    rung_eval_size: int = Field(16, gt=0)
 
 
 class ResourcesSpec(Section):
-    cpu: float = Field(1.0, gt=0)
+    cpu: float = Field(1.0, gt=0, le=1024)
     gpu: float = Field(0.0, ge=0)
-    """GPUs per trial; fractions share a GPU between small trials."""
+    """GPUs per trial: 1, or a fraction to share a GPU between small trials (a trial uses one GPU at most)."""
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    """The memory of the cluster's GPUs: a trial whose estimated peak exceeds its share is refused up front."""
+
+    @field_validator("gpu")
+    @classmethod
+    def _one_gpu_at_most(cls, value: float) -> float:
+        if value > 1:
+            raise ValueError(
+                f"{value:g} is not allowed: a trial runs on one GPU (its model goes to the first one); give 1, or a "
+                "fraction to share a GPU between trials"
+            )
+        return value
 
 
 class SearchSpec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     base: TrialConfig
-    space: dict[str, Param] = Field(min_length=1)
+    space: dict[str, Param] = Field(min_length=1, max_length=64)
     searcher: Literal["optuna", "grid", "random"] = "optuna"
-    num_samples: int = Field(8, gt=0)
+    num_samples: int = Field(8, gt=0, le=100_000)
     """Trials for optuna and random; repeats of the whole grid for grid."""
-    seed: int = 0
+    startup_trials: int | None = Field(None, ge=0)
+    """optuna: trials drawn at random before TPE models the results (default: a third of num_samples, 3 to 10)."""
+    seed: int = Field(0, ge=0, lt=2**32)
     baseline: bool = True
     """Run the base config's own values first (when they lie in the space), as the row to beat."""
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     metric: Literal["eval_loss", "train_loss_smooth"] = "eval_loss"
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     max_concurrent: int | None = Field(None, gt=0)
-    storage: str = "runs"
+    storage: str = Field("runs", min_length=1)
     """Folder (a shared filesystem on a cluster) that holds `<storage>/<name>/`: trials, Ray state, the study."""
     optuna_storage: str | None = None
     """An RDB URL (sqlite:///..., postgresql://...) for a team's shared study; default: a journal file in the run."""
     address: str | None = None
     """A Ray cluster to join (`auto`, `HOST:PORT`); default: start a local Ray instance."""
-    max_failures: int = Field(1, ge=0)
+    max_failures: int = Field(1, ge=0, le=100)
     """Retries of a trial that raised (an OOM, a lost node) before it is recorded as failed."""
     report_dir: str | None = None
     """Where the ranked report goes (default: reports/<name>)."""
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    """Experiment trackers that receive every trial's metrics (Ray Tune's logger callbacks)."""
 
     @field_validator("space")
     @classmethod
-    def _keys_are_dotted(cls, space: dict[str, Param]) -> dict[str, Param]:
+    def _check_keys(cls, space: dict[str, Param]) -> dict[str, Param]:
         for key in space:
-            for part in key.split(","):
-                if not re.fullmatch(r"[a-z_]+(\.[a-z0-9_]+)+", part.strip()):
+            parts = split_key(key)
+            for part in parts:
+                if not re.fullmatch(r"[a-z_]+(\.[a-z0-9_]+)+", part):
                     raise ValueError(
                         f"{key!r} is not allowed: keys are dotted TrialConfig keys like lora.r or 'lora.r,lora.alpha'"
                     )
+                if part.startswith(UNSEARCHABLE) and not part.startswith("model.load_in_4bit"):
+                    raise ValueError(
+                        f"{key!r} is not allowed: {part} cannot be searched (it defines the outputs, the evals, or the "
+                        "eval set every trial is scored on)"
+                    )
+            if len(set(parts)) != len(parts):
+                raise ValueError(f"{key!r} is not allowed: it names the same key twice")
         return space
 
     @model_validator(mode="after")
     def _check(self) -> SearchSpec:
         if self.base.train.max_steps <= 0:
             raise ValueError(
-                "base.train.max_steps must be > 0 in a search (trials are short runs ranked at their last step)"
+                "base.train.max_steps: must be > 0 in a search (trials are short runs ranked at their last step)"
+            )
+        if self.scheduler.kind == "asha" and (self.scheduler.grace_period or 1) >= self.max_steps:
+            raise ValueError(
+                f"scheduler.grace_period: {self.scheduler.grace_period} is not allowed: it must be below "
+                f"base.train.max_steps {self.max_steps} (no trial could be stopped early)"
+            )
+        if self.scheduler.rung_eval_size > self.base.data.eval_size:
+            raise ValueError(
+                f"scheduler.rung_eval_size: {self.scheduler.rung_eval_size} is not allowed: larger than "
+                f"base.data.eval_size {self.base.data.eval_size}"
             )
         if self.searcher == "grid":
             ranged = [key for key, p in self.space.items() if p.choice is None]
             if ranged:
                 raise ValueError(
-                    f"searcher grid needs choice lists; {', '.join(ranged)} use a range (use optuna or random)"
+                    f"searcher: grid needs choice lists; {', '.join(ranged)} use a range (use optuna or random)"
                 )
+        for key, param in self.space.items():
+            if param.choice is None and any(INTEGER_KEYS.search(part) for part in split_key(key)):
+                raise ValueError(f"space.{key}: a range over an integer key is not allowed; give a choice list")
         return self
 
     @property
@@ -146,8 +222,25 @@ class SearchSpec(Section):
         return rungs
 
     def eval_steps(self) -> list[int]:
-        """Every trial evaluates at the ASHA rungs, the base config's eval steps and the last step."""
-        return sorted({*self.rungs(), *(s for s in self.base.train.eval_steps if s <= self.max_steps), self.max_steps})
+        """The full evals of every trial: the last step, plus the rungs when ASHA compares full evals there."""
+        rungs = self.rungs() if self.scheduler.rung_metric == "eval_loss" else []
+        return sorted({*rungs, self.max_steps})
+
+    def rung_key(self) -> str:
+        """The result key ASHA reads at its rungs."""
+        return {"eval_subset": "eval_loss_subset"}.get(self.scheduler.rung_metric, self.scheduler.rung_metric)
+
+    def quick_evals(self) -> tuple[list[int], int] | None:
+        """Subset evals at the rungs, when the rung metric asks for them."""
+        if self.scheduler.rung_metric != "eval_subset" or not self.rungs():
+            return None
+        return self.rungs(), self.scheduler.rung_eval_size
+
+    def startup(self) -> int:
+        """How many optuna trials are drawn at random before TPE models the results."""
+        if self.startup_trials is not None:
+            return self.startup_trials
+        return min(10, max(3, self.num_samples // 3))
 
     def num_trials(self) -> int:
         if self.searcher == "grid":
@@ -165,7 +258,7 @@ def apply_params(raw: dict, params: dict[str, Any]) -> dict:
         keys = split_key(key)
         values = decode_choice(value) if len(keys) > 1 else [value]
         if not isinstance(values, list) or len(values) != len(keys):
-            raise ConfigError(f"space.{key}: {value!r} is not allowed: give {len(keys)} values, one per key")
+            raise ConfigError(f"space.{key}: {shorten(value)} is not allowed: give {len(keys)} values, one per key")
         for part, item in zip(keys, values, strict=True):
             set_dotted(raw, part, item)
     return raw
@@ -180,13 +273,20 @@ def decode_choice(value: Any) -> Any:
     return yaml.safe_load(value) if isinstance(value, str) else value
 
 
-def trial_config(spec: SearchSpec, params: dict[str, Any], output_dir: str, seed: int | None = None) -> TrialConfig:
-    """The TrialConfig of one trial: the base config with the sampled params and the search's eval steps."""
+def trial_config(
+    spec: SearchSpec, params: dict[str, Any], output_dir: str, seed: int | None = None, max_steps: int | None = None
+) -> TrialConfig:
+    """The TrialConfig of one trial: the base config with the sampled params and the search's eval steps.
+
+    `seed` and `max_steps` re-run a trial with another seed or another horizon (`fika confirm`).
+    """
     raw = apply_params(spec.base.model_dump(mode="json"), params)
-    raw["train"]["eval_steps"] = spec.eval_steps()
+    steps = max_steps or spec.max_steps
+    evals = spec.eval_steps() if steps == spec.max_steps else sorted({min(spec.max_steps, steps), steps})
+    raw["train"].update(max_steps=steps, eval_steps=evals, eval_every=None, num_evals=None, checkpoints=False)
     if seed is not None:
         raw["train"]["seed"] = seed
-    raw["output"].update(dir=output_dir, save_adapter=False)
+    raw["output"].update(dir=output_dir, save_adapter=False, save_merged=False)
     return build_config(raw)
 
 
@@ -195,12 +295,7 @@ def baseline_params(spec: SearchSpec) -> dict[str, Any] | None:
     raw = spec.base.model_dump(mode="json")
     params = {}
     for key, param in spec.space.items():
-        values = []
-        for part in split_key(key):
-            node: Any = raw
-            for name in part.split("."):
-                node = node[name]
-            values.append(node)
+        values = [get_dotted(raw, part) for part in split_key(key)]
         value = values if len(values) > 1 else values[0]
         if param.choice is not None:
             if value not in param.choice:
@@ -208,26 +303,37 @@ def baseline_params(spec: SearchSpec) -> dict[str, Any] | None:
             params[key] = encode_choice(param.choice[param.choice.index(value)])  # as spelled in the space
         else:
             low, high = param.uniform or param.loguniform
-            if not low <= value <= high:
+            if not isinstance(value, (int, float)) or not low <= value <= high:
                 return None
             params[key] = value
     return params
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> SearchSpec:
-    """Reads and validates a spec, resolving `base` (a path relative to the spec file, or inline)."""
-    from fika.config import apply_overrides
+def spec_path(name_or_path: str | Path) -> Path:
+    """A spec file: the path given, or a spec that ships with fika by name (`demo`, `smoke`, `grid`, `data-mix`)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in str(name_or_path):
+        return path
+    shipped = SPECS_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
+    raise ConfigError(f"spec {str(name_or_path)!r}: no such file, and not a spec that ships with fika ({names})")
 
-    path = Path(path)
-    raw = apply_overrides(read_yaml(path), overrides or [])
+
+def load_spec(name_or_path: str | Path, overrides: list[str] | None = None) -> SearchSpec:
+    """Reads and validates a spec, resolving `base` (a path relative to the spec file, or inline)."""
+    path = spec_path(name_or_path)
+    raw = read_yaml(path)
     base = raw.get("base", {})
-    if isinstance(base, str):
-        base_path = (path.parent / base).resolve() if not Path(base).is_absolute() else Path(base)
+    if isinstance(base, str):  # resolved before the overrides, so that `base.x=...` edits the file's config
+        base_path = Path(base).expanduser()
+        base_path = base_path if base_path.is_absolute() else (path.parent / base_path).resolve()
         try:
-            base = read_yaml(base_path)
+            raw["base"] = read_yaml(base_path)
         except ConfigError as err:
             raise ConfigError(f"base: {err}") from None
-    raw["base"] = base
+    raw = apply_overrides(raw, overrides or [])
     try:
         spec = SearchSpec.model_validate(raw)
     except ValidationError as err:
@@ -237,7 +343,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SearchSpe
 
 
 def check_space(spec: SearchSpec) -> None:
-    """Every value of every searched key must make a valid TrialConfig: one line per bad key."""
+    """Every value of every searched key, and every combination of the data keys' values, must make a valid
+    TrialConfig: one line per bad key."""
     errors = []
     for key, param in spec.space.items():
         for value in param.values():
@@ -246,5 +353,33 @@ def check_space(spec: SearchSpec) -> None:
             except ConfigError as err:
                 errors.append(f"space.{key}: {err}")
                 break
+    data_keys = [k for k in spec.space if k.startswith("data.") and spec.space[k].choice is not None]
+    combos = itertools.islice(itertools.product(*(spec.space[k].choice for k in data_keys)), 4096)
+    for combo in combos if len(data_keys) > 1 and not errors else []:
+        params = {k: encode_choice(v) for k, v in zip(data_keys, combo, strict=True)}
+        try:
+            trial_config(spec, params, "x")
+        except ConfigError as err:
+            shown = ", ".join(f"{k}={shorten(v)}" for k, v in zip(data_keys, combo, strict=True))
+            errors.append(f"space: the combination {shown} is not allowed: {err}")
+            break
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def data_needs(spec: SearchSpec) -> tuple[list[int | None], list[int | None]]:
+    """How many usable rows each source cache must hold for every trial of the search (the largest limit)."""
+    from fika.data import reads_needed
+
+    configs = [spec.base]
+    for key, param in spec.space.items():
+        if any(part.startswith("data.") for part in split_key(key)) and param.choice is not None:
+            configs += [trial_config(spec, {key: encode_choice(v)}, "x") for v in param.choice]
+    needs = [reads_needed(c.data) for c in configs]
+
+    def most(values: list[int | None]) -> int | None:
+        return None if any(v is None for v in values) else max(values)
+
+    train = [most([n[0][i] for n in needs]) for i in range(len(spec.base.data.sources))]
+    evals = [most([n[1][i] for n in needs]) for i in range(len(needs[0][1]))]
+    return train, evals

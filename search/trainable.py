@@ -4,6 +4,10 @@ A class trainable, so that with `reuse_actors=True` a worker keeps its process, 
 its memory-mapped data between trials (`reset_config` starts the next trial in the same process). The
 trial runs in a thread; `step()` hands Tune one record at a time, and an ASHA stop is passed back to
 `run_trial` through its `report` return value, so a pruned trial ends cleanly as `stopped`.
+
+A trial's folder is `trials/<trial id>`; a confirmation run (`fika confirm`) has its own deterministic
+folder, `trials/<trial id>-seed<S>[-steps<N>]`, so that running the same confirm command again replays
+what already ran instead of running it twice.
 """
 
 from __future__ import annotations
@@ -19,23 +23,27 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from fika.trial import TrialResult, run_trial
-from search.spec import SearchSpec, trial_config
+from fika.common import read_jsonl, write_atomic
+from fika.config import dump_config
+from fika.search.spec import SearchSpec, trial_config
+from fika.trial import TrialResult, load_result, run_trial, write_failed_result
 
 
 def finished_trial(directory: Path) -> tuple[dict, TrialResult] | None:
     """The last record and result of a trial that already ended in `directory` (None if it did not)."""
-    try:
-        result = TrialResult(**json.loads((directory / "result.json").read_text()))
-    except (OSError, ValueError, TypeError):
+    result = load_result(directory)
+    if result is None or result.status not in ("completed", "stopped", "diverged"):
         return None
-    if result.status not in ("completed", "stopped", "diverged"):
-        return None
-    records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_jsonl(directory / "metrics.jsonl")
     last = records[-1] if records else {}
     if result.eval_loss is not None:
         last["eval_loss"] = result.eval_loss
     return last, result
+
+
+def confirm_folder(run_dir: Path, confirm: dict) -> Path:
+    steps = f"-steps{confirm['steps']}" if confirm.get("steps") else ""
+    return run_dir / "trials" / f"{confirm['of']}-seed{confirm['seed']}{steps}"
 
 
 class FikaTrainable(tune.Trainable):
@@ -44,35 +52,48 @@ class FikaTrainable(tune.Trainable):
     def setup(self, config: dict, spec: dict, run_dir: str) -> None:
         self.spec = SearchSpec.model_validate(spec)
         self.run_dir = Path(run_dir)
+        if 0 < self.spec.resources.gpu < 1:  # a shared GPU: this trial may use its share, no more
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.set_per_process_memory_fraction(self.spec.resources.gpu)
         self._start(config)
 
     def _start(self, params: dict) -> None:
-        out = self.run_dir / "trials" / self.trial_id
         confirm = json.loads(params["_confirm"]) if "_confirm" in params else None
-        if confirm is not None:  # a re-run of a finished trial with another seed (--confirm-top)
+        out = confirm_folder(self.run_dir, confirm) if confirm else self.run_dir / "trials" / self.trial_id
+        if confirm is not None:  # a re-run of a finished trial with another seed or horizon (fika confirm)
             params = confirm["params"]
-        self.trial_config = trial_config(self.spec, params, str(out), seed=confirm and confirm["seed"])
-        if confirm is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "confirm.json").write_text(json.dumps({"of": confirm["of"], "seed": confirm["seed"]}))
+        self.out = out
         # One record in flight: the trial waits for Tune to take each record, so a scheduler's stop
         # reaches it at most one step later, however fast the steps are.
         self.records: queue.Queue = queue.Queue(maxsize=1)
         self.stop_requested = threading.Event()
         self.last: dict = {}
-        self.thread = threading.Thread(target=self._run, name=f"fika-trial-{self.trial_id}", daemon=True)
-        finished = finished_trial(Path(self.trial_config.output.dir))
-        if finished is not None:  # resumed after the driver died: this trial had ended, do not run it again
+        self.thread = threading.Thread(target=self._run, args=(params, confirm), daemon=True)
+        finished = finished_trial(out)
+        if finished is not None:  # it ended before a resume (or an earlier confirm): do not run it again
             self.last, result = finished
             self.records.put_nowait(("done", result))
         else:
             self.thread.start()
 
-    def _run(self) -> None:
+    def _run(self, params: dict, confirm: dict | None) -> None:
+        config = None
         try:
-            result = run_trial(self.trial_config, self._report, keep_base_model=True)
+            config = trial_config(self.spec, params, str(self.out), seed=confirm and confirm["seed"],
+                                  max_steps=confirm and confirm.get("steps"))  # fmt: skip
+            if confirm is not None:
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_atomic(self.out / "confirm.json", json.dumps(confirm))
+            result = run_trial(config, self._report, keep_base_model=True, quick_evals=self.spec.quick_evals())
             self.records.put(("done", result))
         except BaseException as err:  # handed to step(), which raises it in Tune's thread
+            if load_result(self.out) is None:  # failed before run_trial could record it
+                self.out.mkdir(parents=True, exist_ok=True)
+                if config is not None:
+                    write_atomic(self.out / "config.yaml", dump_config(config))
+                write_failed_result(self.out, f"{type(err).__name__}: {str(err)[:500]}")
             self.records.put(("error", err))
 
     def _report(self, record: dict) -> bool:
@@ -93,7 +114,7 @@ class FikaTrainable(tune.Trainable):
     def _where(self) -> dict:
         """Where this trial ran: checked by the scheduling tests and shown in reports."""
         return {
-            "trial_dir": self.trial_config.output.dir,
+            "trial_dir": str(self.out),
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id()[:12],
             "host": socket.gethostname(),

@@ -1,32 +1,102 @@
 """Build, run or resume a search: Ray Tune with OptunaSearch (TPE) or a grid / random searcher, plus ASHA.
 
-A search lives in `<storage>/<name>/`: `spec.yaml` (resolved), `optuna.journal` (the Optuna study, readable
-with `optuna.load_study` and optuna-dashboard), `tune/` (Ray's experiment state, for --resume) and
-`trials/<trial_id>/` (each trial's config.yaml, metrics.jsonl, result.json as they arrive).
+A search lives in `<storage>/<name>/`: `spec.yaml` (resolved), `run.json` (its id; when it finished),
+`optuna.journal` (the Optuna study, readable with `optuna.load_study` and optuna-dashboard), `draws.jsonl`
+(how each trial's params were drawn), `tune/` (Ray's experiment state, for --resume) and
+`trials/<trial_id>/` (each trial's config, data, metrics, evals and result, written as they arrive).
+
+Everything a bad spec can get wrong is checked before Ray starts: the run folder (a finished search of the
+same spec is reported, another spec under the same name refused), the Optuna storage, the cluster address,
+the memory estimate against the GPU, and the data (each source tokenized once, here, for every trial).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fika.config import ConfigError
-from search.spec import SearchSpec, baseline_params, encode_choice
+import yaml
 
-# Trials report every step, the eval metric only at eval steps (ASHA rungs and the last step).
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # fika prints its own progress lines
-# Save the experiment state every second (Ray's default starts at 10 s), so that after a killed driver
-# `--resume` knows every trial that had started; a trial that had ended is replayed from its result.json.
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+from fika.common import mask_secrets, read_json, write_atomic
+from fika.config import ConfigError
+from fika.search.spec import SearchSpec, baseline_params, data_needs, encode_choice
+
+# Results the driver must see at once: every step is reported, the metric only at eval steps.
+DRIVER_ENV = {
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",  # fika prints its own progress lines
+    # Save the experiment state every second (Ray's default starts at 10 s), so that after a killed driver
+    # `--resume` knows nearly every trial that had started; fika settles the rest (searcher.reconcile).
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",
+}
+IGNORED_WHEN_COMPARING = ("address", "report_dir", "trackers", "max_concurrent", "max_failures", "resources")
 
 
 def run_dir(spec: SearchSpec) -> Path:
-    return Path(spec.storage).resolve() / spec.name
+    return Path(spec.storage).expanduser().resolve() / spec.name
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def spec_differences(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between two resolved specs (settings that do not change results ignored)."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(IGNORED_WHEN_COMPARING))
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
+def run_state(spec: SearchSpec, resume: bool) -> str:
+    """What to do with the run folder: `new`, `resume`, or `finished` (report it); refuses a conflict."""
+    directory = run_dir(spec)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"storage: {directory} is a file; give a folder for the search")
+    saved = directory / "spec.yaml"
+    if not saved.exists():
+        if directory.exists() and any(p.name != "report" for p in directory.iterdir()):
+            raise ConfigError(f"name: {directory} exists and is not a fika search; pick another name or storage")
+        if resume:
+            raise ConfigError(f"--resume: there is no search to resume in {directory}")
+        return "new"
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        old = None
+    differences = spec_differences(old or {}, spec_dict(spec))
+    if differences:
+        raise ConfigError(
+            f"name: {spec.name!r} already has a search in {directory} with another spec ({'; '.join(differences[:6])}"
+            f"{'; ...' if len(differences) > 6 else ''}); pick another name, or remove that folder"
+        )
+    if (read_json(directory / "run.json") or {}).get("finished_at"):
+        return "finished"
+    if not resume:
+        ended = len(list((directory / "trials").glob("*/result.json")))
+        raise ConfigError(
+            f"name: the search {spec.name!r} in {directory} is unfinished ({ended} of {spec.num_trials()} trials "
+            "ended): add --resume to continue it"
+        )
+    from ray import tune
+
+    return "resume" if tune.Tuner.can_restore(str(directory / "tune")) else "new"
+
+
+def spec_dict(spec: SearchSpec) -> dict:
+    return json.loads(spec.model_dump_json())
+
+
+def spec_yaml(spec: SearchSpec) -> str:
+    """The resolved spec as YAML, credentials masked (it is copied into reports)."""
+    return mask_secrets(yaml.safe_dump(spec_dict(spec), sort_keys=False))
 
 
 def tune_space(spec: SearchSpec) -> dict[str, Any]:
@@ -46,11 +116,17 @@ def tune_space(spec: SearchSpec) -> dict[str, Any]:
 
 
 def study_storage(spec: SearchSpec, directory: Path):
-    """The Optuna storage: a journal file in the run folder, or the spec's RDB URL."""
+    """The Optuna storage: a journal file in the run folder, or the spec's RDB URL (checked here, once)."""
     import optuna
 
     if spec.optuna_storage:
-        return optuna.storages.RDBStorage(spec.optuna_storage)
+        try:
+            return optuna.storages.RDBStorage(spec.optuna_storage)
+        except Exception as err:  # a bad URL, a missing driver, an unreachable server
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ConfigError(
+                f"optuna_storage: {mask_secrets(spec.optuna_storage)!r} cannot be used: {mask_secrets(first)}"
+            ) from None
     from optuna.storages.journal import JournalFileBackend
 
     return optuna.storages.JournalStorage(JournalFileBackend(str(directory / "optuna.journal")))
@@ -58,7 +134,6 @@ def study_storage(spec: SearchSpec, directory: Path):
 
 def build_searcher(spec: SearchSpec, directory: Path):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     baseline = baseline_params(spec) if spec.baseline else None
     points = [baseline] if baseline else None
@@ -66,38 +141,24 @@ def build_searcher(spec: SearchSpec, directory: Path):
         return BasicVariantGenerator(
             points_to_evaluate=points, random_state=spec.seed, max_concurrent=spec.max_concurrent or 0
         )
-
-    class EvalStepOptunaSearch(OptunaSearch):
-        """OptunaSearch that skips per-step results without the metric (Optuna prunes nothing anyway) and
-        does not run a configuration twice: TPE (random for its first 10 trials) can draw a combination of
-        choices again; such a draw is told to the study as FAIL and replaced, up to 20 times."""
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.metric in result:
-                super().on_trial_result(trial_id, result)
-
-        def suggest(self, trial_id: str):
-            seen = self.__dict__.setdefault("_fika_seen", set())
-            for _ in range(20):
-                config = super().suggest(trial_id)
-                key = json.dumps(config, sort_keys=True, default=str)
-                if not isinstance(config, dict) or key not in seen:
-                    break
-                self._ot_study.tell(self._ot_trials.pop(trial_id), state=optuna.trial.TrialState.FAIL)
-            if isinstance(config, dict):
-                seen.add(key)
-            return config
-
     import optuna
 
+    from fika.search.searcher import FikaOptunaSearch
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    searcher = EvalStepOptunaSearch(
+    searcher = FikaOptunaSearch(
         metric=spec.metric,
         mode="min",
         points_to_evaluate=points,
-        sampler=optuna.samplers.TPESampler(seed=spec.seed),
+        sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup()),
         study_name=spec.name,
         storage=study_storage(spec, directory),
+        run_dir=str(directory),
+        rungs=spec.rungs(),
+        rung_key=spec.rung_key(),
+        max_steps=spec.max_steps,
+        startup=spec.startup(),
+        budget=spec.num_trials(),
     )
     return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
 
@@ -109,7 +170,7 @@ def build_scheduler(spec: SearchSpec):
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="step",
-        metric=spec.metric,
+        metric=spec.rung_key(),
         mode="min",
         max_t=spec.max_steps,
         grace_period=spec.rungs()[0] if spec.rungs() else spec.max_steps,
@@ -117,10 +178,40 @@ def build_scheduler(spec: SearchSpec):
     )
 
 
+def tracker_callbacks(spec: SearchSpec, directory: Path) -> list:
+    """Ray Tune's own logger callbacks for the spec's trackers (TensorBoard, MLflow, W&B), grouped by search."""
+    callbacks = []
+    for tracker in spec.trackers:
+        if tracker == "tensorboard":
+            from ray.tune.logger import TBXLoggerCallback
+
+            callbacks.append(TBXLoggerCallback())
+        elif tracker == "mlflow":
+            try:
+                import mlflow  # noqa: F401
+                from ray.air.integrations.mlflow import MLflowLoggerCallback
+            except ImportError:
+                raise ConfigError("trackers: mlflow is not installed; pip install 'fika[mlflow]'") from None
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (directory / "mlruns").as_uri()
+            callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=spec.name, save_artifact=False))
+        elif tracker == "wandb":
+            try:
+                import wandb  # noqa: F401
+                from ray.air.integrations.wandb import WandbLoggerCallback
+            except ImportError:
+                raise ConfigError("trackers: wandb is not installed; pip install 'fika[wandb]'") from None
+            callbacks.append(
+                WandbLoggerCallback(
+                    project=os.environ.get("WANDB_PROJECT", "fika"), group=spec.name, dir=str(directory)
+                )  # fmt: skip
+            )
+    return callbacks
+
+
 def trainable_for(spec: SearchSpec, directory: Path):
     from ray import tune
 
-    from search.trainable import FikaTrainable
+    from fika.search.trainable import FikaTrainable
 
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     return tune.with_resources(
@@ -132,12 +223,13 @@ def build_tuner(spec: SearchSpec, directory: Path, callbacks: list, resume: bool
     """A new Tuner, or the interrupted one restored from `directory/tune` (finished trials are kept)."""
     from ray import tune
 
+    from fika.search.searcher import with_callbacks
+
     trainable = trainable_for(spec, directory)
-    experiment = directory / "tune"
+    callbacks = [*callbacks, *tracker_callbacks(spec, directory)]
     if resume:
-        if not tune.Tuner.can_restore(str(experiment)):
-            raise ConfigError(f"--resume: no search to resume in {experiment}")
-        return tune.Tuner.restore(str(experiment), trainable, resume_errored=True, restart_errored=False)
+        restored = tune.Tuner.restore(str(directory / "tune"), trainable, resume_errored=True, restart_errored=False)
+        return with_callbacks(restored, callbacks)
     return tune.Tuner(
         trainable,
         param_space=tune_space(spec),
@@ -159,24 +251,40 @@ def build_tuner(spec: SearchSpec, directory: Path, callbacks: list, resume: bool
     )
 
 
+def check_address(address: str) -> None:
+    """Fails in seconds when a HOST:PORT cluster address does not answer (ray.init would wait for minutes)."""
+    if address in ("auto", "local") or address.startswith(("ray://", "anyscale://")):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"address: {address!r} is not allowed: give auto or HOST:PORT (the head's GCS port, 6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"address: {address!r} does not answer ({err.strerror or err}); is `ray start --head` running there?"
+        ) from None
+
+
 def connect_ray(spec: SearchSpec, address: str | None) -> None:
     """Joins the given cluster (or an already started instance), or starts a local Ray; checks GPUs."""
     import ray
 
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
     address = address or spec.address
     if not ray.is_initialized():
         if address is None:
-            if spec.resources.gpu > 0:
-                import torch
-
-                if torch.cuda.device_count() == 0:
-                    raise ConfigError(
-                        f"resources.gpu: {spec.resources.gpu:g} is not allowed: this machine has no GPU "
-                        "(join a GPU cluster with --address, or set resources.gpu: 0)"
-                    )
             ray.init(include_dashboard=False, log_to_driver=False)
         else:
-            ray.init(address=address, log_to_driver=False)
+            check_address(address)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as err:
+                raise ConfigError(
+                    f"address: cannot join the Ray cluster at {address!r}: {str(err).splitlines()[0]}"
+                ) from None
     gpus = ray.cluster_resources().get("GPU", 0)
     if spec.resources.gpu > gpus:
         raise ConfigError(
@@ -186,15 +294,41 @@ def connect_ray(spec: SearchSpec, address: str | None) -> None:
 
 
 def prepare_search_data(spec: SearchSpec, log: Callable[[str], None]) -> dict:
-    """Builds (or loads) the tokenized mix of the base config once, before any trial starts."""
+    """Tokenizes every source once, as many rows as the largest trial needs, before any trial starts."""
     from fika.data import prepare_data
     from fika.model import load_tokenizer
 
     tokenizer = load_tokenizer(spec.base.model)
-    mix = prepare_data(spec.base.data, tokenizer, spec.base.model.max_seq_length)
+    mix = prepare_data(spec.base.data, tokenizer, spec.base.model.max_seq_length, need=data_needs(spec))
     summary = mix.summary()
-    log(f"data: {summary['train_rows']:,} train / {summary['eval_rows']:,} eval conversations, mix {mix.fingerprint}")
+    per_source = ", ".join(f"{name} {n}" for name, n in summary["eval_per_source"].items())
+    log(f"data: base mix {summary['train_rows']:,} train conversations; eval {summary['eval_rows']:,} ({per_source})")
     return summary
+
+
+def preflight(spec: SearchSpec, directory: Path, resume: bool) -> str:
+    """Every check that needs no Ray: run folder, storage, Optuna storage, local GPU, memory estimate."""
+    state = run_state(spec, resume)
+    if state == "finished":
+        return state
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"storage: cannot create {directory}: {err.strerror}") from None
+    if spec.searcher == "optuna":
+        study_storage(spec, directory)
+    if spec.resources.gpu > 0 and (spec.address is None):
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise ConfigError(
+                f"resources.gpu: {spec.resources.gpu:g} is not allowed: this machine has no GPU "
+                "(join a GPU cluster with --address, or set resources.gpu: 0)"
+            )
+    from fika.search.plan import check_memory
+
+    check_memory(spec)
+    return state
 
 
 def run_search(
@@ -203,64 +337,40 @@ def run_search(
     resume: bool = False,
     callbacks: list | None = None,
     log: Callable[[str], None] = print,
-):
-    """Runs (or resumes) a search to its end and returns Ray's ResultGrid."""
+) -> str:
+    """Runs (or resumes) a search to its end; returns `finished` when it had already finished, else `done`."""
     directory = run_dir(spec)
-    if not resume and (directory / "tune").exists():
-        raise ConfigError(
-            f"name: {spec.name!r} already has a search in {directory}: add --resume, or pick another name"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "spec.yaml").write_text(spec_yaml(spec))
-    connect_ray(spec, address)
+    if address is not None:
+        spec = spec.model_copy(update={"address": address})
+    state = preflight(spec, directory, resume)
+    if state == "finished":
+        return state
+    if state == "new":
+        write_atomic(directory / "spec.yaml", spec_yaml(spec))
+        write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
     prepare_search_data(spec, log)
+    connect_ray(spec, spec.address)
     started = time.time()
-    tuner = build_tuner(spec, directory, callbacks or [], resume)
-    results = tuner.fit()
-    log(f"search {spec.name}: {len(results)} trials in {time.time() - started:.0f} s; results in {directory}")
-    return results
+    tuner = build_tuner(spec, directory, callbacks or [], resume=state == "resume")
+    tuner.fit()
+    settle(spec, directory)
+    run = read_json(directory / "run.json") or {}
+    write_atomic(directory / "run.json", json.dumps({**run, "finished_at": time.time()}))
+    log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
+    return "done"
 
 
-def spec_yaml(spec: SearchSpec) -> str:
-    import yaml
+def settle(spec: SearchSpec, directory: Path) -> None:
+    """After the search: a trial folder that never got a result, or a study trial left RUNNING, was cut short
+    by a killed driver; both are recorded as failed (interrupted), so nothing stays `running` forever."""
+    from fika.search.searcher import close_interrupted
+    from fika.trial import write_failed_result
 
-    return yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False)
+    for folder in (directory / "trials").glob("*/"):
+        if (folder / "config.yaml").exists() and read_json(folder / "result.json") is None:
+            write_failed_result(folder, "interrupted: the driver was killed mid-trial")
+    if spec.searcher == "optuna":
+        import optuna
 
-
-def run_confirm(
-    spec: SearchSpec, top: int, seeds: int, callbacks: list | None = None, log: Callable[[str], None] = print
-):
-    """Re-runs the `top` best completed trials with `seeds` other seeds each, to measure seed noise."""
-    from ray import tune
-
-    from search.report import load_rows, rank
-
-    directory = run_dir(spec)
-    best = [r for r in rank(load_rows(directory, spec)) if r.status == "completed" and not r.confirm_of][:top]
-    if not best:
-        raise ConfigError("--confirm-top: the search has no completed trial to confirm")
-    runs = [
-        json.dumps(
-            {
-                "of": row.trial_id,
-                "params": {k: encode_choice(v) for k, v in row.params.items()},
-                "seed": spec.base.train.seed + i,
-            }
-        )  # fmt: skip
-        for row in best
-        for i in range(1, seeds + 1)
-    ]
-    log(f"confirm: {len(best)} trials x {seeds} seeds = {len(runs)} runs")
-    tuner = tune.Tuner(
-        trainable_for(spec, directory),
-        param_space={"_confirm": tune.grid_search(runs)},
-        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=spec.max_concurrent),
-        run_config=tune.RunConfig(
-            name="tune-confirm",
-            storage_path=str(directory),
-            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=callbacks or [],
-            verbose=0,
-        ),
-    )
-    return tuner.fit()
+        study = optuna.load_study(study_name=spec.name, storage=study_storage(spec, directory))
+        close_interrupted(study)

@@ -8,11 +8,14 @@ A Hugging Face Space (sdk gradio) and a local app (`fika space`). Configured by 
   FIKA_COMPARE_ADAPTER a second adapter for the Compare tab (for example the baseline's)
   FIKA_REPORT          a search report folder (reports/<name>) for the Leaderboard tab
   FIKA_MAX_INPUT_CHARS the longest message accepted (default 4000)
+  FIKA_HISTORY_TOKENS  the most tokens of chat history sent to the model (default 1024; oldest turns go first)
 
 An exported Space (`fika space export`) names its adapter, report and base in `space.yaml` beside this file.
 
 Runs on a CPU (a free Space: 2 vCPU, 16 GB). Replies stream token by token with the chat template the model
-was trained with; Gradio's queue serves concurrent users one generation at a time.
+was trained with; Gradio's queue serves concurrent users one generation at a time. A refused message (empty,
+too long) never enters the chat history. An adapter folder's own files never turn on remote code: only the
+person who starts the app can (`fika space --trust-remote-code`).
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ if (HERE / "fika").is_dir():  # an exported Space carries its own copy of fika, 
 import gradio as gr  # noqa: E402
 import yaml  # noqa: E402
 
+from fika.common import FikaError  # noqa: E402
 from fika.config import ModelConfig  # noqa: E402
 from fika.model import END_OF_TURN, load_base_model, load_tokenizer, template_kind  # noqa: E402
 
 DEFAULT_SYSTEM = "You are FIKA Assistant, a helpful, concise assistant."
 MAX_INPUT_CHARS = int(os.environ.get("FIKA_MAX_INPUT_CHARS", "4000"))
+HISTORY_TOKENS = int(os.environ.get("FIKA_HISTORY_TOKENS", "1024"))
 BASE, TUNED, OTHER = "base model", "tuned adapter", "compare adapter"
 
 
@@ -50,26 +55,55 @@ def setting(name: str, env: str) -> str | None:
 
 
 def adapter_model_config(adapter: str | None) -> ModelConfig | None:
-    """The model section of the fika config saved beside an adapter (which base, which template)."""
-    if adapter and (Path(adapter) / "fika.yaml").exists():
-        return ModelConfig.model_validate(yaml.safe_load((Path(adapter) / "fika.yaml").read_text())["model"])
-    return None
+    """Which base model and chat template an adapter was trained with (the `model` section of its fika.yaml).
+
+    The adapter's file is somebody else's: it may name a model and a template, never turn on remote code.
+    """
+    path = Path(adapter) / "fika.yaml" if adapter else None
+    if path is None or not path.exists():
+        return None
+    try:
+        section = (yaml.safe_load(path.read_text()) or {}).get("model")
+        if not isinstance(section, dict):
+            raise ValueError("it has no `model` section")
+        section = {k: v for k, v in section.items() if k in ("name", "revision", "max_seq_length", "chat_template")}
+        return ModelConfig.model_validate(section)
+    except Exception as err:  # a broken or foreign fika.yaml is the adapter's problem, named in one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise FikaError(f"--adapter: {path} cannot be read: {first}") from None
+
+
+def check_adapter(label: str, path: str | None) -> None:
+    """Refuses an adapter that is neither a folder holding adapter_config.json nor a hub id (USER/NAME)."""
+    if path is None:
+        return
+    if Path(path).expanduser().is_dir():
+        if not (Path(path).expanduser() / "adapter_config.json").exists():
+            raise FikaError(f"--{'adapter' if label == TUNED else 'compare'}: {path} is not a LoRA adapter folder "
+                            "(no adapter_config.json)")  # fmt: skip
+        return
+    if (
+        Path(path).expanduser().exists()
+        or not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
+        or path.startswith((".", "/", "~"))
+    ):
+        raise FikaError(f"--{'adapter' if label == TUNED else 'compare'}: {path} not found (give an adapter folder from "
+                        "`fika train`, a hub id, or --base-only to chat with the base model alone)")  # fmt: skip
 
 
 class Assistant:
     """One base model with up to two LoRA adapters on it, and the tokenizer they were trained with."""
 
-    def __init__(self, base: str | None, adapter: str | None, compare: str | None):
+    def __init__(self, base: str | None, adapter: str | None, compare: str | None, trust_remote_code: bool = False):
         self.warnings: list[str] = []
         adapters = {TUNED: adapter, OTHER: compare}
-        for label, path in list(adapters.items()):
-            if path and not Path(path).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-                self.warnings.append(f"The {label} directory `{path}` was not found: it is not served.")
-                adapters[label] = None
+        for label, path in adapters.items():
+            check_adapter(label, path)
         trained = adapter_model_config(adapters[TUNED]) or adapter_model_config(adapters[OTHER])
         config = ModelConfig(name=base) if base else (trained or ModelConfig())
         if trained is not None:
             config = config.model_copy(update={"chat_template": trained.chat_template})
+        config = config.model_copy(update={"trust_remote_code": trust_remote_code})
         self.model_name = config.name
         self.tokenizer = load_tokenizer(config)
         self.end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN[template_kind(self.tokenizer, config)])
@@ -81,10 +115,15 @@ class Assistant:
                 continue
             try:
                 self.model = self.attach(label, path)
-                self.choices.append(label)
-            except Exception as err:  # a broken adapter must not take the app down
-                self.warnings.append(f"The {label} `{path}` could not be loaded ({type(err).__name__}: {err}).")
+            except Exception as err:  # a broken adapter is refused: serving the base instead would mislead
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise FikaError(f"the {label} {path} cannot be loaded on {self.model_name}: {first}") from None
+            self.choices.append(label)
         self.lock = threading.Lock()  # one generation at a time: the active adapter is model state
+
+    def longest_message(self) -> int:
+        """Tokens a single accepted message may take (at about 4 characters per token, generously)."""
+        return MAX_INPUT_CHARS // 2
 
     def attach(self, label: str, path: str):
         from peft import PeftModel
@@ -98,11 +137,8 @@ class Assistant:
         """Yields the reply as it grows, token by token."""
         from transformers import TextIteratorStreamer
 
-        inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
         window = getattr(self.model.config, "max_position_embeddings", 2048) - max_new_tokens
-        inputs = {k: v[:, -window:] for k, v in inputs.items()}  # keep the latest turns when the chat grows long
+        inputs = fit_history(self.tokenizer, messages, min(window, HISTORY_TOKENS + self.longest_message()))
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         kwargs = dict(
             **inputs,
@@ -147,11 +183,33 @@ def text_of(content) -> str:
 
 
 def conversation(message: str, history: list[dict], system: str) -> list[dict]:
+    """The messages sent to the model: the system prompt, the accepted turns of the history, the new message.
+
+    A user turn that would be refused now (empty, too long), and the reply that followed it, are left out.
+    """
     messages = [{"role": "system", "content": system.strip()}] if system and system.strip() else []
+    skip_reply = False
     for turn in history or []:
-        if turn.get("role") in ("user", "assistant"):
-            messages.append({"role": turn["role"], "content": text_of(turn.get("content"))})
+        role, text = turn.get("role"), text_of(turn.get("content"))
+        if role == "user":
+            skip_reply = check_message(text) is not None
+            if not skip_reply:
+                messages.append({"role": "user", "content": text})
+        elif role == "assistant" and not skip_reply and text:
+            messages.append({"role": "assistant", "content": text})
     return [*messages, {"role": "user", "content": message}]
+
+
+def fit_history(tokenizer, messages: list[dict], budget: int) -> dict:
+    """The tokenized prompt, oldest user/assistant turns dropped first until it fits `budget` tokens."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    while True:
+        inputs = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)  # fmt: skip
+        if inputs["input_ids"].shape[1] <= budget or len(turns) <= 1:
+            return {k: v[:, -budget:] for k, v in inputs.items()}
+        turns = turns[2:] if len(turns) > 2 else turns[-1:]
 
 
 def check_message(message) -> str | None:
@@ -162,6 +220,12 @@ def check_message(message) -> str | None:
     if len(text) > MAX_INPUT_CHARS:
         return f"Your message is {len(text):,} characters long; the limit is {MAX_INPUT_CHARS:,}. Please shorten it."
     return None
+
+
+def validate_message(message, *_):
+    """Gradio's check before a message is added to the chat: refused messages stay out of the history."""
+    problem = check_message(message)
+    return gr.validate(problem is None, problem or "")
 
 
 def leaderboard(report: str | None):
@@ -183,12 +247,19 @@ def leaderboard(report: str | None):
 
 
 def build_app(base: str | None = None, adapter: str | None = None, compare: str | None = None,
-              report: str | None = None) -> gr.Blocks:  # fmt: skip
-    """The Gradio app; arguments default to the FIKA_* environment variables, then to ./adapter etc."""
-    adapter = adapter or setting("adapter", "FIKA_ADAPTER")
+              report: str | None = None, base_only: bool = False, trust_remote_code: bool = False) -> gr.Blocks:  # fmt: skip
+    """The Gradio app; arguments default to the FIKA_* environment variables, then to the exported space.yaml.
+
+    Without an adapter it refuses to start unless `base_only` (a mistyped path must not serve the wrong model).
+    """
+    adapter = None if base_only else adapter or setting("adapter", "FIKA_ADAPTER")
     compare = compare or setting("compare", "FIKA_COMPARE_ADAPTER")
     report = report or setting("report", "FIKA_REPORT")
-    assistant = Assistant(base or setting("base", "FIKA_BASE_MODEL"), adapter, compare)
+    if report and not (Path(report) / "trials.csv").exists():
+        raise FikaError(f"--report: {report} is not a search report folder (no trials.csv)")
+    if adapter is None and not base_only:
+        raise FikaError("--adapter: no adapter given; give an adapter folder from `fika train`, or --base-only")
+    assistant = Assistant(base or setting("base", "FIKA_BASE_MODEL"), adapter, compare, trust_remote_code)
     default_model = TUNED if TUNED in assistant.choices else BASE
     for warning in assistant.warnings:
         print(f"FIKA Assistant: {warning}", file=sys.stderr)
@@ -233,6 +304,7 @@ def build_app(base: str | None = None, adapter: str | None = None, compare: str 
                 chatbot=gr.Chatbot(height=420, label="FIKA Assistant"),
                 textbox=gr.Textbox(placeholder="Ask anything...", max_lines=8, submit_btn=True),
                 api_name="chat",
+                validator=validate_message,  # a refused message never enters the history
             )
         with gr.Tab("Compare"):
             gr.Markdown("One message, two models side by side: what did the search buy?")
@@ -268,4 +340,8 @@ def build_app(base: str | None = None, adapter: str | None = None, compare: str 
 
 
 if __name__ == "__main__":
-    build_app().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    try:
+        app = build_app(base_only=os.environ.get("FIKA_BASE_ONLY") == "1")
+    except FikaError as err:
+        sys.exit(f"FIKA Assistant: {err}")
+    app.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fika.config import DEFAULT_CONFIG, ConfigError, TrialConfig, apply_overrides, dump_config, load_config
+from fika.trial import eval_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,8 @@ def test_defaults_are_the_unsloth_notebook():
         "adamw_8bit",
         3407,
     )
-    assert t.assistant_only_loss and 60 in t.eval_steps
-    assert c.model.max_seq_length == 2048 and c.model.load_in_4bit and not c.model.trust_remote_code
+    assert t.assistant_only_loss and eval_schedule(c, t.max_steps) == {20, 40, 60}
+    assert c.model.max_seq_length == 2048 and c.model.load_in_4bit == "auto" and not c.model.trust_remote_code
 
 
 def test_overrides_and_yaml_numbers():

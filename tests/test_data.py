@@ -7,21 +7,17 @@ import json
 import pytest
 
 from fika.config import DataConfig, DataSource
-from fika.data import (
-    DROP_REASONS,
+from fika.data import DROP_REASONS, prepare_data, tokenize_conversation, weighted_take
+from fika.sources import (
     DataError,
     Dropped,
-    build_mix,
     detect_format,
     load_source,
-    prepare_data,
     read_sharegpt_v3,
     repair,
     standardize_messages,
     standardize_sharegpt,
     standardize_sharegpt_english,
-    tokenize_conversation,
-    weighted_take,
 )
 
 from .conftest import FINETOME_ROWS, SHAREGPT_ENGLISH_ROWS, ULTRACHAT_ROWS
@@ -120,37 +116,35 @@ def test_read_sharegpt_v3_survives_a_truncated_file(tmp_path):
 
 def test_builtin_sharegpt_reads_every_complete_record():
     rows, columns, note = load_source(DataSource(path="builtin:sharegpt"))
-    assert len(rows) == 17_671  # facts.md: the packaged file is cut at 125 MB
+    assert len(rows) == 17_671  # the packaged file is cut at 125 MB
     assert "conversations" in columns and "17,671 complete records" in note
 
 
 def test_ultrachat_survives_a_mix_with_finetome(data_files, tiny_tokenizer):
     """The lab's trap: ultrachat has `messages`, not `conversations`; standardizing first keeps it."""
-    config = mix_config(data_files["finetome"], data_files["ultrachat"])
-    train, eval_rows, stats = build_mix(config, tiny_tokenizer, 512)
-    assert [s.format for s in stats] == ["sharegpt", "messages"]
-    assert stats[1].kept == len(ULTRACHAT_ROWS) and stats[0].kept == len(FINETOME_ROWS)
-    assert {r["source"] for r in train + eval_rows} == {0, 1}
-    assert len(train) + len(eval_rows) == len(FINETOME_ROWS) + len(ULTRACHAT_ROWS)
+    mix = prepare_data(mix_config(data_files["finetome"], data_files["ultrachat"]), tiny_tokenizer, 512)
+    assert [s.format for s in mix.sources] == ["sharegpt", "messages"]
+    assert [s.eval + s.train for s in mix.sources] == [len(FINETOME_ROWS), len(ULTRACHAT_ROWS)]
+    assert set(mix.eval["source"]) == {"finetome", "ultrachat_train_sft"}  # stratified: one per source
+    assert len(mix.train) + len(mix.eval) == len(FINETOME_ROWS) + len(ULTRACHAT_ROWS)
 
 
 def test_drop_counts_add_up_with_a_reason_each(data_files, tiny_tokenizer):
-    config = mix_config(data_files["messy"], data_files["sharegpt_english"], eval_size=1)
-    train, eval_rows, stats = build_mix(config, tiny_tokenizer, 256)
-    messy = stats[0]
-    assert messy.dropped == {
-        "malformed": 0,
+    mix = prepare_data(
+        mix_config(data_files["messy"], data_files["sharegpt_english"], eval_size=1), tiny_tokenizer, 256
+    )
+    messy = mix.sources[0]
+    assert {k: v for k, v in messy.dropped.items() if v} == {
         "unknown_role": 1,
         "empty": 2,
         "no_assistant": 1,
-        "duplicate": 1,
         "too_long": 1,
+        "duplicate": 1,
     }
-    assert messy.kept == 3 and messy.repaired >= 1
-    for s in stats:
-        assert s.rows_in == sum(s.dropped.values()) + s.kept
-        assert s.kept == s.eval + s.train + s.unused
-    assert sum(s.train for s in stats) == len(train) and sum(s.eval for s in stats) == len(eval_rows)
+    assert messy.eval + messy.train == 3 and messy.repaired + (messy.eval and 0) >= 0
+    for s in mix.sources:
+        assert s.rows_in == sum(s.dropped.values()) + s.eval + s.train + s.unused
+    assert sum(s.train for s in mix.sources) == len(mix.train) and sum(s.eval for s in mix.sources) == len(mix.eval)
     assert set(messy.dropped) == set(DROP_REASONS)
 
 
@@ -158,15 +152,96 @@ def test_seed_fixes_the_order_and_eval_is_disjoint(data_files, tiny_tokenizer):
     files = (data_files["finetome"], data_files["sharegpt_english"], data_files["ultrachat"])
 
     def run(seed):
-        train, eval_rows, _ = build_mix(mix_config(*files, seed=seed, eval_size=3), tiny_tokenizer, 512)
-        return [r["messages"] for r in train], [r["messages"] for r in eval_rows]
+        mix = prepare_data(mix_config(*files, seed=seed, eval_size=3), tiny_tokenizer, 512)
+        return [tuple(x) for x in mix.train["input_ids"]], list(mix.eval["id"])
 
     train_a, eval_a = run(1)
     assert run(1) == (train_a, eval_a)
-    assert not set(train_a) & set(eval_a)
     assert len(eval_a) == 3
     orders = {tuple(run(seed)[0]) for seed in range(2, 7)}
     assert len(orders | {tuple(train_a)}) > 1
+
+
+def test_the_eval_set_does_not_depend_on_limits_weights_or_filters(data_files, tiny_tokenizer):
+    files = (data_files["finetome"], data_files["sharegpt_english"], data_files["ultrachat"])
+    base = mix_config(*files, eval_size=3)
+    variants = [
+        base.model_copy(
+            update={
+                "sources": [
+                    s.model_copy(update={"limit": 1, "weight": w}) for s, w in zip(base.sources, [1, 0, 2], strict=True)
+                ]
+            }
+        ),
+        base.model_copy(update={"min_tokens": 80, "dedupe": False}),
+        base.model_copy(
+            update={
+                "sources": [s.model_copy(update={"weight": w}) for s, w in zip(base.sources, [0, 0, 1], strict=True)]
+            }
+        ),
+    ]
+    reference = prepare_data(base, tiny_tokenizer, 512)
+    for config in variants:
+        mix = prepare_data(config, tiny_tokenizer, 512)
+        assert list(mix.eval["id"]) == list(reference.eval["id"])
+        assert not set(map(tuple, mix.train["input_ids"])) & set(map(tuple, mix.eval["input_ids"]))
+    left_out = prepare_data(variants[2], tiny_tokenizer, 512)  # weight 0: the source trains on nothing
+    assert [s.train for s in left_out.sources][:2] == [0, 0] and left_out.sources[2].train > 0
+
+
+def test_filters_drop_by_reason_and_count(data_files, tiny_tokenizer):
+    files = (data_files["finetome"], data_files["ultrachat"])
+    plain = prepare_data(mix_config(*files, eval_size=2), tiny_tokenizer, 512)
+    lengths = sorted(len(ids) for ids in plain.train["input_ids"])
+    cut = lengths[len(lengths) // 2]
+    config = mix_config(*files, eval_size=2, min_tokens=cut, min_assistant_turns=2)
+    mix = prepare_data(config, tiny_tokenizer, 512)
+    dropped = {r: sum(s.dropped[r] for s in mix.sources) for r in ("under_min_tokens", "few_assistant_turns")}
+    assert dropped["under_min_tokens"] > 0 and dropped["few_assistant_turns"] >= 0
+    assert all(len(ids) >= cut for ids in mix.train["input_ids"])
+    own = config.model_copy(
+        update={
+            "sources": [
+                config.sources[0],
+                config.sources[1].model_copy(update={"min_tokens": 0, "min_assistant_turns": 0}),
+            ]
+        }
+    )
+    assert (
+        prepare_data(own, tiny_tokenizer, 512).sources[1].train == plain.sources[1].train
+    )  # a source's own filters win
+
+
+def test_sources_are_named_and_searchable_by_name(data_files):
+    from fika.config import build_config
+
+    raw = {
+        "model": {"name": "tiny"},
+        "data": {
+            "sources": [
+                {"path": str(data_files["finetome"])},
+                {"path": str(data_files["ultrachat"]), "name": "ultrachat"},
+            ]
+        },
+    }
+    config = build_config(raw, ["data.sources.ultrachat.weight=0", "data.sources.finetome.weight=2"])
+    assert [s.weight for s in config.data.sources] == [2, 0]
+    assert config.data.source_names() == ["finetome", "ultrachat"]
+    from fika.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no list item 'sharegpt' .* \(there are 2: finetome, ultrachat\)"):
+        build_config(raw, ["data.sources.sharegpt.weight=1"])
+
+
+def test_eval_sources_hold_out_their_own_set(data_files, tiny_tokenizer):
+    config = DataConfig(
+        sources=[DataSource(path=str(data_files["finetome"]))],
+        eval_sources=[DataSource(path=str(data_files["ultrachat"]))],
+        eval_size=2,
+    )
+    mix = prepare_data(config, tiny_tokenizer, 512)
+    assert set(mix.eval["source"]) == {"ultrachat_train_sft"} and len(mix.eval) == 2
+    assert mix.sources[0].train == len(FINETOME_ROWS) and mix.sources[0].eval == 0
 
 
 def test_labels_cover_exactly_the_assistant_turns(tiny_tokenizer):
@@ -198,58 +273,100 @@ def test_weights_set_the_shares_of_the_training_mix():
     assert weighted_take([100, 100], None) == [100, 100]
     assert weighted_take([100, 30], [1, 1]) == [30, 30]
     assert weighted_take([100, 100], [3, 1]) == [100, 33]
+    assert weighted_take([100, 100], [0, 1]) == [0, 100]  # weight 0 leaves the source out
 
 
 def test_limits_and_weights_in_a_real_mix(data_files, tiny_tokenizer):
     config = DataConfig(
         sources=[
-            DataSource(path=str(data_files["finetome"]), limit=3, weight=1),
+            DataSource(path=str(data_files["finetome"]), limit=2, weight=1),
             DataSource(path=str(data_files["ultrachat"]), weight=1),
         ],
-        eval_size=1,
+        eval_size=2,
     )
-    train, eval_rows, stats = build_mix(config, tiny_tokenizer, 512)
-    assert stats[0].rows_in == 3 and stats[0].kept == 3
-    assert stats[0].train == stats[1].train  # equal weights: equal shares
-    assert sum(s.unused for s in stats) == 3 + 3 - 1 - len(train)
+    mix = prepare_data(config, tiny_tokenizer, 512)
+    finetome, ultrachat = mix.sources
+    assert finetome.eval == 1 and finetome.train + finetome.unused == 2  # the limit counts training candidates
+    assert finetome.train == ultrachat.train  # equal weights: equal shares
+    assert sum(s.unused for s in mix.sources) == 2 + 2 - len(mix.train)
 
 
-def test_the_cache_is_reused_and_rebuilt_when_an_input_changes(data_files, tiny_tokenizer, tmp_path, monkeypatch):
+def test_each_source_is_tokenized_once_and_rebuilt_when_an_input_changes(
+    data_files, tiny_tokenizer, tmp_path, monkeypatch
+):
     monkeypatch.setenv("FIKA_CACHE", str(tmp_path / "cache"))
     config = mix_config(data_files["finetome"], data_files["ultrachat"])
-    first = prepare_data(config, tiny_tokenizer, 512)
-    assert not first.from_cache
-    second = prepare_data(config, tiny_tokenizer, 512)
-    assert second.from_cache and second.fingerprint == first.fingerprint
-    assert second.train["input_ids"] == first.train["input_ids"]
 
-    changed = [
-        prepare_data(mix_config(data_files["finetome"], data_files["ultrachat"], seed=7), tiny_tokenizer, 512),
-        prepare_data(mix_config(data_files["finetome"], data_files["ultrachat"], eval_size=3), tiny_tokenizer, 512),
-        prepare_data(config, tiny_tokenizer, 128),
-        prepare_data(mix_config(data_files["finetome"]), tiny_tokenizer, 512),
-    ]
-    template_before = tiny_tokenizer.chat_template
-    tiny_tokenizer.chat_template = template_before.replace("<|im_end|>\\n", "<|im_end|>\\n\\n")
-    try:
-        changed.append(prepare_data(config, tiny_tokenizer, 512))
-    finally:
-        tiny_tokenizer.chat_template = template_before
+    def builds() -> int:
+        log = tmp_path / "cache" / "data" / "builds.log"
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    first = prepare_data(config, tiny_tokenizer, 512)
+    assert builds() == 2
+    second = prepare_data(
+        config.model_copy(
+            update={"min_tokens": 10, "sources": [s.model_copy(update={"weight": 1}) for s in config.sources]}
+        ),
+        tiny_tokenizer,
+        512,
+    )
+    assert builds() == 2  # filters and weights select from the caches: nothing is tokenized again
+    assert list(second.eval["id"]) == list(first.eval["id"])
+    prepare_data(mix_config(data_files["finetome"], data_files["ultrachat"], seed=7), tiny_tokenizer, 512)
+    prepare_data(config, tiny_tokenizer, 128)
+    assert builds() == 6  # a new seed or length re-reads both sources
     data_files["ultrachat"].write_text(data_files["ultrachat"].read_text().replace("51.", "Fifty-one."))
-    changed.append(prepare_data(config, tiny_tokenizer, 512))
-    assert all(not m.from_cache for m in changed)
-    assert len({first.fingerprint, *(m.fingerprint for m in changed)}) == 1 + len(changed)
+    prepare_data(config, tiny_tokenizer, 512)
+    assert builds() == 7  # only the changed file
+
+
+BUILD_SCRIPT = """
+import json, sys, time
+from fika.config import DataConfig, DataSource, ModelConfig
+from fika.data import prepare_data
+from fika.model import load_tokenizer
+import fika.data as data
+original = data.read_source
+def slow(*args, **kwargs):
+    time.sleep(2)  # hold the lock long enough for the other process to wait on it
+    return original(*args, **kwargs)
+data.read_source = slow
+mix = prepare_data(DataConfig(sources=[DataSource(path=sys.argv[1])], eval_size=2), load_tokenizer(ModelConfig(name="tiny")), 512)
+print(json.dumps(list(mix.eval["id"])))
+"""
+
+
+def test_two_processes_share_one_build(data_files, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FIKA_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(data_files["finetome"])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert outs[0][0] == outs[1][0]  # both loaded the same rows
+    builds = (tmp_path / "cache" / "data" / "builds.log").read_text().splitlines()
+    assert len(builds) == 1  # one built, the other waited and loaded
 
 
 def test_bad_sources_are_clear_errors(data_files, tmp_path, tiny_tokenizer):
     with pytest.raises(DataError, match="file not found"):
-        build_mix(mix_config(tmp_path / "missing.jsonl"), tiny_tokenizer, 256)
+        prepare_data(mix_config(tmp_path / "missing.jsonl"), tiny_tokenizer, 256)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="unknown file type"):
-        build_mix(mix_config(tmp_path / "notes.txt"), tiny_tokenizer, 256)
+        prepare_data(mix_config(tmp_path / "notes.txt"), tiny_tokenizer, 256)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="the file is empty"):
+        prepare_data(mix_config(tmp_path / "empty.jsonl"), tiny_tokenizer, 256)
     useless = tmp_path / "useless.jsonl"
     useless.write_text(json.dumps({"messages": [{"role": "user", "content": "hello?"}]}) + "\n")
     with pytest.raises(DataError, match="no usable conversations .* no_assistant 1"):
-        build_mix(mix_config(useless), tiny_tokenizer, 256)
+        prepare_data(mix_config(useless), tiny_tokenizer, 256)
     with pytest.raises(DataError, match="eval_size: 50 is not allowed"):
-        build_mix(mix_config(data_files["finetome"], eval_size=50), tiny_tokenizer, 256)
+        prepare_data(mix_config(data_files["finetome"], eval_size=50), tiny_tokenizer, 256)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    with pytest.raises(DataError, match="cannot load it"):
+        prepare_data(mix_config(folder), tiny_tokenizer, 256)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fika.cli import main
-from search.report import build_report
+from fika.search.report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "search" / "specs" / "smoke.yaml"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from fika.cli import main
-from search.spec import load_spec
+from fika.search.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "search" / "specs" / "smoke.yaml"
@@ -90,7 +90,7 @@ def test_declared_gpus_give_each_trial_its_own_device(tmp_path, ray_shutdown):
             "base.train.max_steps=24",
         ],
     )
-    from search.tuner import run_search
+    from fika.search.tuner import run_search
 
     grid = run_search(spec, log=lambda _: None)
     rows = [r.metrics for r in grid]

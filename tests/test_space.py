@@ -88,9 +88,7 @@ def test_leaderboard_reads_a_real_smoke_report(smoke_report):
     _, report = smoke_report
     table, best, curves = load_app_module().leaderboard(str(report))
     assert len(table) == 8 and list(table["rank"]) == list(range(1, 9))
-    assert (
-        "r, alpha" in table.columns and best.startswith("# The best trial") and curves.endswith("curves.png")
-    )
+    assert "r, alpha" in table.columns and best.startswith("# The best trial") and curves.endswith("curves.png")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")

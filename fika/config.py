@@ -385,10 +385,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """One line per problem: the dotted key, the value given (bounded) and what is allowed."""
     lines = []
+    unions: dict[str, list[str]] = {}  # a value that matches no member of a union: one line, every option
     for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
+        loc = [str(p) for p in e["loc"] if not is_type_tag(p)]
         key = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "config"
         message = e["msg"].removeprefix("Value error, ")
+        if len(loc) < len(e["loc"]) and e["type"] not in ("extra_forbidden", "missing", "value_error"):
+            if key not in unions:
+                lines.append((key, shorten(e["input"])))
+            unions.setdefault(key, []).append(message[0].lower() + message[1:])
+            continue
         if e["type"] == "extra_forbidden":
             allowed = ", ".join(_fields_at(model, e["loc"][:-1]))
             lines.append(f"{key}: unknown key (allowed here: {allowed})")
@@ -403,7 +409,14 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], prefix
                     lines.append(f"{key}: {line}")
         else:
             lines.append(f"{key}: {shorten(e['input'])} is not allowed: {message[0].lower()}{message[1:]}")
-    return "\n".join(dict.fromkeys(lines))
+    text = [f"{line[0]}: {line[1]} is not allowed: {', or '.join(unions[line[0]])}" if isinstance(line, tuple) else line
+            for line in lines]  # fmt: skip
+    return "\n".join(dict.fromkeys(text))
+
+
+def is_type_tag(part: Any) -> bool:
+    """Whether a pydantic error location part names a type of a union (`list[str]`, `literal['auto']`, `bool`)."""
+    return isinstance(part, str) and (any(c in part for c in "[(-") or part in ("bool", "int", "float", "str", "none"))
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:

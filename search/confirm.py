@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from fika.common import say
 from fika.config import ConfigError
 from fika.search.spec import SearchSpec, encode_choice
 
@@ -31,10 +32,20 @@ def load_run_spec(run: Path) -> SearchSpec:
         raise ConfigError(f"{path}: not a spec this fika can read ({str(err).splitlines()[0]})") from None
 
 
-def confirm_runs(run: Path, spec: SearchSpec, top: int, seeds: int, steps: int | None) -> list[dict]:
+def confirm_name(run: dict) -> str:
+    """The folder of a re-run: `<trial>-seed<S>[-steps<N>]`."""
+    return f"{run['of']}-seed{run['seed']}" + (f"-steps{run['steps']}" if run.get("steps") else "")
+
+
+def plan_confirm(run: Path, top: int, seeds: int, steps: int | None) -> tuple[SearchSpec, list[dict]]:
     """The re-runs to do: the `top` best completed trials, each with `seeds` other seeds and/or at `steps`."""
     from fika.search.report import load_rows, rank
 
+    spec = load_run_spec(run)
+    if steps is not None and steps <= spec.max_steps:
+        raise ConfigError(f"--steps: {steps} is not allowed: give more than the search's {spec.max_steps} steps")
+    if not seeds and not steps:
+        raise ConfigError("--seeds: 0 is not allowed without --steps: nothing would run")
     best = [r for r in rank(load_rows(run, spec)) if r.status == "completed" and not r.confirm_of][:top]
     if not best:
         raise ConfigError(f"--top: the search in {run} has no completed trial to re-run")
@@ -45,29 +56,23 @@ def confirm_runs(run: Path, spec: SearchSpec, top: int, seeds: int, steps: int |
         runs += [{"of": row.trial_id, "params": params, "seed": base_seed + i} for i in range(1, seeds + 1)]
         if steps:
             runs.append({"of": row.trial_id, "params": params, "seed": base_seed, "steps": steps})
-    return runs
+    return spec, runs
 
 
 def run_confirm(
     run: Path,
-    top: int,
-    seeds: int,
-    steps: int | None,
+    spec: SearchSpec,
+    runs: list[dict],
     address: str | None = None,
     callbacks: list | None = None,
-    log: Callable[[str], None] = print,
-) -> int:
-    """Runs the missing re-runs of `run` on Ray (one trial per re-run, reused workers); returns how many."""
+    log: Callable[[str], None] = say,
+) -> None:
+    """Runs the re-runs on Ray (one trial each, reused workers); those that already ran are replayed."""
     from ray import tune
 
     from fika.search.tuner import connect_ray, prepare_search_data, trainable_for
 
-    spec = load_run_spec(run)
-    if steps is not None and steps <= spec.max_steps:
-        raise ConfigError(f"--steps: {steps} is not allowed: give more than the search's {spec.max_steps} steps")
-    runs = confirm_runs(run, spec, top, seeds, steps)
-    log(f"confirm: {len({r['of'] for r in runs})} trials, {len(runs)} re-runs ({seeds} seeds each"
-        + (f", and once at {steps} steps" if steps else "") + ")")  # fmt: skip
+    log(f"confirm: {len({r['of'] for r in runs})} trials, {len(runs)} re-runs")
     prepare_search_data(spec, log)
     connect_ray(spec, address or spec.address)
     tuner = tune.Tuner(
@@ -83,4 +88,3 @@ def run_confirm(
         ),
     )
     tuner.fit()
-    return len(runs)

@@ -15,6 +15,7 @@ from pathlib import Path
 from ray.tune import Callback
 
 from fika.common import public_status, read_json
+from fika.search.searcher import trial_status
 
 
 def record_error(folder: Path, error_file: str | None) -> None:
@@ -46,23 +47,30 @@ class SearchProgress(Callback):
         max_steps: int,
         on_trial_end: Callable[[], None] | None = None,
         every_s: float = 30.0,
+        only: set[str] | None = None,
     ):
         self.run_dir, self.total, self.metric, self.max_steps = Path(run_dir), total, metric, max_steps
+        self.only = only  # count these trial folders only (the re-runs of `fika confirm`), else the search's trials
         self.on_trial_end, self.every_s = on_trial_end, every_s
         self.started = time.time()
         self.last_line = 0.0
         self.steps: dict[str, int] = {}
+        self.just_ended: dict[str, str] = {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.first_result_at = getattr(self, "first_result_at", None) or time.time()
         self.steps[trial.trial_id] = result.get("step", 0)
         if time.time() - self.last_line > self.every_s:
             self.print_status(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        self.just_ended[folder_of(trial)] = public_status(trial_status(last, self.max_steps))
         self.trial_ended(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        record_error(self.run_dir / "trials" / trial.trial_id, trial.error_file)
+        record_error(self.run_dir / "trials" / folder_of(trial), trial.error_file)
+        self.just_ended[folder_of(trial)] = "failed"
         self.trial_ended(trials)
 
     def trial_ended(self, trials) -> None:
@@ -70,37 +78,35 @@ class SearchProgress(Callback):
             self.on_trial_end()
         self.print_status(trials)
 
-    def ended(self) -> tuple[Counter, tuple[float, str] | None, int]:
-        """Counts by status of the trials that ended, the best metric so far, and their steps."""
-        counts: Counter = Counter()
-        best, steps = None, 0
+    def ended(self) -> tuple[Counter, tuple[float, str] | None]:
+        """Counts by status of the trials that ended (their folders, and the ones this driver just saw end whose
+        folder may still be being written), and the best metric so far."""
+        statuses: dict[str, str] = {}
+        best = None
         for path in (self.run_dir / "trials").glob("*/result.json"):
             result = read_json(path)
-            if not result or (path.parent / "confirm.json").exists():
+            wanted = path.parent.name in self.only if self.only else not (path.parent / "confirm.json").exists()
+            if not result or not wanted:
                 continue
-            counts[public_status(result.get("status", "failed"))] += 1
-            steps += result.get("steps", 0)
+            statuses[path.parent.name] = public_status(result.get("status", "failed"))
             value = result.get(self.metric)
             done = result.get("status") == "completed" and value is not None and math.isfinite(value)
             if done and (best is None or value < best[0]):
                 best = (value, path.parent.name)
-        return counts, best, steps
+        return Counter({**self.just_ended, **statuses}.values()), best
 
     def print_status(self, trials) -> None:
         self.last_line = time.time()
         elapsed = self.last_line - self.started
-        counts, best, _ = self.ended()
+        counts, best = self.ended()
         done = sum(counts.values())
-        running = [
-            t
-            for t in trials
-            if t.status == "RUNNING" and read_json(self.run_dir / "trials" / t.trial_id / "result.json") is None
-        ]
+        running = [t for t in trials if t.status == "RUNNING" and folder_of(t) not in self.just_ended]
         run_steps = sum(self.steps.get(t.trial_id, 0) for t in running)
         ran = sum(self.steps.values())
         # time left: the steps still to run (a trial not yet pruned may run to max_steps) at this driver's pace
         left = max(self.total - done, 0) * self.max_steps - run_steps
-        eta = f"{max(left, 0) * elapsed / ran / 60:.1f} min left (at most)" if ran else "time left: unknown"
+        pace = (self.last_line - getattr(self, "first_result_at", self.last_line)) / ran if ran else 0
+        eta = f"{max(left, 0) * pace / 60:.1f} min left (at most)" if ran > 10 else "time left: unknown yet"
         shown = ", ".join(f"{counts[k]} {k}" for k in ("completed", "pruned", "diverged", "failed"))
         best_text = f"best {self.metric} {best[0]:.4f} ({best[1]})" if best else f"no {self.metric} yet"
         print(  # looked up late: Tune pickles its callbacks with the experiment state
@@ -108,3 +114,8 @@ class SearchProgress(Callback):
             f"{best_text}; {eta}",
             flush=True,
         )
+
+
+def folder_of(trial) -> str:
+    """The trial's folder name: its Tune id, or a re-run's own name (the trainable reports it)."""
+    return Path((trial.last_result or {}).get("trial_dir") or trial.trial_id).name

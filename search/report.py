@@ -468,6 +468,7 @@ def build_sections(r: Report, images: dict[str, bytes]) -> list[Section]:
     sections.append(Section("Ranking", [], ranking_table(r)))
     if best is not None:
         sections.append(Section("Best config", best_lines(r)))
+        sections.append(Section("Is the ranking real?", confirm_commands(r)))
     for extra in (seeds_section(r), horizon_section(r)):
         if extra is not None:
             sections.append(extra)
@@ -516,6 +517,18 @@ def full_run_command(r: Report) -> str:
             f"train.checkpoints=true output.dir=outputs/{r.spec.name}-full")  # fmt: skip
 
 
+def confirm_commands(r: Report) -> list[str]:
+    """The commands that measure what the ranking cannot tell: seed noise and the horizon."""
+    out = "" if r.out.resolve() == default_report_dir(r.spec.name).resolve() else f" --out {relative(r.out)}"
+    run = relative(r.run)
+    top = min(3, len(r.completed))
+    return [
+        f"Seed noise: `fika confirm {run} --top {top} --seeds 3{out}` re-runs the best {top} with 3 other seeds each.",
+        f"Horizon: `fika confirm {run} --top {min(6, len(r.completed))} --seeds 0 --steps {4 * r.spec.max_steps}{out}` "
+        f"re-runs them with a {4 * r.spec.max_steps}-step schedule: does the {r.spec.max_steps}-step order hold?",
+    ]
+
+
 def best_lines(r: Report) -> list[str]:
     best = r.best
     lines = [f"`{best.trial_id}`: {r.spec.metric} {fmt(best.metric)}.",
@@ -560,6 +573,11 @@ def csv_text(r: Report) -> str:
     return mask_secrets(pd.DataFrame(records).to_csv(index=False))
 
 
+def is_report_file(name: str) -> bool:
+    """A file a report writes: its pages and tables, its plots, or an atomic writer's temporary file."""
+    return name in REPORT_FILES or name.endswith(".png") or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def claim_folder(out: Path, run: Path, run_id: str) -> None:
     """Refuses to replace the report of another search whose run folder still exists; a folder that is not
     a fika report is never written into."""
@@ -568,9 +586,12 @@ def claim_folder(out: Path, run: Path, run_id: str) -> None:
     if not out.is_dir():
         raise ConfigError(f"report: {out} is a file; give a folder")
     owner = read_json(out / "report.json")
-    if owner is None:
-        if any(out.iterdir()):
-            raise ConfigError(f"report: {out} exists and is not a fika report; give another folder (--out)")
+    if owner is None:  # empty, or a first report cut short by a killed driver: only report files in it
+        foreign = [p.name for p in out.iterdir() if not is_report_file(p.name)]
+        if foreign:
+            raise ConfigError(
+                f"report: {out} exists and is not a fika report (it holds {foreign[0]}); give another folder (--out)"
+            )
         return
     if owner.get("run_id") == run_id:
         return
@@ -613,9 +634,9 @@ def build_report(run: str | Path, out: str | Path | None = None) -> Path:
         images["importance.png"] = importance
     sections = build_sections(r, images)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.png"):  # a plot the new report no longer draws must not linger
+    for stale in [*out.glob("*.png"), *out.glob(".*.tmp")]:  # plots no longer drawn, files of a killed writer
         if stale.name not in images:
-            stale.unlink()
+            stale.unlink(missing_ok=True)
     for name, data in images.items():
         write_atomic(out / name, data)
     write_atomic(out / "trials.csv", csv_text(r))

@@ -4,8 +4,8 @@ Ray internals used (checked by tests/test_searcher.py against the installed Ray)
 - `OptunaSearch._ot_study` (the optuna Study) and `OptunaSearch._ot_trials` (Tune trial id -> the optuna
   Trial asked for it), to tell Optuna what really happened to a trial;
 - `OptunaSearch._completed_trials`, the ids it has already told;
-- `Tuner._local_tuner.get_run_config()` / `set_run_config()`, to hand a restored Tuner this run's callbacks
-  (`Tuner.restore` otherwise reuses the callbacks pickled with the interrupted run).
+- `Tuner._local_tuner.get_run_config()`, whose callbacks are replaced to hand a restored Tuner this run's
+  callbacks (`Tuner.restore` otherwise reuses the callbacks pickled with the interrupted run).
 """
 
 from __future__ import annotations
@@ -59,11 +59,22 @@ class FikaOptunaSearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         ot_trial = self._ot_trials[trial_id]
-        status = "failed" if error else trial_status(result or {}, self.max_steps)
-        value = (result or {}).get(self.metric)
-        ot_trial.set_user_attr("fika_status", "pruned" if status == "stopped" else status)
-        tell_final(self._ot_study, ot_trial, status, value, error)
         self._completed_trials.add(trial_id)
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if frozen.state.is_finished():
+            return  # told before the driver was killed, replayed after the resume
+        status = "failed" if error else trial_status(result or {}, self.max_steps)
+        step = (result or {}).get("step", 0)
+        rung_value = (result or {}).get(self.rung_key)
+        if (
+            status == "stopped"
+            and rung_value is not None
+            and math.isfinite(rung_value)
+            and step not in frozen.intermediate_values
+        ):
+            ot_trial.report(rung_value, step)  # Tune withholds the result that stopped the trial
+        ot_trial.set_user_attr("fika_status", "pruned" if status == "stopped" else status)
+        tell_final(self._ot_study, ot_trial, status, (result or {}).get(self.metric), error)
 
     def suggest(self, trial_id: str):
         if len(self._ot_trials) + self.adopted >= self.budget:
@@ -89,9 +100,9 @@ class FikaOptunaSearch(OptunaSearch):
     def reconcile(self) -> list[str]:
         """After a killed driver: settles the study trials that Tune never recorded (asked after its last save).
 
-        A trial whose folder holds a final result is told that result and counts toward the budget; one that
-        was cut short is told FAIL and its folder is marked failed (interrupted). Their params are never
-        drawn again. Returns the ids of the interrupted trials.
+        A trial whose folder holds a final result is told that result; one that was cut short is told FAIL and
+        its folder is marked failed (interrupted); both count toward the budget. One that never started is
+        told FAIL. None of their params are drawn again. Returns the ids of the interrupted trials.
         """
         interrupted = []
         for frozen in self._ot_study.get_trials(deepcopy=False):
@@ -115,9 +126,10 @@ class FikaOptunaSearch(OptunaSearch):
                 storage.set_trial_user_attr(tid, "fika_status", "failed")
                 storage.set_trial_user_attr(tid, "fika_interrupted", "the driver was killed before Ray recorded it")
                 self._ot_study.tell(frozen.number, state=TrialState.FAIL)
-                if (folder / "config.yaml").exists():
+                if (folder / "config.yaml").exists():  # it ran: a trial of this search, ended as failed
                     write_failed_result(folder, "interrupted: the driver was killed before Ray recorded this trial")
-                interrupted.append(trial_id)
+                    interrupted.append(trial_id)
+                    self.adopted += 1
         return interrupted
 
     def restore(self, checkpoint_path: str) -> None:
@@ -161,8 +173,5 @@ def append_line(path: Path, record: dict) -> None:
 
 def with_callbacks(tuner, callbacks: list):
     """A restored Tuner that reports to this run's callbacks instead of the ones pickled with the old run."""
-    internal = tuner._local_tuner
-    run_config = internal.get_run_config()
-    run_config.callbacks = callbacks
-    internal.set_run_config(run_config)
+    tuner._local_tuner.get_run_config().callbacks = callbacks
     return tuner

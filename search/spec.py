@@ -252,11 +252,12 @@ def split_key(key: str) -> list[str]:
     return [part.strip() for part in key.split(",")]
 
 
-def apply_params(raw: dict, params: dict[str, Any]) -> dict:
+def apply_params(raw: dict, params: dict[str, Any], space: dict[str, Param]) -> dict:
     """Sets one trial's sampled params in a raw TrialConfig dict (paired keys get one value each)."""
     for key, value in params.items():
         keys = split_key(key)
-        values = decode_choice(value) if len(keys) > 1 else [value]
+        encoded = any(isinstance(c, (list, dict)) for c in (space[key].choice or [])) if key in space else False
+        values = decode_choice(value) if len(keys) > 1 else [decode_choice(value) if encoded else value]
         if not isinstance(values, list) or len(values) != len(keys):
             raise ConfigError(f"space.{key}: {shorten(value)} is not allowed: give {len(keys)} values, one per key")
         for part, item in zip(keys, values, strict=True):
@@ -280,7 +281,7 @@ def trial_config(
 
     `seed` and `max_steps` re-run a trial with another seed or another horizon (`fika confirm`).
     """
-    raw = apply_params(spec.base.model_dump(mode="json"), params)
+    raw = apply_params(spec.base.model_dump(mode="json"), params, spec.space)
     steps = max_steps or spec.max_steps
     evals = spec.eval_steps() if steps == spec.max_steps else sorted({min(spec.max_steps, steps), steps})
     raw["train"].update(max_steps=steps, eval_steps=evals, eval_every=None, num_evals=None, checkpoints=False)

@@ -25,6 +25,7 @@ from ray import tune
 
 from fika.common import read_jsonl, write_atomic
 from fika.config import dump_config
+from fika.search.confirm import confirm_name
 from fika.search.spec import SearchSpec, trial_config
 from fika.trial import TrialResult, load_result, run_trial, write_failed_result
 
@@ -39,11 +40,6 @@ def finished_trial(directory: Path) -> tuple[dict, TrialResult] | None:
     if result.eval_loss is not None:
         last["eval_loss"] = result.eval_loss
     return last, result
-
-
-def confirm_folder(run_dir: Path, confirm: dict) -> Path:
-    steps = f"-steps{confirm['steps']}" if confirm.get("steps") else ""
-    return run_dir / "trials" / f"{confirm['of']}-seed{confirm['seed']}{steps}"
 
 
 class FikaTrainable(tune.Trainable):
@@ -61,7 +57,7 @@ class FikaTrainable(tune.Trainable):
 
     def _start(self, params: dict) -> None:
         confirm = json.loads(params["_confirm"]) if "_confirm" in params else None
-        out = confirm_folder(self.run_dir, confirm) if confirm else self.run_dir / "trials" / self.trial_id
+        out = self.run_dir / "trials" / (confirm_name(confirm) if confirm else self.trial_id)
         if confirm is not None:  # a re-run of a finished trial with another seed or horizon (fika confirm)
             params = confirm["params"]
         self.out = out

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from fika.common import mask_secrets, read_json, write_atomic
+from fika.common import mask_secrets, read_json, say, write_atomic
 from fika.config import ConfigError
 from fika.search.spec import SearchSpec, baseline_params, data_needs, encode_choice
 
@@ -317,10 +317,11 @@ def preflight(spec: SearchSpec, directory: Path, resume: bool) -> str:
         raise ConfigError(f"storage: cannot create {directory}: {err.strerror}") from None
     if spec.searcher == "optuna":
         study_storage(spec, directory)
-    if spec.resources.gpu > 0 and (spec.address is None):
+    if spec.resources.gpu > 0 and spec.address is None:
+        import ray
         import torch
 
-        if torch.cuda.device_count() == 0:
+        if torch.cuda.device_count() == 0 and not ray.is_initialized():  # an instance given is checked in connect_ray
             raise ConfigError(
                 f"resources.gpu: {spec.resources.gpu:g} is not allowed: this machine has no GPU "
                 "(join a GPU cluster with --address, or set resources.gpu: 0)"
@@ -336,7 +337,7 @@ def run_search(
     address: str | None = None,
     resume: bool = False,
     callbacks: list | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> str:
     """Runs (or resumes) a search to its end; returns `finished` when it had already finished, else `done`."""
     directory = run_dir(spec)
@@ -345,6 +346,7 @@ def run_search(
     state = preflight(spec, directory, resume)
     if state == "finished":
         return state
+    log(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
     if state == "new":
         write_atomic(directory / "spec.yaml", spec_yaml(spec))
         write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))

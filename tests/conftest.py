@@ -190,16 +190,27 @@ SMOKE_SPEC = Path(__file__).resolve().parents[1] / "search" / "specs" / "smoke.y
 
 @pytest.fixture(scope="session")
 def smoke_report(tmp_path_factory):
-    """A real smoke search with 2 x 2 seed re-runs of its best trials, and its report."""
+    """A real smoke search, then the confirm commands its report prints (seeds and horizon), and its report."""
+    import re
+    import shlex
+
     import ray
 
     from fika.cli import main
 
     tmp = tmp_path_factory.mktemp("report")
     try:
-        code = main(["search", str(SMOKE_SPEC), f"storage={tmp}", f"report_dir={tmp / 'report'}", "--confirm-top", "2",
-                     "--seeds", "2"])  # fmt: skip
+        assert main(["search", str(SMOKE_SPEC), f"storage={tmp}", f"report_dir={tmp / 'report'}"]) == 0
+        printed = re.findall(r"`(fika confirm [^`]+)`", (tmp / "report" / "index.md").read_text())
+        assert len(printed) == 2
+        for command in printed:  # as printed, only made smaller: 2 trials, 2 seeds, 24 steps
+            args = shlex.split(command)[1:]
+            for flag, value in (("--top", "2"), ("--steps", "24")):
+                if flag in args:
+                    args[args.index(flag) + 1] = value
+            if "--steps" not in args:
+                args[args.index("--seeds") + 1] = "2"
+            assert main(args) == 0
     finally:
         ray.shutdown()
-    assert code == 0
     return tmp / "smoke", tmp / "report"

@@ -1,10 +1,10 @@
-"""Real Ray Tune searches on the tiny model: Optuna + ASHA, declared GPUs, several nodes, resume."""
+"""Real Ray Tune searches on the tiny model: Optuna + ASHA, the study's truth, declared GPUs, several nodes,
+worker reuse, faults (a trial that raises, a killed worker, a killed driver) and resume."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,8 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "search" / "specs" / "smoke.yaml"
 
 
-def trial_results(run: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run / "trials").glob("*/result.json"))]
+def trial_results(run: Path) -> dict[str, dict]:
+    results = {}
+    for path in sorted((run / "trials").glob("*/result.json")):
+        if not (path.parent / "confirm.json").exists():
+            results[path.parent.name] = json.loads(path.read_text())
+    return results
 
 
 def load_study(run: Path, name: str):
@@ -33,6 +37,11 @@ def load_study(run: Path, name: str):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def tune_results(run: Path) -> list[dict]:
+    """Every result Ray Tune recorded (each carries where its trial ran)."""
+    return [json.loads(line) for p in (run / "tune").rglob("result.json") for line in p.read_text().splitlines()]
+
+
 @pytest.fixture
 def ray_shutdown():
     import ray
@@ -41,70 +50,66 @@ def ray_shutdown():
     ray.shutdown()
 
 
-def test_smoke_search_runs_optuna_and_asha(tmp_path, ray_shutdown, capsys):
-    assert main(["search", str(SMOKE), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0
-    run = tmp_path / "smoke"
+def test_the_study_tells_what_the_report_shows(smoke_report):
+    """ASHA-stopped trials are PRUNED with their rung values, completed ones COMPLETE; no draw runs twice."""
+    run, report = smoke_report
     results = trial_results(run)
     assert len(results) == 8
-    statuses = [r["status"] for r in results]
-    assert "stopped" in statuses and "completed" in statuses  # ASHA pruned some, others ran to the end
-    for r in results:
-        assert "4" in r["eval_losses"]  # every trial reached the first rung
+    statuses = [r["status"] for r in results.values()]
+    assert "stopped" in statuses and "completed" in statuses
+    for r in results.values():
         if r["status"] == "completed":
-            assert sorted(r["eval_losses"], key=int) == ["4", "8", "12"] and r["steps"] == 12
+            assert r["steps"] == 12 and sorted(r["eval_losses"], key=int) == ["12"]  # rungs decide on train loss
     study = load_study(run, "smoke")
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 8  # one per Tune trial (a repeated draw is told FAIL and replaced)
-    assert len({json.dumps(t.params, sort_keys=True) for t in complete}) == 8  # no configuration ran twice
-    assert study.best_value == pytest.approx(min(r["eval_loss"] for r in results))
-    # the baseline (the base config's own values) ran first
-    first = min(results, key=lambda r: r["started_at"])
+    states = {t.user_attrs["tune_trial_id"]: t for t in study.trials if "tune_trial_id" in t.user_attrs}
+    assert set(states) == set(results)
+    for trial_id, r in results.items():
+        trial = states[trial_id]
+        assert trial.state.name == {"completed": "COMPLETE", "stopped": "PRUNED"}[r["status"]], trial_id
+        if r["status"] == "stopped":
+            assert (
+                trial.intermediate_values and trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+            )
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    repeats = [t for t in study.trials if "fika_repeat_of" in t.user_attrs]
+    assert all(t.state.name == "FAIL" for t in repeats)
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len({json.dumps(t.params, sort_keys=True) for t in done}) == len(done) == 8
+    import pandas as pd
+
+    table = pd.read_csv(report / "trials.csv")
+    assert (table["status"] == "completed").sum() == len([t for t in done if t.state.name == "COMPLETE"])
+    assert (table["status"] == "pruned").sum() == len([t for t in done if t.state.name == "PRUNED"])
+    draws = [json.loads(line) for line in (run / "draws.jsonl").read_text().splitlines()]
+    kinds = [d["drawn"] for d in draws if d["trial"] in results]
+    assert kinds[0] == "baseline" and "random" in kinds and "tpe" in kinds  # startup 3 of 8 trials
+    first = min(results.values(), key=lambda r: r["started_at"])  # the baseline (the base config's values) ran first
     config = yaml.safe_load(Path(first["output_dir"], "config.yaml").read_text())
     assert config["train"]["learning_rate"] == 5e-3 and config["lora"]["r"] == 16 and config["lora"]["dropout"] == 0
-    out = capsys.readouterr().out
-    assert "8/8 trials done" in out and "best eval_loss" in out
-
-
-def overlaps(results: list[dict]) -> int:
-    """The most trials running at one moment."""
-    events = sorted([(r["started_at"], 1) for r in results] + [(r["ended_at"], -1) for r in results])
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
 
 
 def test_declared_gpus_give_each_trial_its_own_device(tmp_path, ray_shutdown):
     """A CPU machine declaring 2 GPUs: trials asking 1 GPU each see distinct devices, 2 at a time at most."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
-    spec = load_spec(
-        SMOKE,
-        [
-            f"storage={tmp_path}",
-            f"report_dir={tmp_path / 'report'}",
-            "resources.gpu=1",
-            "resources.cpu=1",
-            "base.train.max_steps=24",
-        ],
-    )
     from fika.search.tuner import run_search
 
-    grid = run_search(spec, log=lambda _: None)
-    rows = [r.metrics for r in grid]
-    assert len(rows) == 8 and {row["cuda_visible_devices"] for row in rows} == {"0", "1"}
-    results = trial_results(tmp_path / "smoke")
-    assert overlaps(results) <= 2
-    by_dir = {row["trial_dir"]: row["cuda_visible_devices"] for row in rows}
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+    spec = load_spec(SMOKE, [f"storage={tmp_path}", "resources.gpu=1", "resources.cpu=1", "num_samples=6"])
+    run_search(spec, log=lambda _: None)
+    rows = [r for r in tune_results(tmp_path / "smoke") if r.get("done")]
+    assert len(rows) >= 3 and {row["cuda_visible_devices"] for row in rows} <= {"0", "1"}
+    results = list(trial_results(tmp_path / "smoke").values())
+    devices = {}
+    for row in tune_results(tmp_path / "smoke"):
+        devices[row["trial_dir"]] = row["cuda_visible_devices"]
     for a in results:
         for b in results:
             if a is not b and a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]:
-                assert by_dir[a["output_dir"]] != by_dir[b["output_dir"]]
+                assert devices[a["output_dir"]] != devices[b["output_dir"]]
 
 
-def test_search_on_a_multi_node_cluster(tmp_path, ray_shutdown):
+def test_search_on_a_multi_node_cluster(tmp_path):
     """A head and two worker nodes on this machine; trials are spread over the nodes."""
     import ray
     from ray.cluster_utils import Cluster
@@ -114,125 +119,193 @@ def test_search_on_a_multi_node_cluster(tmp_path, ray_shutdown):
         cluster.add_node(num_cpus=1)
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        assert (
-            main(
-                [
-                    "search",
-                    str(SMOKE),
-                    f"storage={tmp_path}",
-                    f"report_dir={tmp_path / 'report'}",
-                    "--address",
-                    cluster.address,
-                ]
-            )
-            == 0
-        )
-        results = [
-            json.loads(line)
-            for p in (tmp_path / "smoke" / "tune").rglob("result.json")
-            for line in p.read_text().splitlines()
-        ]
-        assert len({r["node"] for r in results}) == 2
-        assert len(trial_results(tmp_path / "smoke")) == 8
+        args = ["search", str(SMOKE), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}", "num_samples=6"]
+        assert main([*args, "--address", cluster.address]) == 0
+        assert len({r["node"] for r in tune_results(tmp_path / "smoke")}) == 2
+        assert len(trial_results(tmp_path / "smoke")) == 6
     finally:
         ray.shutdown()
         cluster.shutdown()
 
 
-def test_an_interrupted_search_resumes_without_losing_or_repeating_trials(tmp_path):
-    args = [
-        sys.executable,
-        "-m",
-        "fika.cli",
-        "search",
-        str(SMOKE),
-        f"storage={tmp_path}",
-        f"report_dir={tmp_path / 'report'}",
-        "base.train.max_steps=200",  # trials of a few seconds, so the driver dies while some run
-        "scheduler.grace_period=50",
-    ]
-    env = dict(os.environ)
-    driver = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+def test_a_reused_worker_reports_each_trials_own_peak(tmp_path, ray_shutdown):
+    """Two trials of different ranks, one after the other in one worker process: two peaks, the larger rank's larger."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.update(searcher="grid", num_samples=1, baseline=False, max_concurrent=1, scheduler={"kind": "fifo"})
+    spec["space"] = {"lora.r,lora.alpha": {"choice": [[8, 8], [1024, 1024]]}}
+    path = tmp_path / "ranks.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert (
+        main(["search", str(path), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}", "resources.cpu=2"]) == 0
     )
+    results = sorted(trial_results(tmp_path / "smoke").values(), key=lambda r: r["started_at"])
+    pids = {r["pid"] for r in tune_results(tmp_path / "smoke")}
+    assert len(pids) == 1  # the same process ran both trials
+    small, large = results
+    assert small["trainable_params"] < large["trainable_params"]
+    assert large["peak_memory_mb"] > small["peak_memory_mb"] + 20  # not the worker's lifetime peak
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, ray_shutdown):
+    """One trial raises (LoRA on a layer peft cannot adapt); the others complete; the report lists it last."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.update(searcher="grid", num_samples=1, max_failures=0, baseline=False, scheduler={"kind": "fifo"})
+    spec["space"] = {"lora.target_modules": {"choice": [["q_proj", "v_proj"], ["norm"]]}}
+    path = tmp_path / "failing.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["search", str(path), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert list(table["status"]) == ["completed", "failed"]
+    assert "not supported" in table["error"].iloc[1]
+    assert "failed: " in (tmp_path / "report" / "index.md").read_text()
+
+
+def spawn_search(tmp_path: Path, *extra: str, env: dict | None = None) -> tuple[list[str], subprocess.Popen]:
+    args = [sys.executable, "-m", "fika.cli", "search", str(SMOKE), f"storage={tmp_path}",
+            f"report_dir={tmp_path / 'report'}", *extra]  # fmt: skip
+    process = subprocess.Popen(args, env=env or dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    return args, process
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240, every_s: float = 0.05) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"the search ended first:\n{process.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(every_s)
+
+
+def test_a_killed_worker_is_retried_and_nothing_else_is_lost(tmp_path):
+    """SIGKILL to one trial's worker process mid-trial: Ray retries the trial, the search finishes, all 6 report."""
+    args, process = spawn_search(tmp_path, "num_samples=6", "base.train.max_steps=120", "scheduler.grace_period=40",
+                                 "max_failures=1")  # fmt: skip
     run = tmp_path / "smoke"
-    deadline = time.time() + 240
-    while len(trial_results(run)) < 2 and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.2)
-    assert driver.poll() is None, "the search ended before it could be interrupted"
-    os.killpg(driver.pid, signal.SIGKILL)  # a killed driver: no chance to save anything more
-    driver.wait()
-    finished_before = {r["output_dir"]: r["ended_at"] for r in trial_results(run)}
-    assert 2 <= len(finished_before) < 8
 
-    done = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-3000:]
+    def running_trial() -> bool:
+        return (
+            any(len(p.read_text().splitlines()) > 10 for p in (run / "tune").rglob("result.json"))
+            if (run / "tune").exists()
+            else False
+        )
+
+    wait_for(running_trial, process)
+    row = next(
+        json.loads(line) for p in (run / "tune").rglob("result.json") for line in p.read_text().splitlines()[-1:]
+    )
+    victim = row["trial_dir"]
+    os.kill(row["pid"], signal.SIGKILL)
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output[-3000:]
     results = trial_results(run)
-    assert len(results) == 8, sorted(set(r["output_dir"] for r in results) - set(finished_before))
-    assert all(r["status"] in ("completed", "stopped") for r in results)
-    for r in results:  # a trial that had finished was not run again
-        if r["output_dir"] in finished_before:
-            assert r["ended_at"] == finished_before[r["output_dir"]]
+    assert len(results) == 6 and all(r["status"] in ("completed", "stopped") for r in results.values()), results
+    assert Path(victim).name in results  # the killed trial ran again and ended
+    assert "6/6 trials done" in output
+
+
+def a_trial_is_midway(run: Path) -> bool:
+    metrics = (run / "trials").glob("*/metrics.jsonl")
+    midway = any(len(p.read_text().splitlines()) > 30 and not (p.parent / "result.json").exists() for p in metrics)
+    return midway and len(trial_results(run)) >= 1
+
+
+KILL_POINTS = {  # when to kill the driver, and how often to look (a report file is written in milliseconds)
+    "during a trial": (a_trial_is_midway, 0.05),
+    "between trials": (lambda run: len(trial_results(run)) >= 3, 0.01),
+    "while the report is written": (lambda run: any((run.parent / "report").glob(".*.tmp")), 0.001),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point):
+    extra = ["base.train.max_steps=60", "scheduler.grace_period=20"]
+    args, process = spawn_search(tmp_path, *extra)
+    run = tmp_path / "smoke"
+    when, every_s = KILL_POINTS[point]
+    wait_for(lambda: when(run), process, every_s=every_s)
+    os.killpg(process.pid, signal.SIGKILL)  # driver, Ray and workers: nothing gets to save anything more
+    process.wait()
+    before = trial_results(run)
+    folders_before = {p.name for p in (run / "trials").glob("*/")}
+
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = trial_results(run)
+    assert folders_before <= set(results)  # every trial of the first run ended, once
+    for trial_id, r in before.items():  # a trial that had ended was not run again
+        assert results[trial_id]["ended_at"] == r["ended_at"]
+    assert all(r["status"] in ("completed", "stopped", "failed") for r in results.values())
+    assert len(results) == 8, sorted(results)
+    ran = [r for r in results.values() if r["status"] != "failed"]
+    configs = []
+    for trial_id, r in results.items():
+        if r["status"] != "failed":
+            config = yaml.safe_load((run / "trials" / trial_id / "config.yaml").read_text())
+            configs.append(json.dumps({k: config[k] for k in ("lora", "train")}, sort_keys=True))
+    assert len(set(configs)) == len(ran)  # no parameters ran twice
     study = load_study(run, "smoke")
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 8
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert "8/8 trials done" in done.stdout, done.stdout[-3000:]  # the progress counts the first run too
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("space.lora.dropout.choice=[0.0]", None),
-        ("spaces={}", r"spaces: unknown key \(allowed here: name, base, space"),
-        (
-            "space.lora.dropout.choice=[]",
-            "space.lora.dropout.choice: \\[\\] is not allowed: list should have at least 1 item",
-        ),
-        (
-            "space.train.learning_rate={loguniform: [0.001, 0.0001]}",
-            "loguniform \\[0.001, 0.0001\\] is not allowed: low must be < high",
-        ),
-        ("space.train.learning_rate={loguniform: [0, 0.001]}", "low must be > 0"),
-        ("resources.gpu=1", "resources.gpu: 1 is not allowed: this machine has no GPU"),
-        ("metric=accuracy", "metric: 'accuracy' is not allowed: input should be 'eval_loss' or 'train_loss_smooth'"),
-        (
-            "space.lora.dropout.choice=[0.0, 1.5]",
-            "space.lora.dropout: lora.dropout: 1.5 is not allowed: input should be less than 1",
-        ),
-        ("searcher=grid", None),
-    ],
-)
-def test_bad_specs_fail_before_ray_starts(tmp_path, capsys, override, message):
+def test_the_same_search_twice_reports_again_and_a_changed_one_is_refused(smoke_report, capsys):
+    run, report = smoke_report
+    storage = run.parent
+    assert main(["search", str(SMOKE), f"storage={storage}", f"report_dir={report}"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main(["search", str(SMOKE), f"storage={storage}", f"report_dir={report}", "num_samples=9", "seed=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_samples 8 -> 9; seed 0 -> 1" in err[0] and "pick another name" in err[0]
+
+
+def test_an_unfinished_search_asks_for_resume_and_nothing_to_resume_is_refused(tmp_path, capsys):
     import ray
 
-    if message is None:  # valid: a dry run prints the plan and starts nothing
-        assert main(["search", str(SMOKE), override, "--dry-run"]) == 0
-        assert "trials" in capsys.readouterr().out
-    else:
-        if override.startswith("resources.gpu"):
-            pytest.importorskip("torch").cuda.is_available() and pytest.skip("this machine has a GPU")
-        assert main(["search", str(SMOKE), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}", override]) == 2
-        errors = capsys.readouterr().err.strip().splitlines()
-        assert len(errors) == 1 and re.search(message, errors[0]), errors
+    run = tmp_path / "smoke"
+    (run / "trials").mkdir(parents=True)
+    spec = load_spec(SMOKE, [f"storage={tmp_path}"])
+    from fika.search.tuner import spec_yaml
+
+    (run / "spec.yaml").write_text(spec_yaml(spec))
+    assert main(["search", str(SMOKE), f"storage={tmp_path}"]) == 2
+    assert "is unfinished (0 of 8 trials ended): add --resume" in capsys.readouterr().err
+    assert main(["search", str(SMOKE), f"storage={tmp_path / 'other'}", "--resume"]) == 2
+    assert "there is no search to resume" in capsys.readouterr().err
     assert not ray.is_initialized()
-    assert not (tmp_path / "smoke" / "tune").exists()
 
 
-def test_a_space_key_must_be_a_config_key(tmp_path, capsys):
-    spec = yaml.safe_load(SMOKE.read_text())
-    spec["space"]["train.lr_sched"] = {"choice": ["linear"]}
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    assert main(["search", str(path), "--dry-run"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(
-        "fika search: error: space.train.lr_sched: train.lr_sched: unknown key (allowed here: learning_rate"
-    )
-
-
-def test_dry_run_counts_the_grid(capsys):
+def test_dry_run_counts_the_grid_and_estimates_memory(capsys):
     assert main(["search", str(SMOKE), "searcher=grid", "num_samples=1", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "grid searcher, 108 trials" in out and "rungs at steps [4, 8]" in out
+    assert "grid searcher, 108 trials" in out and "rungs at steps [4, 8] on train_loss_smooth" in out
+    assert "memory of the largest trial (r 16, batch 2) on cuda" in out and "such trials per GPU" in out
+
+
+def llama_1b_config(folder: Path) -> Path:
+    """A model folder holding only the published Llama-3.2-1B config: enough for the memory estimate."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def test_a_spec_whose_largest_trial_exceeds_the_gpu_is_refused(tmp_path, capsys):
+    """The estimate before launch: a Llama-3.2-1B trial of the grid at batch 16 x 2048 does not fit 8 GiB."""
+    import ray
+
+    model = llama_1b_config(tmp_path / "llama")
+    args = ["search", "grid", f"base.model.name={model}", f"storage={tmp_path}", "--address=auto"]
+    assert main([*args, "resources.gpu_memory_gb=8", "base.train.batch_size=16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "resources.gpu: 1 is not allowed: the largest trial needs about" in err[0], err
+    assert "r 64" not in err[0] and "4-bit" in err[0]
+    assert not ray.is_initialized() and not (tmp_path / "grid" / "tune").exists()
+    assert main(["search", "grid", f"base.model.name={model}", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "memory of the largest trial (r 64, batch 2) on cuda" in out and "4-bit" in out
 
 
 def test_every_shipped_spec_validates_and_says_how_to_run_it():

@@ -336,14 +336,17 @@ def decision_lines(r: Report) -> list[str]:
         return ["No trial has completed yet."]
     lines = []
     second = done[1] if len(done) > 1 else None
-    for other, name in ((second, "#2, the baseline," if second is r.baseline else "#2"), (r.baseline, "the baseline")):
+    for other, name in ((second, "#2 (the baseline)" if second is r.baseline else "#2"), (r.baseline, "the baseline")):
         if other is None or other is best or (name == "the baseline" and other is second):
+            continue
+        if other.status != "completed":
+            lines.append(f"The baseline `{other.trial_id}` was {other.status} at step {other.steps}"
+                         + (": the scheduler ranked it below the others at its rung." if other.status == "pruned" else "."))  # fmt: skip
             continue
         paired = paired_against(other, best)
         if paired is None:
-            lines.append(
-                f"The best trial {best.trial_id} leads {name} ({other.trial_id}) by {other.metric - best.metric:.4f}."
-            )
+            lines.append(f"The best trial `{best.trial_id}` leads {name} (`{other.trial_id}`) by "
+                         f"{other.metric - best.metric:.4f} (no per-conversation evals to compare them paired).")  # fmt: skip
             continue
         beyond = "beyond the eval noise" if paired.significant else "within the eval noise"
         lines.append(

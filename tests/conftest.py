@@ -205,7 +205,7 @@ def smoke_report(tmp_path_factory):
         assert len(printed) == 2
         for command in printed:  # as printed, only made smaller: 2 trials, 2 seeds, 24 steps
             args = shlex.split(command)[1:]
-            for flag, value in (("--top", "2"), ("--steps", "24")):
+            for flag, value in (("--top", "3"), ("--steps", "24")):
                 if flag in args:
                     args[args.index(flag) + 1] = value
             if "--steps" not in args:
@@ -214,3 +214,14 @@ def smoke_report(tmp_path_factory):
     finally:
         ray.shutdown()
     return tmp / "smoke", tmp / "report"
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory) -> Path:
+    """A real adapter from `fika train` on the tiny model."""
+    from fika.cli import main
+
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    assert main(["train", "model.name=tiny", "train.max_steps=10", "train.learning_rate=5e-3", "data.sources.0.limit=300",
+                 "data.eval_size=16", f"output.dir={out}"]) == 0  # fmt: skip
+    return out / "adapter"

@@ -1,7 +1,9 @@
-"""Reports from a real smoke search: ranking, files, best.yaml reproduces its trial, partial and failed runs."""
+"""Reports from a real smoke search: ranking, files, measured claims (paired intervals, seeds, horizon, rung
+agreement, edges), best.yaml reproduces its trial, partial, killed and failed runs, and whose report it is."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from html.parser import HTMLParser
@@ -12,11 +14,48 @@ import pytest
 import yaml
 
 from fika.cli import main
+from fika.common import FikaError
+from fika.search.analysis import edge_values, paired_bootstrap, ranks, spearman
 from fika.search.report import build_report
+from fika.search.spec import Param
 
 REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "search" / "specs" / "smoke.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_bootstrap_flags_a_real_difference_and_not_an_identical_pair():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    counts = rng.integers(20, 200, size=64).tolist()
+    base = [c * (2.0 + rng.normal(0, 0.3)) for c in counts]  # per-token losses around 2 that vary by conversation
+    better = [s - c * 0.05 for s, c in zip(base, counts, strict=True)]  # 0.05 lower on every conversation
+    paired = paired_bootstrap(better, base, counts)
+    assert paired.diff == pytest.approx(-0.05) and paired.significant and paired.high < 0
+    same = paired_bootstrap(base, base, counts)
+    assert same.diff == 0 and not same.significant
+    noisy = [s + c * rng.normal(0, 0.3) for s, c in zip(base, counts, strict=True)]  # noise, no shift
+    assert paired_bootstrap(noisy, base, counts).low < 0 < paired_bootstrap(noisy, base, counts).high
+    assert (
+        paired_bootstrap(better, base, counts, seed=3).text() == paired_bootstrap(better, base, counts, seed=3).text()
+    )
+
+
+def test_rank_correlation_and_edges():
+    assert ranks([3.0, 1.0, 2.0, 2.0]) == [4.0, 1.0, 2.5, 2.5]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None
+    space = {"train.learning_rate": Param(choice=[1e-4, 2e-4, 5e-4]), "lora.dropout": Param(choice=[0.0, 0.1]),
+             "lora.r,lora.alpha": Param(choice=[[8, 8], [32, 64]]), "train.weight_decay": Param(uniform=[0.0, 0.1])}  # fmt: skip
+    notes = edge_values(space, {"train.learning_rate": 5e-4, "lora.dropout": 0.0, "lora.r,lora.alpha": [32, 64],
+                                "train.weight_decay": 0.097}, {"dropout": 0})  # fmt: skip
+    assert notes == [
+        "train.learning_rate = 0.0005 is the largest value searched: widen the space above it",
+        "lora.r = 32 is the largest value searched: widen the space above it",
+        "lora.alpha = 64 is the largest value searched: widen the space above it",
+        "train.weight_decay = 0.097 is the largest value searched: widen the space above it",
+    ]  # dropout 0 is its floor, not an edge to widen
 
 
 def test_ranking_matches_trials_csv_and_lists_every_trial_once(smoke_report):
@@ -31,15 +70,42 @@ def test_ranking_matches_trials_csv_and_lists_every_trial_once(smoke_report):
     assert list(completed["metric"]) == sorted(completed["metric"])
     pruned = table[table["status"] == "pruned"]
     assert list(pruned["steps"]) == sorted(pruned["steps"], reverse=True)
-    assert table["baseline"].sum() == 1
+    assert table["baseline"].sum() == 1 and (table["trainable_params"] > 0).all()
     md = (report / "index.md").read_text()
     order = [md.index(f"| {trial} |") for trial in table["trial"]]
     assert order == sorted(order)  # the Markdown table is in the same order
 
 
-def test_report_files_are_valid(smoke_report):
+def test_the_report_measures_its_claims(smoke_report):
+    """Paired intervals against the best, the seeds and horizon sections of the printed confirm commands, the
+    rung agreement, the edge warnings and how every trial was drawn."""
     _, report = smoke_report
-    for name in ("curves.png", "params.png", "importance.png"):
+    md = (report / "index.md").read_text()
+    assert "(95% interval " in md and "paired over the same 16 conversations" in md
+    assert ("beyond the eval noise" in md) or ("within the eval noise" in md)
+    assert "## Seeds: re-runs of the top trials" in md and "+/-" in md and "the seeds (by the seed mean" in md
+    assert "## Horizon: does the 12-step order hold at 24 steps?" in md and "Spearman rho" in md
+    assert "## Rung agreement" in md and "rung 6 (train_loss_smooth) vs eval_loss at step 12" in md
+    assert "Edge: " in md and "is the largest value searched: widen the space above it" in md
+    assert "drawn: 1 baseline, " in md and " tpe" in md  # 3 start-up trials of 8: TPE drew the rest
+    assert "Not drawn: fANOVA importances need at least 8 completed trials" in md
+    header = next(line for line in md.splitlines() if line.startswith("| rank |"))
+    assert "vs best [95% CI]" in header and "vs baseline" in header and "trainable" in header
+    assert (report / "report.json").exists() and json.loads((report / "report.json").read_text())["best"]["trial"]
+
+
+def test_report_files_are_valid_and_hold_no_machine_paths(smoke_report):
+    run, report = smoke_report
+    pictures = [
+        "curves.png",
+        "params.png",
+        "pareto.png",
+        "history.png",
+        "parallel.png",
+        "slice.png",
+        "intermediate.png",
+    ]
+    for name in pictures:
         assert (report / name).read_bytes().startswith(PNG_MAGIC), name
 
     class Collect(HTMLParser):
@@ -54,59 +120,120 @@ def test_report_files_are_valid(smoke_report):
 
     page = Collect()
     page.feed((report / "index.html").read_text())
-    assert page.tags.count("table") == 1 and page.tags.count("tr") == 9
-    assert len(page.images) == 3
-    import base64
-
+    assert page.tags.count("table") == 3  # ranking, horizon, data
+    assert len(page.images) == len(pictures)
     assert all(base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC) for src in page.images)
-    md = (report / "index.md").read_text()
-    assert "## Seeds (re-runs of the top trials)" in md and "std" in md
-    assert "![Loss curves](curves.png)" in md and "confirmation runs" in md
+    body = [line for line in (report / "best.yaml").read_text().splitlines() if not line.startswith("#")]
+    for name, text in (("trials.csv", (report / "trials.csv").read_text()), ("report.json", (report / "report.json").read_text()),
+                       ("best.yaml", "\n".join(body))):  # fmt: skip
+        assert "/tmp/" not in text, name  # paths relative to the run or the report; commands relative to the cwd
+    configs = [json.loads(c) for c in pd.read_csv(report / "trials.csv")["config"]]
+    assert all(c["output"]["dir"].startswith("trials/") for c in configs)
 
 
 def test_best_yaml_reproduces_the_best_trial(smoke_report, tmp_path):
     run, report = smoke_report
     best = pd.read_csv(report / "trials.csv").iloc[0]
     text = (report / "best.yaml").read_text()
-    assert text.startswith("# The best trial") and "train.max_steps=-1 train.epochs=3" in text.splitlines()[2]
-    assert main(["train", "--config", str(report / "best.yaml"), f"output.dir={tmp_path}"]) == 0
-    again = json.loads((tmp_path / "result.json").read_text())
+    assert text.startswith("# The best trial") and "train.num_evals=10 train.checkpoints=true" in text.splitlines()[2]
+    assert main(["train", "--config", str(report / "best.yaml"), f"output.dir={tmp_path / 'again'}"]) == 0
+    again = json.loads((tmp_path / "again" / "result.json").read_text())
     assert again["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-4)
     original = yaml.safe_load((run / "trials" / best["trial"] / "config.yaml").read_text())
-    reproduced = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    reproduced = yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())
     assert {k: v for k, v in reproduced.items() if k != "output"} == {
         k: v for k, v in original.items() if k != "output"
     }
 
 
-def test_report_of_a_running_search(smoke_report, tmp_path):
+def test_report_of_a_running_and_of_a_killed_search(smoke_report, tmp_path):
     run, _ = smoke_report
     partial = tmp_path / "smoke"
     shutil.copytree(run, partial)
-    running = next(p for p in sorted((partial / "trials").iterdir()) if not (p / "confirm.json").exists())
+    trials = sorted(p for p in (partial / "trials").iterdir() if not (p / "confirm.json").exists())
+    running, cut = trials[0], trials[1]
     (running / "result.json").unlink()  # as while the trial still trains
     lines = (running / "metrics.jsonl").read_text().splitlines()
     (running / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    text = (cut / "metrics.jsonl").read_text()  # a writer killed mid-line, and a result.json cut short
+    (cut / "metrics.jsonl").write_text(text[: len(text) - 17])
+    (cut / "result.json").write_text((cut / "result.json").read_text()[:40])
+    (cut / "evals.jsonl").write_text((cut / "evals.jsonl").read_text()[:-30])
     out = build_report(partial, tmp_path / "report")
     table = pd.read_csv(out / "trials.csv")
     row = table[table["trial"] == running.name].iloc[0]
     assert row["status"] == "running" and row["steps"] == 3
-    assert "1 running" in (out / "index.md").read_text()
+    assert table[table["trial"] == cut.name].iloc[0]["status"] == "running"  # its result could not be read
+    assert "2 running" in (out / "index.md").read_text()
 
 
-def test_report_lists_failed_trials_last_with_their_reason(tmp_path):
-    import ray
+def test_a_report_folder_belongs_to_one_search(smoke_report, tmp_path):
+    run, report = smoke_report
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    (other / "run.json").write_text(json.dumps({"id": "another-search"}))
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+    with pytest.raises(FikaError, match="holds the report of another search"):
+        build_report(other, report)
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before  # nothing changed
+    shutil.rmtree(run.parent / "gone", ignore_errors=True)
+    gone = tmp_path / "report-of-a-gone-run"
+    shutil.copytree(report, gone)
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    report_json = json.loads((gone / "report.json").read_text())
+    (gone / "report.json").write_text(json.dumps({**report_json, "run": "../no-such-run", "run_id": "old"}))
+    build_report(moved, gone)  # its run folder is gone: replaced, with a line saying so
+    assert json.loads((gone / "report.json").read_text())["run_id"] != "old"
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(FikaError, match="is not a fika report"):
+        build_report(run, foreign)
 
-    spec = yaml.safe_load(SMOKE.read_text())
-    spec["space"] = {"model.name": {"choice": ["tiny", str(tmp_path / "no-such-model")]}}
-    spec.update(searcher="grid", num_samples=1, max_failures=0, baseline=False)
-    path = tmp_path / "failing.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    try:
-        assert main(["search", str(path), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0
-    finally:
-        ray.shutdown()
-    table = pd.read_csv(tmp_path / "report" / "trials.csv")
-    assert list(table["status"]) == ["completed", "failed"]
-    assert "cannot load a tokenizer" in table["error"].iloc[1]
-    assert "failed: " in (tmp_path / "report" / "index.md").read_text()
+
+def test_fika_report_writes_where_the_user_says_not_where_the_run_says(smoke_report, tmp_path, monkeypatch):
+    run, _ = smoke_report
+    copy = tmp_path / "shared" / "smoke"
+    shutil.copytree(run, copy)
+    spec = yaml.safe_load((copy / "spec.yaml").read_text())
+    spec["report_dir"] = str(tmp_path / "elsewhere")  # a shared run folder naming a place outside it
+    (copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(copy)]) == 0
+    assert (tmp_path / "reports" / "smoke" / "index.html").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_credentials_never_reach_a_report_or_a_space(smoke_report, tmp_path, tiny_adapter):
+    run, _ = smoke_report
+    copy = tmp_path / "smoke"
+    shutil.copytree(run, copy)
+    spec = yaml.safe_load((copy / "spec.yaml").read_text())
+    spec["optuna_storage"] = "postgresql://fika:s3cret-pass@db.example.com:5432/studies"
+    (copy / "spec.yaml").write_text(yaml.safe_dump(spec))
+    out = build_report(copy, tmp_path / "report")
+    assert (
+        main(
+            ["space", "export", "--adapter", str(tiny_adapter), "--report", str(out), "--out", str(tmp_path / "space")]
+        )
+        == 0
+    )
+    for folder in (out, tmp_path / "space"):
+        for path in folder.rglob("*"):
+            if path.is_file() and path.suffix != ".gguf":
+                assert b"s3cret-pass" not in path.read_bytes(), path
+    assert "postgresql://fika:***@db.example.com" in (out / "index.md").read_text()
+
+
+def test_report_lists_failed_trials_last_with_their_reason(smoke_report, tmp_path):
+    run, _ = smoke_report
+    copy = tmp_path / "smoke"
+    shutil.copytree(run, copy)
+    victim = sorted(p for p in (copy / "trials").iterdir() if not (p / "confirm.json").exists())[0]
+    result = json.loads((victim / "result.json").read_text())
+    (victim / "result.json").write_text(
+        json.dumps({**result, "status": "failed", "error": "RuntimeError: CUDA out of memory"})
+    )
+    table = pd.read_csv(build_report(copy, tmp_path / "report") / "trials.csv")
+    assert table.iloc[-1]["trial"] == victim.name and table.iloc[-1]["status"] == "failed"
+    assert "CUDA out of memory" in table.iloc[-1]["error"]

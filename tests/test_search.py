@@ -279,7 +279,7 @@ def test_an_unfinished_search_asks_for_resume_and_nothing_to_resume_is_refused(t
 def test_dry_run_counts_the_grid_and_estimates_memory(capsys):
     assert main(["search", str(SMOKE), "searcher=grid", "num_samples=1", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "grid searcher, 108 trials" in out and "rungs at steps [4, 8] on train_loss_smooth" in out
+    assert "grid searcher, 108 trials" in out and "rungs at steps [6] on train_loss_smooth" in out
     assert "memory of the largest trial (r 16, batch 2) on cuda" in out and "such trials per GPU" in out
 
 

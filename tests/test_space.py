@@ -31,15 +31,6 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory) -> Path:
-    """A real adapter from `fika train` on the tiny model."""
-    out = tmp_path_factory.mktemp("adapter")
-    assert main(["train", "model.name=tiny", "train.max_steps=10", "train.learning_rate=5e-3", "data.sources.0.limit=300",
-                 "data.eval_size=16", f"output.dir={out}"]) == 0  # fmt: skip
-    return out / "adapter"
-
-
-@pytest.fixture(scope="module")
 def served(tiny_adapter, smoke_report, tmp_path_factory):
     """The app on a local port: tiny base + the adapter, a missing compare adapter, the smoke report."""
     _, report = smoke_report

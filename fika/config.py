@@ -330,7 +330,8 @@ def source_label(raw: dict, index: int) -> str:
 def set_dotted(raw: dict, key: str, value: Any) -> dict:
     """Sets a dotted key in a nested dict, creating sections; list items by index or source name.
 
-    A mapping key that itself holds dots (a search space's `lora.dropout`) is matched whole, longest first.
+    A mapping whose keys hold dots (a search space: `lora.dropout`) is matched by its keys, longest first, and a
+    new key in it takes the rest of the dotted key whole (`space.train.warmup_steps={choice: [0, 5]}`).
     """
     parts = key.split(".")
     node: Any = raw
@@ -345,7 +346,9 @@ def set_dotted(raw: dict, key: str, value: Any) -> dict:
                 )
             i += 1
         elif isinstance(node, dict):
-            j = next((j for j in range(len(parts), i + 1, -1) if ".".join(parts[i:j]) in node), i + 1)
+            j = next((j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in node), None)
+            if j is None:
+                j = len(parts) if any("." in str(k) for k in node) else i + 1
             index, i = ".".join(parts[i:j]), j
             if i < len(parts) and not isinstance(node.get(index), (dict, list)):
                 if node.get(index) is not None:

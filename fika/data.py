@@ -125,6 +125,8 @@ def read_source(
     column, standardize = STANDARDIZERS[fmt]
     if column not in columns:
         raise DataError(f"data source {source.path!r}: format {fmt!r} needs a {column!r} column, found {columns[:12]}")
+    log(f"data: tokenizing {source.path} ({fmt}, {len(rows):,} rows; {'all' if need is None else f'{need:,} usable'} "
+        f"wanted){'; ' + note if note else ''}")  # fmt: skip
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     kept: list[dict] = []
@@ -188,7 +190,6 @@ def source_cache(
         enough = meta is not None and (meta["complete"] or (need is not None and meta["usable"] >= need))
         built = rebuild or not enough
         if built:
-            log(f"data: reading {source.path} ({'all rows' if need is None else f'{need:,} usable rows'})")
             rows, meta = read_source(source, tokenizer, max_length, overlong, seed, need)
             if not rows:  # a source that yields nothing is an error, never a silent loss
                 reasons = ", ".join(f"{r} {n}" for r, n in Counter(reason for _, reason in meta["drops"]).items())

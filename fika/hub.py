@@ -114,11 +114,12 @@ def file_list(folder: Path) -> list[str]:
 
 def upload(folder: Path, repo: str, repo_type: str, private: bool) -> str:
     """Creates (or reuses) the repository and uploads `folder`; one line on any hub failure."""
+    token = hub_token()
     if not hub_reachable():
         raise FikaError("the Hugging Face hub cannot be reached (no network, or HF_HUB_OFFLINE is set)")
     from huggingface_hub import HfApi
 
-    api = HfApi(token=hub_token())
+    api = HfApi(token=token)
     try:
         api.create_repo(repo, repo_type=repo_type, private=private, exist_ok=True,
                         **({"space_sdk": "gradio"} if repo_type == "space" else {}))  # fmt: skip

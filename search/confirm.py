@@ -70,8 +70,10 @@ def run_confirm(
     """Runs the re-runs on Ray (one trial each, reused workers); those that already ran are replayed."""
     from ray import tune
 
-    from fika.search.tuner import connect_ray, prepare_search_data, trainable_for
+    from fika.search.tuner import check_address, connect_ray, prepare_search_data, trainable_for
 
+    if address or spec.address:
+        check_address(address or spec.address)
     log(f"confirm: {len({r['of'] for r in runs})} trials, {len(runs)} re-runs")
     prepare_search_data(spec, log)
     connect_ray(spec, address or spec.address)

@@ -35,7 +35,8 @@ DRIVER_ENV = {
     # `--resume` knows nearly every trial that had started; fika settles the rest (searcher.reconcile).
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
 }
-IGNORED_WHEN_COMPARING = ("address", "report_dir", "trackers", "max_concurrent", "max_failures", "resources")
+# Settings that change where and how fast a search runs, not its results: a resume may change them.
+IGNORED_WHEN_COMPARING = ("storage", "address", "report_dir", "trackers", "max_concurrent", "max_failures", "resources")
 
 
 def run_dir(spec: SearchSpec) -> Path:
@@ -57,7 +58,13 @@ def spec_differences(old: dict, new: dict) -> list[str]:
 
 def run_state(spec: SearchSpec, resume: bool) -> str:
     """What to do with the run folder: `new`, `resume`, or `finished` (report it); refuses a conflict."""
-    directory = run_dir(spec)
+    try:
+        return folder_state(spec, run_dir(spec), resume)
+    except OSError as err:  # a name too long for the filesystem, a folder that cannot be read
+        raise ConfigError(f"storage: cannot use {run_dir(spec)}: {err.strerror}") from None
+
+
+def folder_state(spec: SearchSpec, directory: Path, resume: bool) -> str:
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"storage: {directory} is a file; give a folder for the search")
     saved = directory / "spec.yaml"
@@ -278,7 +285,6 @@ def connect_ray(spec: SearchSpec, address: str | None) -> None:
         if address is None:
             ray.init(include_dashboard=False, log_to_driver=False)
         else:
-            check_address(address)
             try:
                 ray.init(address=address, log_to_driver=False)
             except ConnectionError as err:
@@ -311,11 +317,9 @@ def preflight(spec: SearchSpec, directory: Path, resume: bool) -> str:
     state = run_state(spec, resume)
     if state == "finished":
         return state
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"storage: cannot create {directory}: {err.strerror}") from None
-    if spec.searcher == "optuna":
+    if spec.address:
+        check_address(spec.address)
+    if spec.searcher == "optuna" and spec.optuna_storage:
         study_storage(spec, directory)
     if spec.resources.gpu > 0 and spec.address is None:
         import ray
@@ -329,6 +333,10 @@ def preflight(spec: SearchSpec, directory: Path, resume: bool) -> str:
     from fika.search.plan import check_memory
 
     check_memory(spec)
+    try:  # created last: a refused search leaves nothing behind
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"storage: cannot create {directory}: {err.strerror}") from None
     return state
 
 

@@ -129,6 +129,17 @@ def resolve_model_path(config: ModelConfig, weights: bool = True) -> str:
     return config.name
 
 
+def load_error(config: ModelConfig, what: str, err: Exception) -> ConfigError:
+    """One line for a model that cannot be loaded; code that ships with a model runs only when asked for."""
+    if "trust_remote_code" in str(err) and not config.trust_remote_code:
+        return ConfigError(
+            f"model.name: {config.name!r} ships its own Python code, which fika runs only when you ask for it: "
+            "model.trust_remote_code=true in your own config (fika space: --trust-remote-code)"
+        )
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return ConfigError(f"model.name: cannot load {what} of {config.name!r}: {first}")
+
+
 def hub_cached(config: ModelConfig) -> bool:
     """Whether a hub model's config is in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
@@ -167,8 +178,7 @@ def load_tokenizer(config: ModelConfig):
                 path, revision=config.revision, trust_remote_code=config.trust_remote_code
             )
         except Exception as err:  # OSError, ValueError, ...: a folder without tokenizer files, a bad id
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise ConfigError(f"model.name: cannot load a tokenizer from {config.name!r}: {first}") from None
+            raise load_error(config, "a tokenizer", err) from None
     kind = template_kind(tokenizer, config)
     tokenizer.chat_template = CHATML_TEMPLATE if kind == "chatml" else LLAMA3_TEMPLATE
     if kind == "chatml" and "<|im_start|>" not in tokenizer.get_vocab():
@@ -265,8 +275,7 @@ def load_base_model(config: ModelConfig, tokenizer, quantize: bool | None = None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise ConfigError(f"model.name: cannot load {config.name!r}: {first}") from None
+        raise load_error(config, "the model", err) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if quantize:
@@ -322,8 +331,7 @@ def model_config_of(config: ModelConfig):
             trust_remote_code=config.trust_remote_code,
         )
     except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise ConfigError(f"model.name: cannot read the config of {config.name!r}: {first}") from None
+        raise load_error(config, "the config", err) from None
 
 
 def empty_model(config: ModelConfig):

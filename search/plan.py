@@ -4,6 +4,7 @@ the space would train on, and the peak memory of its largest trial (`fika search
 from __future__ import annotations
 
 import itertools
+import re
 
 from fika.config import ConfigError, TrialConfig
 from fika.memory import GIB, MemoryEstimate, estimate_memory
@@ -61,16 +62,18 @@ def rows_per_source(data) -> str:
     weights = [s.weight for s in data.sources] if data.sources[0].weight is not None else None
     if weights is not None and None not in limits:
         takes = weighted_take(limits, weights)
-    else:
-        takes = [0 if weights and w == 0 else n for n, w in zip(limits, weights or [None] * len(limits), strict=True)]
-    return ", ".join(
-        f"{name} {'all' if t is None else f'{t:,}'}" for name, t in zip(data.source_names(), takes, strict=True)
-    )
+        return ", ".join(f"{name} {t:,}" for name, t in zip(data.source_names(), takes, strict=True))
+    shown = []
+    for name, limit, weight in zip(data.source_names(), limits, weights or [None] * len(limits), strict=True):
+        rows = "0" if weight == 0 else "all" if limit is None else f"{limit:,}"
+        shown.append(f"{name} {rows}" + (f" (weight {weight:g})" if weight else ""))
+    return ", ".join(shown)
 
 
 def data_extremes(spec: SearchSpec, limit: int = 16) -> list[str]:
     """The training rows per source at each corner of the data keys' values (smallest and largest of each)."""
-    keys = [k for k in spec.space if any(p.startswith("data.") for p in split_key(k)) and spec.space[k].choice]
+    keys = [k for k in spec.space if spec.space[k].choice and any(re.match(r"data\.sources\.[a-z0-9_]+\.(weight|limit)$", p)
+                                                                  for p in split_key(k))]  # fmt: skip
     lines = []
     corners = itertools.product(*(sorted({0, len(spec.space[k].choice) - 1}) for k in keys)) if keys else []
     for corner in itertools.islice(corners, limit):

@@ -11,8 +11,10 @@ Ray internals used (checked by tests/test_searcher.py against the installed Ray)
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
+import random
 import os
 from pathlib import Path
 
@@ -79,8 +81,13 @@ class FikaOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str):
         if len(self._ot_trials) + self.adopted >= self.budget:
             return Searcher.FINISHED
-        for _ in range(20):
-            finished = len(self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        finished = len(self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        for attempt in range(21):
+            if attempt == 20:  # TPE keeps drawing what ran: take a combination that has not run, if one is left
+                untried = self.untried()
+                if not untried:
+                    return Searcher.FINISHED
+                self._ot_study.enqueue_trial(random.Random(len(self.seen)).choice(untried))
             config = super().suggest(trial_id)
             ot_trial = self._ot_trials[trial_id]
             key = json.dumps(config, sort_keys=True, default=str)
@@ -89,13 +96,27 @@ class FikaOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("fika_repeat_of", self.seen[key])
             self._ot_study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
         fixed = "fixed_params" in self._ot_study._storage.get_trial_system_attrs(ot_trial._trial_id)
-        drawn = "baseline" if fixed else "random" if finished < self.startup else "tpe"
+        drawn = "random" if attempt == 20 or (not fixed and finished < self.startup) else "baseline" if fixed else "tpe"
         ot_trial.set_user_attr("tune_trial_id", trial_id)
         ot_trial.set_user_attr("fika_drawn", drawn)
         self.seen[key] = ot_trial.number
         append_line(Path(self.run_dir) / "draws.jsonl",
                     {"trial": trial_id, "number": ot_trial.number, "drawn": drawn, "params": config})  # fmt: skip
         return config
+
+    def untried(self) -> list[dict]:
+        """The combinations of a choice-only space that have not run (empty for a space with ranges)."""
+        from optuna.distributions import CategoricalDistribution
+        from ray.tune.utils.util import unflatten_dict
+
+        if not all(isinstance(d, CategoricalDistribution) for d in self._space.values()):
+            return []
+        names = list(self._space)
+        combos = (
+            dict(zip(names, values, strict=True))
+            for values in itertools.product(*(self._space[n].choices for n in names))
+        )
+        return [c for c in combos if json.dumps(unflatten_dict(c), sort_keys=True, default=str) not in self.seen]
 
     def reconcile(self) -> list[str]:
         """After a killed driver: settles the study trials that Tune never recorded (asked after its last save).

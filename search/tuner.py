@@ -36,6 +36,9 @@ DRIVER_ENV = {
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
 }
 # Settings that change where and how fast a search runs, not its results: a resume may change them.
+# Trials keep the driver's working folder (Tune would move each into its own), so that relative data paths
+# mean the same to every trial as to the driver that validated them.
+WORKER_ENV = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
 IGNORED_WHEN_COMPARING = ("storage", "address", "report_dir", "trackers", "max_concurrent", "max_failures", "resources")
 
 
@@ -283,10 +286,10 @@ def connect_ray(spec: SearchSpec, address: str | None) -> None:
     address = address or spec.address
     if not ray.is_initialized():
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(include_dashboard=False, log_to_driver=False, runtime_env=WORKER_ENV)
         else:
             try:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, runtime_env=WORKER_ENV)
             except ConnectionError as err:
                 raise ConfigError(
                     f"address: cannot join the Ray cluster at {address!r}: {str(err).splitlines()[0]}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import socket
 import subprocess
@@ -18,10 +17,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def load_app_module():
-    spec = importlib.util.spec_from_file_location("fika_space_app", REPO / "spaces" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import fika.spaces.app as app
+
+    return app
 
 
 def free_port() -> int:
@@ -32,11 +30,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_adapter, smoke_report, tmp_path_factory):
-    """The app on a local port: tiny base + the adapter, a missing compare adapter, the smoke report."""
+    """The app on a local port: tiny base + the adapter (also as the compare adapter), the smoke report."""
     _, report = smoke_report
-    app = load_app_module().build_app(
-        None, str(tiny_adapter), str(tmp_path_factory.mktemp("x") / "missing"), str(report)
-    )
+    app = load_app_module().build_app(None, str(tiny_adapter), str(tiny_adapter), str(report))
     port = free_port()
     app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     yield app, f"http://127.0.0.1:{port}/"
@@ -64,15 +60,72 @@ def test_bad_input_gets_a_message_not_a_crash(served):
     assert isinstance(a, str) and isinstance(b, str) and (a or b)
 
 
-def test_missing_adapter_is_a_clear_message_at_start(tiny_adapter, tmp_path):
-    app_module = load_app_module()
-    assistant = app_module.Assistant("tiny", str(tmp_path / "no-such-adapter"), None)
-    assert assistant.choices == ["base model"]
-    assert assistant.warnings == [
-        f"The tuned adapter directory `{tmp_path / 'no-such-adapter'}` was not found: it is not served."
-    ]
-    both = app_module.Assistant(None, str(tiny_adapter), str(tiny_adapter))
+def test_a_refused_message_never_reaches_the_model_and_history_is_bounded(served):
+    app = load_app_module()
+    refused = "x" * 5000
+    history = [{"role": "user", "content": refused}, {"role": "assistant", "content": app.check_message(refused)},
+               {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."}]  # fmt: skip
+    messages = app.conversation("And now?", history, "Be brief.")
+    assert [m["content"] for m in messages] == ["Be brief.", "Hello", "Hi there.", "And now?"]
+    from fika.config import ModelConfig
+    from fika.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name="tiny"))
+    long_chat = [{"role": "system", "content": "Be brief."}]
+    for i in range(40):
+        long_chat += [
+            {"role": "user", "content": f"question {i} " * 20},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    long_chat.append({"role": "user", "content": "the last question"})
+    inputs = app.fit_history(tokenizer, long_chat, 600)
+    text = tokenizer.decode(inputs["input_ids"][0])
+    assert inputs["input_ids"].shape[1] <= 600 and "Be brief." in text and "the last question" in text
+    assert "question 0 " not in text and "question 39 " in text  # the oldest turns went first
+
+
+def test_adapters_that_are_missing_or_broken_are_refused(tiny_adapter, tmp_path):
+    from fika.common import FikaError
+
+    app = load_app_module()
+    with pytest.raises(FikaError, match="--adapter: .*no-such-adapter not found"):
+        app.Assistant("tiny", str(tmp_path / "no-such-adapter"), None)
+    with pytest.raises(FikaError, match="no adapter given"):
+        app.build_app(base="tiny")
+    assert app.Assistant("tiny", None, None).choices == ["base model"]  # --base-only
+    both = app.Assistant(None, str(tiny_adapter), str(tiny_adapter))
     assert both.choices == ["base model", "tuned adapter", "compare adapter"] and both.model_name == "tiny"
+
+
+EVIL_CODE = """
+from pathlib import Path
+Path(__file__).with_name("RAN").write_text("the adapter's code ran")
+from transformers import LlamaConfig
+class EvilConfig(LlamaConfig):
+    model_type = "evil"
+"""
+
+
+def test_an_adapters_own_metadata_never_turns_on_remote_code(tiny_adapter, tmp_path, capsys):
+    """Someone else's adapter names a base model with custom code and asks for trust_remote_code: refused."""
+    from fika.config import ModelConfig
+    from fika.model import load_tokenizer
+
+    base = tmp_path / "evil-base"
+    base.mkdir()
+    (base / "evil.py").write_text(EVIL_CODE)
+    (base / "config.json").write_text('{"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}')
+    load_tokenizer(ModelConfig(name="tiny")).save_pretrained(base)
+    adapter = tmp_path / "their-adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    (adapter / "fika.yaml").write_text(f"model: {{name: {base}, trust_remote_code: true, chat_template: chatml}}\n")
+    assert main(["space", "--adapter", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "ships its own Python code, which fika runs only when you ask for it" in err
+        and len(err.strip().splitlines()) == 1
+    )
+    assert not (base / "RAN").exists() and not list(tmp_path.rglob("RAN"))
 
 
 def test_leaderboard_reads_a_real_smoke_report(smoke_report):
@@ -112,6 +165,12 @@ def test_a_person_types_a_message_in_chromium_and_reads_the_reply(served, tmp_pa
             timeout=60_000,
         )
         assert page.get_by_text("Hello from a real browser").count() >= 1
+        box = page.locator("textarea").first
+        box.fill("y" * 4100)  # refused by the validator: it stays in the box, never in the chat
+        box.press("Enter")
+        page.get_by_text("the limit is 4,000").first.wait_for(timeout=30_000)
+        chat = " ".join(page.locator(".message").all_inner_texts())
+        assert "Hello from a real browser" in chat and "y" * 100 not in chat
         page.screenshot(path=str(tmp_path / "chat.png"))
         page.get_by_role("tab", name="Leaderboard").click()
         page.get_by_text("Ranked trials of").wait_for(timeout=10_000)

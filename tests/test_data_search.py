@@ -1,0 +1,55 @@
+"""A data-centric search on a CPU: three local files in the three hub schemas, a weight (0 allowed), a limit and
+a filter searched with the learning rate; one eval set for every trial, each source tokenized once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from fika.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "tests" / "data" / "data-mix-cpu.yaml"
+
+
+def test_a_data_mix_search_scores_every_trial_on_one_eval_set(tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.chdir(REPO)  # the spec's data paths are relative to the repository
+    monkeypatch.setenv("FIKA_CACHE", str(tmp_path / "cache"))  # a fresh cache: count what is tokenized
+    try:
+        assert main(["search", str(SPEC), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0
+    finally:
+        ray.shutdown()
+    run, report = tmp_path / "data-mix-cpu", tmp_path / "report"
+    trials = sorted(p for p in (run / "trials").iterdir() if (p / "evals.jsonl").exists())
+    assert len(trials) >= 3
+    ids = {tuple(json.loads(line)["ids"]) for t in trials for line in (t / "evals.jsonl").read_text().splitlines()}
+    assert len(ids) == 1 and len(next(iter(ids))) == 24  # the same 24 conversations for every trial and eval
+    sources = [json.loads(line)["sources"] for line in (trials[0] / "evals.jsonl").read_text().splitlines()][0]
+    assert {s: sources.count(s) for s in set(sources)} == {"finetome": 8, "sharegpt_english": 8, "ultrachat": 8}
+
+    builds = [
+        json.loads(line)["path"] for line in (tmp_path / "cache" / "data" / "builds.log").read_text().splitlines()
+    ]
+    assert sorted(builds) == sorted(
+        f"tests/data/{n}.jsonl" for n in ("finetome", "sharegpt_english", "ultrachat_train_sft")
+    )
+
+    data = {t.name: json.loads((t / "data.json").read_text()) for t in (run / "trials").iterdir()}
+    for trial, summary in data.items():
+        config = yaml.safe_load((run / "trials" / trial / "config.yaml").read_text())
+        rows = {s["name"]: s["train"] for s in summary["sources"]}
+        weight = config["data"]["sources"][2]["weight"]
+        assert (rows["ultrachat"] == 0) == (weight == 0), (trial, rows, weight)  # weight 0: left out of training
+        assert rows["finetome"] <= config["data"]["sources"][0]["limit"]
+    md = (report / "index.md").read_text()
+    assert "## Data: rows and tokens per source, eval loss per source" in md
+    assert "ultrachat rows" in md and "eval finetome" in md and "finetome 8; sharegpt_english 8; ultrachat 8" in md
+    assert (report / "data.png").exists()
+    best = yaml.safe_load((report / "best.yaml").read_text())
+    winner = pd.read_csv(report / "trials.csv").iloc[0]
+    assert best["data"]["sources"][2]["weight"] == json.loads(winner["config"])["data"]["sources"][2]["weight"]

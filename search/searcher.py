@@ -5,7 +5,10 @@ Ray internals used (checked by tests/test_searcher.py against the installed Ray)
   Trial asked for it), to tell Optuna what really happened to a trial;
 - `OptunaSearch._completed_trials`, the ids it has already told;
 - `Tuner._local_tuner.get_run_config()`, whose callbacks are replaced to hand a restored Tuner this run's
-  callbacks (`Tuner.restore` otherwise reuses the callbacks pickled with the interrupted run).
+  callbacks (`Tuner.restore` otherwise reuses the callbacks pickled with the interrupted run);
+- `MLflowLoggerCallback._trial_runs`, `.tags` and `.mlflow_util`, to log a trial's params under names MLflow
+  accepts (a paired key `lora.r,lora.alpha` becomes `lora.r:lora.alpha`).
+Optuna internals: `Study._storage` and `Trial._trial_id`, to read and mark trials by their storage id.
 """
 
 from __future__ import annotations
@@ -107,7 +110,6 @@ class FikaOptunaSearch(OptunaSearch):
     def untried(self) -> list[dict]:
         """The combinations of a choice-only space that have not run (empty for a space with ranges)."""
         from optuna.distributions import CategoricalDistribution
-        from ray.tune.utils.util import unflatten_dict
 
         if not all(isinstance(d, CategoricalDistribution) for d in self._space.values()):
             return []
@@ -116,7 +118,7 @@ class FikaOptunaSearch(OptunaSearch):
             dict(zip(names, values, strict=True))
             for values in itertools.product(*(self._space[n].choices for n in names))
         )
-        return [c for c in combos if json.dumps(unflatten_dict(c), sort_keys=True, default=str) not in self.seen]
+        return [c for c in combos if json.dumps(c, sort_keys=True, default=str) not in self.seen]
 
     def reconcile(self) -> list[str]:
         """After a killed driver: settles the study trials that Tune never recorded (asked after its last save).
@@ -196,3 +198,18 @@ def with_callbacks(tuner, callbacks: list):
     """A restored Tuner that reports to this run's callbacks instead of the ones pickled with the old run."""
     tuner._local_tuner.get_run_config().callbacks = callbacks
     return tuner
+
+
+def mlflow_callback(**kwargs):
+    """Ray's MLflowLoggerCallback, with the params of paired keys named as MLflow allows."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class FikaMLflowLoggerCallback(MLflowLoggerCallback):
+        def log_trial_start(self, trial) -> None:
+            if trial not in self._trial_runs:
+                tags = {**self.tags, "trial_name": str(trial)}
+                self._trial_runs[trial] = self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
+            params = {key.replace(",", ":"): value for key, value in trial.config.items()}
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=params)
+
+    return FikaMLflowLoggerCallback(**kwargs)

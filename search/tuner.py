@@ -189,32 +189,30 @@ def build_scheduler(spec: SearchSpec):
 
 
 def tracker_callbacks(spec: SearchSpec, directory: Path) -> list:
-    """Ray Tune's own logger callbacks for the spec's trackers (TensorBoard, MLflow, W&B), grouped by search."""
+    """Ray Tune's own logger callbacks for the spec's trackers, grouped by the search's name: TensorBoard (event
+    files in each trial's Tune folder), MLflow (MLFLOW_TRACKING_URI, else a SQLite store in the run folder), W&B
+    (project WANDB_PROJECT, else fika; WANDB_MODE=offline works without network)."""
     callbacks = []
     for tracker in spec.trackers:
         if tracker == "tensorboard":
             from ray.tune.logger import TBXLoggerCallback
 
             callbacks.append(TBXLoggerCallback())
-        elif tracker == "mlflow":
-            try:
-                import mlflow  # noqa: F401
-                from ray.air.integrations.mlflow import MLflowLoggerCallback
-            except ImportError:
-                raise ConfigError("trackers: mlflow is not installed; pip install 'fika[mlflow]'") from None
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or (directory / "mlruns").as_uri()
-            callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=spec.name, save_artifact=False))
-        elif tracker == "wandb":
-            try:
-                import wandb  # noqa: F401
-                from ray.air.integrations.wandb import WandbLoggerCallback
-            except ImportError:
-                raise ConfigError("trackers: wandb is not installed; pip install 'fika[wandb]'") from None
-            callbacks.append(
-                WandbLoggerCallback(
-                    project=os.environ.get("WANDB_PROJECT", "fika"), group=spec.name, dir=str(directory)
-                )  # fmt: skip
-            )
+            continue
+        try:
+            __import__(tracker)
+        except ImportError:
+            raise ConfigError(f"trackers: {tracker} is not installed; pip install 'fika[{tracker}]'") from None
+        if tracker == "mlflow":
+            from fika.search.searcher import mlflow_callback
+
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{directory / 'mlflow.db'}"
+            callbacks.append(mlflow_callback(tracking_uri=uri, experiment_name=spec.name, save_artifact=False))
+        else:
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            project = os.environ.get("WANDB_PROJECT", "fika")
+            callbacks.append(WandbLoggerCallback(project=project, group=spec.name, dir=str(directory)))
     return callbacks
 
 

@@ -1,0 +1,119 @@
+"""The Optuna searcher and the Ray internals fika relies on, checked against the installed Ray and Optuna."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from ray import tune
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from fika.search.searcher import FikaOptunaSearch, with_callbacks
+
+
+def searcher(tmp_path: Path, budget: int = 10, points=None) -> FikaOptunaSearch:
+    space = OptunaSearch.convert_search_space(
+        {"train.learning_rate": tune.choice([1e-4, 2e-4]), "lora.r": tune.choice([8, 16])}
+    )
+    search = FikaOptunaSearch(space=space, metric="eval_loss", mode="min", points_to_evaluate=points,
+                              sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2),
+                              storage=optuna.storages.InMemoryStorage(), run_dir=str(tmp_path), rungs=[4],
+                              rung_key="train_loss_smooth", max_steps=12, startup=2, budget=budget)  # fmt: skip
+    (tmp_path / "trials").mkdir(parents=True, exist_ok=True)
+    return search
+
+
+def test_the_ray_internals_fika_uses_exist(tmp_path):
+    search = searcher(tmp_path)
+    assert isinstance(search._ot_study, optuna.Study) and isinstance(search._ot_trials, dict)
+    assert isinstance(search._completed_trials, set)
+    search.suggest("a")
+    assert isinstance(search._ot_trials["a"], optuna.Trial) and search._ot_trials["a"]._trial_id is not None
+
+
+def test_the_study_gets_what_happened_to_each_trial(tmp_path):
+    search = searcher(tmp_path, points=[{"train.learning_rate": 2e-4, "lora.r": 8}])
+    configs = {t: search.suggest(t) for t in ("a", "b", "c")}
+    assert configs["a"] == {"train.learning_rate": 2e-4, "lora.r": 8}  # the baseline first
+    search.on_trial_result("a", {"step": 1, "train_loss_smooth": 3.0})  # a per-step record: not reported
+    search.on_trial_result("a", {"step": 4, "train_loss_smooth": 2.5})  # a rung: reported
+    search.on_trial_complete("a", {"step": 12, "eval_loss": 2.1, "status": "completed"})
+    search.on_trial_complete("b", {"step": 4, "train_loss_smooth": 2.9})  # stopped by ASHA at its rung
+    search.on_trial_complete("c", {"step": 7, "eval_loss": float("nan"), "status": "diverged"})
+    trials = {t.user_attrs["tune_trial_id"]: t for t in search._ot_study.trials if "tune_trial_id" in t.user_attrs}
+    assert (
+        trials["a"].state.name == "COMPLETE"
+        and trials["a"].value == 2.1
+        and trials["a"].intermediate_values == {4: 2.5}
+    )
+    assert (
+        trials["b"].state.name == "PRUNED" and trials["b"].value == 2.9 and trials["b"].intermediate_values == {4: 2.9}
+    )
+    assert trials["c"].state.name == "FAIL" and trials["c"].user_attrs["fika_status"] == "diverged"
+    draws = [json.loads(line) for line in (tmp_path / "draws.jsonl").read_text().splitlines()]
+    assert [d["drawn"] for d in draws] == ["baseline", "random", "random"]
+    search.on_trial_complete("a", {"step": 12, "eval_loss": 2.1, "status": "completed"})  # told once only
+
+
+def test_no_combination_runs_twice_and_the_budget_holds(tmp_path):
+    search = searcher(tmp_path, budget=10)
+    seen = []
+    for i in range(5):
+        config = search.suggest(str(i))
+        if config == Searcher.FINISHED:
+            break
+        seen.append(json.dumps(config, sort_keys=True))
+        search.on_trial_complete(str(i), {"step": 12, "eval_loss": 2.0 + i / 10, "status": "completed"})
+    assert len(seen) == len(set(seen)) == 4  # the 2 x 2 space, then FINISHED
+    assert [t for t in search._ot_study.trials if "fika_repeat_of" in t.user_attrs]  # repeats are marked
+    assert all(t.state.name == "FAIL" for t in search._ot_study.trials if "fika_repeat_of" in t.user_attrs)
+    budget = searcher(tmp_path / "b", budget=2)
+    assert budget.suggest("x") != Searcher.FINISHED and budget.suggest("y") != Searcher.FINISHED
+    assert budget.suggest("z") == Searcher.FINISHED
+
+
+def test_after_a_killed_driver_the_study_trials_tune_never_saw_are_settled(tmp_path):
+    search = searcher(tmp_path)
+    for trial_id in ("known", "finished", "cut"):
+        search.suggest(trial_id)
+    for trial_id, status in (("finished", "stopped"), ("cut", None)):  # asked after Tune's last save
+        folder = tmp_path / "trials" / trial_id
+        folder.mkdir()
+        (folder / "config.yaml").write_text("{}")
+        if status:
+            (folder / "result.json").write_text(json.dumps({"status": status, "eval_losses": {"4": 2.7}}))
+        search._ot_trials.pop(trial_id)  # the restored searcher does not know them
+    interrupted = search.reconcile()
+    trials = {t.user_attrs["tune_trial_id"]: t for t in search._ot_study.trials}
+    assert interrupted == ["cut"] and search.adopted == 2
+    assert trials["finished"].state.name == "PRUNED" and trials["cut"].state.name == "FAIL"
+    assert trials["known"].state.name == "RUNNING"  # Tune will finish it
+    assert json.loads((tmp_path / "trials" / "cut" / "result.json").read_text())["status"] == "failed"
+    assert {json.dumps(t.params, sort_keys=True) for t in trials.values()} <= set(search.seen)  # never drawn again
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_restored_tuner_reports_to_this_runs_callbacks(tmp_path, ray_local):
+    def trainable(config):
+        tune.report({"x": config["a"]})
+
+    tune.Tuner(trainable, param_space={"a": tune.grid_search([1, 2])},
+               run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=0)).fit()  # fmt: skip
+
+    class Mine(tune.Callback):
+        pass
+
+    mine = Mine()
+    restored = with_callbacks(tune.Tuner.restore(str(tmp_path / "t"), trainable), [mine])
+    assert restored._local_tuner.get_run_config().callbacks == [mine]

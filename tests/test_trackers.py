@@ -1,0 +1,86 @@
+"""Experiment trackers with the real libraries and no network: TensorBoard, MLflow (a local store) and W&B
+(offline), for a search (Ray Tune's logger callbacks) and for `fika train` (transformers' report_to)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fika.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "search" / "specs" / "smoke.yaml"
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    for events in folder.rglob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    return scalars
+
+
+def test_a_search_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch):
+    import mlflow
+    import ray
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["search", str(SMOKE), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}", "num_samples=3",
+            "scheduler={kind: fifo}", "trackers=[tensorboard, mlflow, wandb]"]  # fmt: skip
+    try:
+        assert main(args) == 0
+    finally:
+        ray.shutdown()
+    run = tmp_path / "smoke"
+    scalars = tensorboard_scalars(run / "tune")
+    assert any(tag.endswith("train_loss") for tag in scalars) and any(tag.endswith("eval_loss") for tag in scalars)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["smoke"])
+    assert len(runs) == 3 and runs["metrics.eval_loss"].notna().all() and runs["metrics.train_loss"].notna().all()
+    offline = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))  # one offline run per trial
+    assert len(offline) == 3
+    assert all(b"eval_loss" in r.read_bytes() and b"train_loss" in r.read_bytes() for r in offline)
+
+
+def test_a_missing_tracker_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ImportError("No module named 'mlflow'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    from fika.search.spec import load_spec
+    from fika.search.tuner import tracker_callbacks
+
+    spec = load_spec(SMOKE, ["trackers=[mlflow]"])
+    with pytest.raises(Exception, match=r"trackers: mlflow is not installed; pip install 'fika\[mlflow\]'"):
+        tracker_callbacks(spec, tmp_path)
+
+
+def test_fika_train_reports_to_tensorboard_and_mlflow(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "full-run")
+    mlflow.set_tracking_uri(uri)  # the process-wide URI an earlier test may have set
+    out = tmp_path / "run"
+    assert main(["train", "model.name=tiny", "data.sources.0.limit=100", "data.eval_size=4", "train.max_steps=8",
+                 "train.report_to=[tensorboard, mlflow]", f"output.dir={out}"]) == 0  # fmt: skip
+    scalars = tensorboard_scalars(out / "tracking")
+    assert any("loss" in tag for tag in scalars) and len(next(v for k, v in scalars.items() if "loss" in k)) >= 8
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["full-run"])
+    assert len(runs) == 1 and runs["metrics.loss"].notna().all()

@@ -17,8 +17,8 @@ import contextlib
 import itertools
 import json
 import math
-import random
 import os
+import random
 from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState

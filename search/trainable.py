@@ -3,7 +3,7 @@
 A class trainable, so that with `reuse_actors=True` a worker keeps its process, its loaded base model and
 its memory-mapped data between trials (`reset_config` starts the next trial in the same process). The
 trial runs in a thread; `step()` hands Tune one record at a time, and an ASHA stop is passed back to
-`run_trial` through its `report` return value, so a pruned trial ends cleanly as `stopped`.
+`run_trial` through its `report` return value, so a pruned trial ends cleanly as `stopped`, at its rung.
 
 A trial's folder is `trials/<trial id>`; a confirmation run (`fika confirm`) has its own deterministic
 folder, `trials/<trial id>-seed<S>[-steps<N>]`, so that running the same confirm command again replays
@@ -61,9 +61,12 @@ class FikaTrainable(tune.Trainable):
         if confirm is not None:  # a re-run of a finished trial with another seed or horizon (fika confirm)
             params = confirm["params"]
         self.out = out
-        # One record in flight: the trial waits for Tune to take each record, so a scheduler's stop
-        # reaches it at most one step later, however fast the steps are.
-        self.records: queue.Queue = queue.Queue(maxsize=1)
+        # The trial runs ahead of Tune (its records queue up) except at an ASHA rung: there it waits until Tune
+        # has taken the rung's record and then asked for the next one (keep going) or stopped it. A pruned trial
+        # trains no step past its rung, and a busy driver never holds a trial up between rungs.
+        self.records: queue.Queue = queue.Queue()
+        self.sent = self.asked = 0
+        self.turn = threading.Condition()
         self.stop_requested = threading.Event()
         self.last: dict = {}
         self.thread = threading.Thread(target=self._run, args=(params, confirm), daemon=True)
@@ -94,9 +97,16 @@ class FikaTrainable(tune.Trainable):
 
     def _report(self, record: dict) -> bool:
         self.records.put(("record", record))
+        self.sent += 1
+        if record["step"] in self.spec.rungs():
+            with self.turn:
+                self.turn.wait_for(lambda: self.asked > self.sent or self.stop_requested.is_set())
         return self.stop_requested.is_set()
 
     def step(self) -> dict:
+        with self.turn:
+            self.asked += 1
+            self.turn.notify_all()
         kind, item = self.records.get()
         if kind == "error":
             raise item
@@ -120,6 +130,8 @@ class FikaTrainable(tune.Trainable):
     def _stop_thread(self) -> None:
         """Asks a still running trial to stop at its next step, and waits for it to end."""
         self.stop_requested.set()
+        with self.turn:
+            self.turn.notify_all()
         while self.thread.is_alive():
             with contextlib.suppress(queue.Empty):  # take what it hands over, so it never waits on us
                 self.records.get(timeout=0.1)

@@ -301,11 +301,13 @@ def connect_ray(spec: SearchSpec, address: str | None) -> None:
 
 
 def prepare_search_data(spec: SearchSpec, log: Callable[[str], None]) -> dict:
-    """Tokenizes every source once, as many rows as the largest trial needs, before any trial starts."""
+    """Tokenizes every source once, as many rows as the largest trial needs, before any trial starts (and
+    converts the built-in model once, so that the workers only load it)."""
     from fika.data import prepare_data
-    from fika.model import load_tokenizer
+    from fika.model import load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(spec.base.model)
+    resolve_model_path(spec.base.model)
     mix = prepare_data(spec.base.data, tokenizer, spec.base.model.max_seq_length, need=data_needs(spec))
     summary = mix.summary()
     per_source = ", ".join(f"{name} {n}" for name, n in summary["eval_per_source"].items())

@@ -25,8 +25,8 @@ def test_a_data_mix_search_scores_every_trial_on_one_eval_set(tmp_path, monkeypa
     finally:
         ray.shutdown()
     run, report = tmp_path / "data-mix-cpu", tmp_path / "report"
-    trials = sorted(p for p in (run / "trials").iterdir() if (p / "evals.jsonl").exists())
-    assert len(trials) >= 3
+    trials = sorted(p for p in (run / "trials").iterdir() if (p / "evals.jsonl").read_text().strip())
+    assert len(trials) >= 2  # the completed ones (a trial stopped at a rung has no full eval)
     ids = {tuple(json.loads(line)["ids"]) for t in trials for line in (t / "evals.jsonl").read_text().splitlines()}
     assert len(ids) == 1 and len(next(iter(ids))) == 24  # the same 24 conversations for every trial and eval
     sources = [json.loads(line)["sources"] for line in (trials[0] / "evals.jsonl").read_text().splitlines()][0]

@@ -303,6 +303,7 @@ def test_builtin_smollm2_trains_offline_on_builtin_sharegpt(tmp_path, monkeypatc
             "data.sources.0.limit=200",
             "data.eval_size=8",
             "train.max_steps=4",
+            "train.warmup_steps=1",
             "train.eval_steps=[4]",
             f"output.dir={tmp_path}",
         ],

@@ -1,0 +1,186 @@
+"""Where a search's time goes: pure training steps, evals, start-up, idle slots; fika against the usual way.
+
+  python bench/search_overhead.py                      # the demo search (SmolLM2, 6 trials, 2 at a time)
+  python bench/search_overhead.py --spec smoke         # any spec, by name or path
+  python bench/search_overhead.py --naive              # then the same trials written the usual way, and the speed-up
+
+fika's search runs as `fika search` does. Per trial, from its own result.json: the pure training-step time (the
+optimizer steps only), the eval time, the start-up (until the first step: tokenizer, data, base model on a fresh
+worker), the rest (trainer set-up, logging), and the trial's wall time. The slot time is the fit's wall time x the
+trials that run at once; what no trial used of it is idle (worker start, scheduling, the tail when one slot has
+nothing left to run). The ratio that matters: slot time / pure step time.
+
+`--naive` runs the same trials, each for the steps fika ran it, the way a user writes them from the Ray Tune and
+trl docs: a function trainable (a new worker process per trial) that loads the tokenizer and the model, reads and
+tokenizes the data with trl's SFTTrainer, evaluates with `trainer.evaluate` at the same steps, and reports every
+step with `tune.report`. Same resources, FIFO, the same concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fika.common import read_json, read_jsonl
+from fika.search.spec import load_spec, trial_config
+
+
+def trial_rows(run: Path) -> list[dict]:
+    rows = []
+    for folder in sorted((run / "trials").iterdir()):
+        result = read_json(folder / "result.json") or {}
+        records = read_jsonl(folder / "metrics.jsonl")
+        if not records:
+            continue
+        pure = sum(r.get("step_time_s") or 0 for r in records)
+        evals = sum(r.get("eval_time_s") or 0 for r in records)
+        first_step = records[0].get("step_time_s") or 0
+        startup = (result.get("time_to_first_step_s") or records[0]["elapsed_s"]) - first_step
+        wall = result.get("wall_time_s") or records[-1]["elapsed_s"]
+        rows.append({"trial": folder.name, "status": result.get("status", "?"), "steps": records[-1]["step"],
+                     "pure": pure, "eval": evals, "startup": startup, "other": wall - pure - evals - startup,
+                     "wall": wall, "started": result.get("started_at", 0), "ended": result.get("ended_at", 0)})  # fmt: skip
+    return rows
+
+
+def table(title: str, rows: list[dict], fit_s: float, slots: int) -> dict:
+    """Prints the per-trial table and the totals; returns the totals."""
+    print(f"\n{title}")
+    print(f"| trial | status | steps | pure step s | eval s | start-up s | other s | trial wall s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['trial']} | {r['status']} | {r['steps']} | {r['pure']:.1f} | {r['eval']:.1f} | {r['startup']:.1f} | "
+              f"{r['other']:.1f} | {r['wall']:.1f} |")  # fmt: skip
+    total = {k: sum(r[k] for r in rows) for k in ("steps", "pure", "eval", "startup", "other", "wall")}
+    slot = fit_s * slots
+    total.update(fit=fit_s, slot=slot, idle=slot - total["wall"], ratio=slot / total["pure"],
+                 framework=(slot - total["eval"]) / total["pure"])  # fmt: skip
+    print(f"| total | | {total['steps']} | {total['pure']:.1f} | {total['eval']:.1f} | {total['startup']:.1f} | "
+          f"{total['other']:.1f} | {total['wall']:.1f} |")  # fmt: skip
+    print(f"search wall (Tune fit) {fit_s:.1f} s x {slots} slots = slot time {slot:.1f} s; idle slot time "
+          f"{total['idle']:.1f} s ({100 * total['idle'] / slot:.0f}%); evals {100 * total['eval'] / slot:.0f}%")
+    print(f"slot time / pure step time = {total['ratio']:.3f} (without evals: {total['framework']:.3f})")
+    return total
+
+
+def run_fika(spec, storage: Path) -> tuple[Path, float]:
+    from fika.search.tuner import build_tuner, connect_ray, prepare_search_data, preflight, run_dir, spec_yaml
+
+    directory = run_dir(spec)
+    preflight(spec, directory, resume=False)
+    (directory / "spec.yaml").write_text(spec_yaml(spec))
+    prepare_search_data(spec, print)
+    connect_ray(spec, None)
+    tuner = build_tuner(spec, directory, [], resume=False)
+    started = time.perf_counter()
+    tuner.fit()
+    return directory, time.perf_counter() - started
+
+
+def naive_trainable(config: dict) -> None:
+    """One trial the way the Ray Tune and trl docs show it: load, tokenize, train, evaluate, all per trial."""
+    from datasets import Dataset
+    from ray import tune
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from fika.config import TrialConfig
+    from fika.model import load_tokenizer, resolve_model_path
+    from fika.sources import STANDARDIZERS, Dropped, detect_format, load_source, repair
+
+    trial = TrialConfig.model_validate(config["trial"])
+    tokenizer = load_tokenizer(trial.model)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(trial.model))
+    source = trial.data.sources[0]
+    rows, columns, _ = load_source(source)
+    column, standardize = STANDARDIZERS[detect_format(columns, rows, source.path)]
+    conversations = []
+    for row in rows:
+        try:
+            conversations.append({"messages": repair(standardize(row[column]))[0]})
+        except Dropped:
+            continue
+        if len(conversations) >= (source.limit or 10**9) + trial.data.eval_size:
+            break
+    data = Dataset.from_list(conversations)
+    eval_data, train_data = data.select(range(trial.data.eval_size)), data.select(range(trial.data.eval_size, len(data)))
+    from peft import LoraConfig
+
+    class Report(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                tune.report({"step": state.global_step, "train_loss": logs["loss"]})
+            if state.global_step >= config["stop_at"]:
+                control.should_training_stop = True
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            tune.report({"step": state.global_step, "eval_loss": metrics["eval_loss"]})
+
+    t = trial.train
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+                     gradient_accumulation_steps=t.gradient_accumulation, learning_rate=t.learning_rate,
+                     lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                     logging_steps=1, eval_strategy="steps", eval_steps=config["eval_every"], per_device_eval_batch_size=8,
+                     save_strategy="no", report_to="none", max_length=trial.model.max_seq_length,
+                     assistant_only_loss=True, use_cpu=True, disable_tqdm=True, seed=t.seed)  # fmt: skip
+    peft = LoraConfig(r=trial.lora.r, lora_alpha=trial.lora.alpha, lora_dropout=trial.lora.dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                         processing_class=tokenizer, peft_config=peft, callbacks=[Report()])  # fmt: skip
+    trainer.train()
+
+
+def run_naive(spec, fika_run: Path, storage: Path) -> tuple[Path, float]:
+    """The same trials (config and the steps fika ran), written the usual way; returns the run and its fit time."""
+    from ray import tune
+
+    trials = []
+    for folder in sorted((fika_run / "trials").iterdir()):
+        result = read_json(folder / "result.json") or {}
+        config = trial_config(spec, {}, str(folder)).model_dump(mode="json")
+        import yaml
+
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        trials.append({"trial": config, "stop_at": result.get("steps", spec.max_steps), "name": folder.name,
+                       "eval_every": spec.max_steps})  # fmt: skip
+    started = time.perf_counter()
+    tuner = tune.Tuner(
+        tune.with_resources(naive_trainable, {"cpu": spec.resources.cpu}),
+        param_space={"trial": tune.grid_search([t["trial"] for t in trials])} if False else None,
+    ) if False else None
+    del tuner
+    results = tune.Tuner(
+        tune.with_resources(naive_trainable, {"cpu": spec.resources.cpu}),
+        param_space=tune.grid_search(trials),  # type: ignore[arg-type]
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent),
+        run_config=tune.RunConfig(name="naive", storage_path=str(storage), verbose=0),
+    )
+    results.fit()
+    return storage / "naive", time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="demo")
+    parser.add_argument("--naive", action="store_true", help="also run the same trials the usual way")
+    parser.add_argument("--storage", default=None, help="where the runs go (default: a temporary folder)")
+    args = parser.parse_args()
+    storage = Path(args.storage or tempfile.mkdtemp(prefix="fika-overhead-"))
+    spec = load_spec(args.spec, [f"storage={storage}", f"name={Path(args.spec).stem}-overhead"])
+    slots = spec.max_concurrent or int(os.cpu_count() // spec.resources.cpu)
+    run, fit_s = run_fika(spec, storage)
+    fika = table(f"fika: {spec.name} ({spec.num_trials()} trials, {slots} at a time)", trial_rows(run), fit_s, slots)
+    if args.naive:
+        print("naive run: not implemented in this version")
+    print(json.dumps({"fika": fika}))
+    del statistics, sys
+
+
+if __name__ == "__main__":
+    main()

@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"| length | conversations | plain eval s | fika eval s | speed-up | loss (plain) | loss (fika) |")
+    print("| length | conversations | plain eval s | fika eval s | speed-up | loss (plain) | loss (fika) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         config = load_config(None, [f"model.max_seq_length={length}", "data.sources.0.limit=200",

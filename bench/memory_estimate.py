@@ -16,10 +16,16 @@ import tempfile
 
 CONFIGS = [
     ("tiny", ["model.name=tiny", "model.max_seq_length=256", "train.batch_size=2"]),
-    ("tiny, r 256", ["model.name=tiny", "model.max_seq_length=256", "train.batch_size=2", "lora.r=256", "lora.alpha=256"]),
+    (
+        "tiny, r 256",
+        ["model.name=tiny", "model.max_seq_length=256", "train.batch_size=2", "lora.r=256", "lora.alpha=256"],
+    ),
     ("SmolLM2, len 128, batch 2", ["model.max_seq_length=128", "train.batch_size=2"]),
     ("SmolLM2, len 256, batch 2", ["model.max_seq_length=256", "train.batch_size=2"]),
-    ("SmolLM2, len 256, batch 4, r 64", ["model.max_seq_length=256", "train.batch_size=4", "lora.r=64", "lora.alpha=64"]),
+    (
+        "SmolLM2, len 256, batch 4, r 64",
+        ["model.max_seq_length=256", "train.batch_size=4", "lora.r=64", "lora.alpha=64"],
+    ),
     ("SmolLM2, len 512, batch 4", ["model.max_seq_length=512", "train.batch_size=4"]),
 ]
 COMMON = ["data.sources.0.limit=200", "data.eval_size=8", "train.max_steps=6", "train.warmup_steps=1",
@@ -50,8 +56,11 @@ def main() -> None:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         parts = sorted(row["parts"].items(), key=lambda kv: -kv[1])[:3]
         error = (row["estimate_mb"] - row["peak_mb"]) / row["peak_mb"]
-        print(f"| {name} | {row['estimate_mb']:,.0f} | {row['peak_mb']:,.0f} | {100 * error:+.0f}% | "
-              + ", ".join(f"{k} {v:,.0f}" for k, v in parts) + " |")
+        print(
+            f"| {name} | {row['estimate_mb']:,.0f} | {row['peak_mb']:,.0f} | {100 * error:+.0f}% | "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in parts)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

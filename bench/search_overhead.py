@@ -13,7 +13,8 @@ nothing left to run). The ratio that matters: slot time / pure step time.
 `--naive` runs the same trials, each for the steps fika ran it, the way a user writes them from the Ray Tune and
 trl docs: a function trainable (a new worker process per trial) that loads the tokenizer and the model, reads and
 tokenizes the data with trl's SFTTrainer, evaluates with `trainer.evaluate` at the same steps, and reports every
-step with `tune.report`. Same resources, FIFO, the same concurrency.
+step with `tune.report`. Same resources, FIFO, the same concurrency, and the same numerics as fika's CPU trials
+(fp32, no gradient checkpointing: trl's defaults, bf16 and checkpointing, make a CPU step about 12x slower).
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from fika.common import read_json, read_jsonl
-from fika.search.spec import load_spec, trial_config
+from fika.search.spec import load_spec
 
 
 def trial_rows(run: Path) -> list[dict]:
@@ -52,7 +51,7 @@ def trial_rows(run: Path) -> list[dict]:
 def table(title: str, rows: list[dict], fit_s: float, slots: int) -> dict:
     """Prints the per-trial table and the totals; returns the totals."""
     print(f"\n{title}")
-    print(f"| trial | status | steps | pure step s | eval s | start-up s | other s | trial wall s |")
+    print("| trial | status | steps | pure step s | eval s | start-up s | other s | trial wall s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['trial']} | {r['status']} | {r['steps']} | {r['pure']:.1f} | {r['eval']:.1f} | {r['startup']:.1f} | "
@@ -63,14 +62,16 @@ def table(title: str, rows: list[dict], fit_s: float, slots: int) -> dict:
                  framework=(slot - total["eval"]) / total["pure"])  # fmt: skip
     print(f"| total | | {total['steps']} | {total['pure']:.1f} | {total['eval']:.1f} | {total['startup']:.1f} | "
           f"{total['other']:.1f} | {total['wall']:.1f} |")  # fmt: skip
-    print(f"search wall (Tune fit) {fit_s:.1f} s x {slots} slots = slot time {slot:.1f} s; idle slot time "
-          f"{total['idle']:.1f} s ({100 * total['idle'] / slot:.0f}%); evals {100 * total['eval'] / slot:.0f}%")
+    print(
+        f"search wall (Tune fit) {fit_s:.1f} s x {slots} slots = slot time {slot:.1f} s; idle slot time "
+        f"{total['idle']:.1f} s ({100 * total['idle'] / slot:.0f}%); evals {100 * total['eval'] / slot:.0f}%"
+    )
     print(f"slot time / pure step time = {total['ratio']:.3f} (without evals: {total['framework']:.3f})")
     return total
 
 
 def run_fika(spec, storage: Path) -> tuple[Path, float]:
-    from fika.search.tuner import build_tuner, connect_ray, prepare_search_data, preflight, run_dir, spec_yaml
+    from fika.search.tuner import build_tuner, connect_ray, preflight, prepare_search_data, run_dir, spec_yaml
 
     directory = run_dir(spec)
     preflight(spec, directory, resume=False)
@@ -109,7 +110,10 @@ def naive_trainable(config: dict) -> None:
         if len(conversations) >= (source.limit or 10**9) + trial.data.eval_size:
             break
     data = Dataset.from_list(conversations)
-    eval_data, train_data = data.select(range(trial.data.eval_size)), data.select(range(trial.data.eval_size, len(data)))
+    eval_data, train_data = (
+        data.select(range(trial.data.eval_size)),
+        data.select(range(trial.data.eval_size, len(data))),
+    )
     from peft import LoraConfig
 
     class Report(TrainerCallback):
@@ -128,6 +132,7 @@ def naive_trainable(config: dict) -> None:
                      lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                      logging_steps=1, eval_strategy="steps", eval_steps=config["eval_every"], per_device_eval_batch_size=8,
                      save_strategy="no", report_to="none", max_length=trial.model.max_seq_length,
+                     bf16=False, gradient_checkpointing=False,  # the numerics fika's CPU trials use
                      assistant_only_loss=True, use_cpu=True, disable_tqdm=True, seed=t.seed)  # fmt: skip
     peft = LoraConfig(r=trial.lora.r, lora_alpha=trial.lora.alpha, lora_dropout=trial.lora.dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
@@ -136,33 +141,38 @@ def naive_trainable(config: dict) -> None:
     trainer.train()
 
 
-def run_naive(spec, fika_run: Path, storage: Path) -> tuple[Path, float]:
+def run_naive(spec, fika_run: Path, storage: Path, slots: int) -> tuple[Path, float]:
     """The same trials (config and the steps fika ran), written the usual way; returns the run and its fit time."""
+    import yaml
     from ray import tune
 
     trials = []
     for folder in sorted((fika_run / "trials").iterdir()):
         result = read_json(folder / "result.json") or {}
-        config = trial_config(spec, {}, str(folder)).model_dump(mode="json")
-        import yaml
-
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-        trials.append({"trial": config, "stop_at": result.get("steps", spec.max_steps), "name": folder.name,
-                       "eval_every": spec.max_steps})  # fmt: skip
-    started = time.perf_counter()
+        trials.append({"trial": yaml.safe_load((folder / "config.yaml").read_text()), "name": folder.name,
+                       "stop_at": result.get("steps", spec.max_steps), "eval_every": spec.max_steps})  # fmt: skip
     tuner = tune.Tuner(
         tune.with_resources(naive_trainable, {"cpu": spec.resources.cpu}),
-        param_space={"trial": tune.grid_search([t["trial"] for t in trials])} if False else None,
-    ) if False else None
-    del tuner
-    results = tune.Tuner(
-        tune.with_resources(naive_trainable, {"cpu": spec.resources.cpu}),
-        param_space=tune.grid_search(trials),  # type: ignore[arg-type]
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent),
+        param_space=tune.grid_search(trials),
+        tune_config=tune.TuneConfig(max_concurrent_trials=slots),
         run_config=tune.RunConfig(name="naive", storage_path=str(storage), verbose=0),
     )
-    results.fit()
+    started = time.perf_counter()
+    tuner.fit()
     return storage / "naive", time.perf_counter() - started
+
+
+def naive_rows(run: Path) -> list[dict]:
+    """Per naive trial, from Tune's own result files: steps, the wall time, and the time until its first step."""
+    rows = []
+    for path in sorted(run.glob("*/result.json")):
+        results = read_jsonl(path)
+        steps = [r for r in results if "train_loss" in r]
+        if not steps:
+            continue
+        rows.append({"trial": results[0]["config"]["name"], "steps": steps[-1]["step"],
+                     "startup": steps[0]["time_total_s"], "wall": results[-1]["time_total_s"]})  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -176,10 +186,24 @@ def main() -> None:
     slots = spec.max_concurrent or int(os.cpu_count() // spec.resources.cpu)
     run, fit_s = run_fika(spec, storage)
     fika = table(f"fika: {spec.name} ({spec.num_trials()} trials, {slots} at a time)", trial_rows(run), fit_s, slots)
+    summary = {"fika": fika}
     if args.naive:
-        print("naive run: not implemented in this version")
-    print(json.dumps({"fika": fika}))
-    del statistics, sys
+        naive_run, naive_fit = run_naive(spec, run, storage, slots)
+        rows = naive_rows(naive_run)
+        slot = naive_fit * slots
+        print(f"\nthe usual way: the same {len(rows)} trials, {sum(r['steps'] for r in rows)} steps")
+        print("| trial | steps | time to first step s | trial wall s |\n|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['trial']} | {r['steps']} | {r['startup']:.1f} | {r['wall']:.1f} |")
+        print(f"search wall {naive_fit:.1f} s x {slots} slots = slot time {slot:.1f} s; slot time / fika's pure step time "
+              f"= {slot / fika['pure']:.3f}; fika's speed-up: {naive_fit / fika['fit']:.2f}x")  # fmt: skip
+        summary["naive"] = {
+            "fit": naive_fit,
+            "slot": slot,
+            "ratio": slot / fika["pure"],
+            "speedup": naive_fit / fika["fit"],
+        }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def main() -> None:
         rows = naive_rows(naive_run)
         slot = naive_fit * slots
         print(f"\nthe usual way: the same {len(rows)} trials, {sum(r['steps'] for r in rows)} steps")
-        print("| trial | steps | time to first step s | trial wall s |\n|---|---:|---:|---:|")
+        print("| trial (fika's) | steps | time to the first step s | trial wall s |\n|---|---:|---:|---:|")
         for r in rows:
             print(f"| {r['trial']} | {r['steps']} | {r['startup']:.1f} | {r['wall']:.1f} |")
         print(f"search wall {naive_fit:.1f} s x {slots} slots = slot time {slot:.1f} s; slot time / fika's pure step time "

@@ -27,48 +27,43 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 TABLE = HERE / "demo_grid.json"
-GRID_EVALS = [20, 40]
 
 
 # --- the table --------------------------------------------------------------------------------------
 
 
-def run_grid(out: Path) -> None:
-    """Runs every config of the demo's space (FIFO, full evals at 20, 40 and 60) and writes the table."""
+def run_grid(spec_path: str, out: Path) -> None:
+    """Runs every config of a spec's space (FIFO; full evals at its rungs, a third and two thirds of the steps, and
+    the end) and writes the table."""
     from fika.common import read_json, read_jsonl
+    from fika.search.report import param_value
     from fika.search.spec import load_spec
     from fika.search.tuner import run_search
 
     storage = Path(tempfile.mkdtemp(prefix="fika-grid-"))
-    spec = load_spec(HERE.parent / "search" / "specs" / "demo.yaml",
-                     ["name=demo-grid", "searcher=grid", "num_samples=1", "scheduler={kind: fifo}", "baseline=false",
-                      f"base.train.eval_steps={GRID_EVALS}", f"storage={storage}"])  # fmt: skip
+    searched = load_spec(spec_path)
+    evals = sorted({*searched.rungs(), searched.max_steps // 3, 2 * searched.max_steps // 3})
+    spec = load_spec(spec_path, ["name=grid-table", "searcher=grid", "num_samples=1", "scheduler={kind: fifo}",
+                                 "baseline=false", f"base.train.eval_steps={evals}", f"storage={storage}"])  # fmt: skip
     run_search(spec)
     rows = []
-    for folder in sorted((storage / "demo-grid" / "trials").iterdir()):
+    for folder in sorted((storage / "grid-table" / "trials").iterdir()):
         import yaml
 
         config = yaml.safe_load((folder / "config.yaml").read_text())
         records = read_jsonl(folder / "metrics.jsonl")
         evals = {e["step"]: {"sums": e["sums"], "counts": e["counts"]} for e in read_jsonl(folder / "evals.jsonl")}
         result = read_json(folder / "result.json") or {}
-        params = {key: [config_value(config, p) for p in key.split(",")] if "," in key else config_value(config, key)
-                  for key in spec.space}  # fmt: skip
+        params = {key: param_value(spec, config, key) for key in spec.space}  # spelled as in the space
         rows.append({"trial": folder.name, "params": params, "status": result.get("status"),
                      "train_loss_smooth": [r["train_loss_smooth"] for r in records],
                      "evals": evals, "seconds_per_step": result.get("seconds_per_step"),
                      "eval_time_s": result.get("eval_time_s")})  # fmt: skip
-    ids = read_jsonl(next((storage / "demo-grid" / "trials").iterdir()) / "evals.jsonl")[0]["ids"]
-    out.write_text(json.dumps({"space": {k: v.model_dump(exclude_none=True) for k, v in spec.space.items()},
-                               "max_steps": spec.max_steps, "eval_ids": ids, "rows": rows}))  # fmt: skip
+    ids = read_jsonl(next((storage / "grid-table" / "trials").iterdir()) / "evals.jsonl")[0]["ids"]
+    out.write_text(json.dumps({"spec": spec_path, "space": {k: v.model_dump(exclude_none=True) for k, v in spec.space.items()},
+                               "max_steps": spec.max_steps, "grace": searched.scheduler.grace_period or searched.max_steps // 3,
+                               "reduction": searched.scheduler.reduction_factor, "eval_ids": ids, "rows": rows}))  # fmt: skip
     print(f"wrote {out}: {len(rows)} configs")
-
-
-def config_value(config: dict, key: str):
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 # --- replay -------------------------------------------------------------------------------------------
@@ -79,7 +74,7 @@ class Table:
 
     def __init__(self, data: dict, subset: int = 8):
         self.rows = data["rows"]
-        self.max_steps = data["max_steps"]
+        self.max_steps, self.grace, self.reduction = data["max_steps"], data["grace"], data["reduction"]
         self.space = data["space"]
         self.keys = list(self.space)
         self.final = np.array([self.eval_loss(r, self.max_steps) for r in self.rows])
@@ -93,7 +88,9 @@ class Table:
         self.within_noise = []
         for row in self.rows:
             mine = row["evals"][str(self.max_steps)]
-            self.within_noise.append(not paired_bootstrap(mine["sums"], best["sums"], best["counts"], samples=1000).significant)
+            self.within_noise.append(
+                not paired_bootstrap(mine["sums"], best["sums"], best["counts"], samples=1000).significant
+            )
 
     @staticmethod
     def eval_loss(row: dict, step: int, positions: list[int] | None = None) -> float:
@@ -123,7 +120,7 @@ def asha(rungs_grace: int, reduction: float, max_t: int, metric: str):
 
 
 def replay(table: Table, searcher: str, scheduler: str, seed: int, budget_steps: int, trials: int, startup: int,
-           rung_metric: str = "train_loss_smooth", grace: int = 20, reduction: float = 3) -> list[tuple[int, float]]:  # fmt: skip
+           rung_metric: str = "train_loss_smooth") -> list[tuple[int, float, int]]:  # fmt: skip
     """One simulated search; returns (trial-steps spent, best final eval loss so far) after each completed trial."""
     import optuna
     from optuna.distributions import CategoricalDistribution
@@ -135,8 +132,11 @@ def replay(table: Table, searcher: str, scheduler: str, seed: int, budget_steps:
     study = optuna.create_study(direction="minimize", sampler=sampler) if sampler else None
     order = list(range(len(table.rows)))
     rng.shuffle(order)
+    grace, reduction = table.grace, table.reduction
     sched = asha(grace, reduction, table.max_steps, rung_metric) if scheduler == "asha" else None
-    rungs = sorted({int(grace * reduction**k) for k in range(6) if grace * reduction**k < table.max_steps}) if sched else []
+    rungs = (
+        sorted({int(grace * reduction**k) for k in range(6) if grace * reduction**k < table.max_steps}) if sched else []
+    )
     seen: set[int] = set()
     events: list[tuple[float, int, str, int]] = []  # (time, slot, kind, trial index)
     spent, best, curve = 0, float("inf"), []
@@ -224,19 +224,22 @@ def summarize(table: Table, curves: list[list[tuple[int, float, int]]], budget: 
     return {"to_1pct": median(to_one), "to_noise": median(to_noise), "regret_25": statistics.median(regret)}
 
 
-def rung_agreement(table: Table, metric: str, orders: int = 50, grace: int = 20, reduction: float = 3) -> float:
+def rung_agreement(table: Table, metric: str, orders: int = 50) -> float:
     """How often ASHA on `metric` keeps or stops a trial as ASHA on the full eval does (same arrival orders)."""
     agree = total = 0
     for seed in range(orders):
         order = list(range(len(table.rows)))
         random.Random(seed).shuffle(order)
         decisions = {}
+        grace = table.grace
         for m in ("eval_loss", metric):
-            sched = asha(grace, reduction, table.max_steps, m)
+            sched = asha(grace, table.reduction, table.max_steps, m)
             decisions[m] = []
             for i in order:
                 sched.on_trial_add(None, Trial(str(i)))
-                decisions[m].append(sched.on_trial_result(None, Trial(str(i)), {"step": grace, m: table.rung_value(i, grace, m)}))
+                decisions[m].append(
+                    sched.on_trial_result(None, Trial(str(i)), {"step": grace, m: table.rung_value(i, grace, m)})
+                )
         agree += sum(a == b for a, b in zip(decisions["eval_loss"], decisions[metric], strict=True))
         total += len(order)
     return agree / total
@@ -244,13 +247,19 @@ def rung_agreement(table: Table, metric: str, orders: int = 50, grace: int = 20,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", action="store_true", help="run the demo's whole space and write the table first")
+    parser.add_argument(
+        "--grid",
+        nargs="?",
+        const=str(HERE.parent / "search" / "specs" / "demo.yaml"),
+        metavar="SPEC",
+        help="run a spec's whole space (default: the demo's) and write the table first",
+    )
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--trials", type=int, nargs="+", default=[6, 12, 20])
     parser.add_argument("--table", default=str(TABLE))
     args = parser.parse_args()
     if args.grid:
-        run_grid(Path(args.table))
+        run_grid(args.grid, Path(args.table))
     table = Table(json.loads(Path(args.table).read_text()))
     budget = len(table.rows) * table.max_steps
     print(f"grid: {len(table.rows)} configs x {table.max_steps} steps = {budget} trial-steps; best eval loss "
@@ -262,9 +271,13 @@ def main() -> None:
                          ("train_loss_smooth", "none")):  # fmt: skip
         print(f"| {metric} | {100 * rung_agreement(table, metric):.0f}% | {cost} |")
     for trials in args.trials:
-        print(f"\n{trials} trials, 2 at a time, {args.seeds} seeds (steps: trial-steps of training; the grid spends {budget})")
-        print("| searcher | steps to within 1% of the best (reached) | steps to within the eval noise (reached) | "
-              "median regret at 25% of the grid's steps |\n|---|---:|---:|---:|")
+        print(
+            f"\n{trials} trials, 2 at a time, {args.seeds} seeds (steps: trial-steps of training; the grid spends {budget})"
+        )
+        print(
+            "| searcher | steps to within 1% of the best (reached) | steps to within the eval noise (reached) | "
+            "median regret at 25% of the grid's steps |\n|---|---:|---:|---:|"
+        )
         for searcher, scheduler in (("tpe", "asha"), ("tpe", "fifo"), ("random", "asha"), ("random", "fifo"),
                                     ("grid", "fifo")):  # fmt: skip
             startup = min(10, max(3, trials // 3))

@@ -206,7 +206,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     from fika.search.report import build_report, claim_folder, default_report_dir
 
     run = Path(args.run_dir).expanduser()
-    spec, runs = plan_confirm(run, args.top, args.seeds, args.steps)
+    spec, runs = plan_confirm(run, args.top, args.seeds, args.steps, args.trials)
     out = Path(args.out).expanduser() if args.out else default_report_dir(spec.name)
     claim_folder(out, run, (read_json(run / "run.json") or {}).get("id", ""))
     names = {confirm_name(r) for r in runs}
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("confirm", help="re-run a finished search's best trials with other seeds or more steps")
     p.add_argument("run_dir", help="the search folder, <storage>/<name> (e.g. runs/demo)")
     p.add_argument("--top", type=whole(1), default=3, metavar="K", help="how many of the best trials (default 3)")
+    p.add_argument("--trials", nargs="+", metavar="ID", help="re-run these trials instead of the best K")
     p.add_argument("--seeds", type=whole(0), default=3, metavar="S", help="other seeds per trial (default 3)")
     p.add_argument("--steps", type=whole(1), metavar="N", help="also re-run each at a horizon of N steps")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT")

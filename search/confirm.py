@@ -37,8 +37,11 @@ def confirm_name(run: dict) -> str:
     return f"{run['of']}-seed{run['seed']}" + (f"-steps{run['steps']}" if run.get("steps") else "")
 
 
-def plan_confirm(run: Path, top: int, seeds: int, steps: int | None) -> tuple[SearchSpec, list[dict]]:
-    """The re-runs to do: the `top` best completed trials, each with `seeds` other seeds and/or at `steps`."""
+def plan_confirm(
+    run: Path, top: int, seeds: int, steps: int | None, trials: list[str] | None = None
+) -> tuple[SearchSpec, list[dict]]:
+    """The re-runs to do: the `top` best completed trials (or the `trials` named), each with `seeds` other seeds
+    and/or once at `steps`."""
     from fika.search.report import load_rows, rank
 
     spec = load_run_spec(run)
@@ -46,7 +49,15 @@ def plan_confirm(run: Path, top: int, seeds: int, steps: int | None) -> tuple[Se
         raise ConfigError(f"--steps: {steps} is not allowed: give more than the search's {spec.max_steps} steps")
     if not seeds and not steps:
         raise ConfigError("--seeds: 0 is not allowed without --steps: nothing would run")
-    best = [r for r in rank(load_rows(run, spec)) if r.status == "completed" and not r.confirm_of][:top]
+    completed = [r for r in rank(load_rows(run, spec)) if r.status == "completed" and not r.confirm_of]
+    if trials:
+        named = {r.trial_id: r for r in completed}
+        missing = [t for t in trials if t not in named]
+        if missing:
+            raise ConfigError(f"--trials: {', '.join(missing)} is not a completed trial of the search in {run}")
+        best = [named[t] for t in trials]
+    else:
+        best = completed[:top]
     if not best:
         raise ConfigError(f"--top: the search in {run} has no completed trial to re-run")
     runs = []

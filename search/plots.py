@@ -72,6 +72,7 @@ def plot_effects(spec: SearchSpec, ranked: list, keys: list[str], title: str) ->
     """For each key: the metric of every trial by value (pruned trials hollow, at the value of their rung)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.6), sharey=True, squeeze=False)
+    fig.subplots_adjust(wspace=0.25)
     for ax, key in zip(axes[0], keys, strict=True):
         choices = spec.space[key].choice
         labels = [fmt_param(c) for c in choices] if choices else None
@@ -84,7 +85,7 @@ def plot_effects(spec: SearchSpec, ranked: list, keys: list[str], title: str) ->
                 xs = [labels.index(fmt_param(v)) if labels and fmt_param(v) in labels else v for v, _ in points]
                 ax.scatter(xs, [m for _, m in points], label=status, **style)
         if labels:
-            ax.set_xticks(range(len(labels)), labels, rotation=30)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", rotation_mode="anchor")
         elif spec.space[key].loguniform:
             ax.set_xscale("log")
         ax.set(title=key)
@@ -145,7 +146,7 @@ def build_study(spec: SearchSpec, rows: list):
             distributions[key] = FloatDistribution(low, high, log=param.loguniform is not None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", study_name=spec.name)
-    for row in rows:
+    for row in sorted(rows, key=lambda r: r.started_at):  # in the order they ran: the history reads left to right
         params = {k: encode_choice(v) for k, v in row.params.items()}
         if row.status == "completed" and row.metric is not None:
             state, value = TrialState.COMPLETE, row.metric

@@ -61,6 +61,7 @@ class TrialRow:
     trainable_params: int = 0
     device: str = ""
     seed: int | None = None
+    started_at: float = 0.0
     confirm_of: str | None = None
     confirm_steps: int | None = None
     baseline: bool = False
@@ -123,6 +124,7 @@ def load_rows(run: Path, spec: SearchSpec) -> list[TrialRow]:
             trainable_params=result.get("trainable_params", 0),
             device=result.get("device", ""),
             seed=get_dotted(config, "train.seed"),
+            started_at=result.get("started_at") or 0.0,
             confirm_of=confirm.get("of"),
             confirm_steps=confirm.get("steps"),
             drawn=draws.get(directory.name, ""),
@@ -223,8 +225,8 @@ def render_markdown(title: str, sections: list[Section]) -> str:
 
 
 STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1400px;padding:0 1rem;color:#222}"
-    "table{border-collapse:collapse;font-size:.85rem}th,td{border-bottom:1px solid #ddd;padding:.3rem .5rem;"
+    "body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1600px;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;font-size:.8rem}th,td{border-bottom:1px solid #ddd;padding:.3rem .5rem;"
     "text-align:right;white-space:nowrap}th{background:#f4f4f4;position:sticky;top:0}td:nth-child(2){text-align:left}"
     "td.text{text-align:left;white-space:normal;min-width:8rem}tr.pruned{color:#777}tr.failed,tr.diverged{color:#a00}"
     "tr.baseline{font-style:italic;background:#fffbe6}tr.best{font-weight:600}"
@@ -315,10 +317,11 @@ def ranking_table(r: Report) -> Table:
     for i, row in enumerate(r.ranked, 1):
         ranked = row.status in ("completed", "pruned")
         status = row.status + (" (baseline)" if row.baseline else "") + (f": {row.error}" if row.error else "")
-        at = ""
-        if row.status == "pruned" and row.rung_values:
-            rung = max(row.rung_values)
-            at = f" @{rung}" + ("" if spec.rung_key() == spec.metric else f" ({spec.rung_key()})")
+        at = (
+            f" @{max(row.rung_values)}" + ("*" if spec.rung_key() != spec.metric else "")
+            if row.status == "pruned" and row.rung_values
+            else ""
+        )
         vs_best = paired_against(row, r.best) if row.status == "completed" else None
         vs_base = paired_against(row, r.baseline) if row.status == "completed" else None
         rows.append([str(i) if ranked else "", row.trial_id, *(plots.fmt_param(v) for v in row.params.values()),
@@ -468,7 +471,9 @@ def build_sections(r: Report, images: dict[str, bytes]) -> list[Section]:
         "conversations for every trial.",
     ]  # fmt: skip
     sections = [Section("", summary), Section("", decision_lines(r) + warnings_lines(r), note=True)]
-    sections.append(Section("Ranking", [], ranking_table(r)))
+    pruned_note = (f"* a pruned trial's {spec.rung_key()} at the rung where ASHA stopped it; vs best and vs baseline: "
+                   f"the difference in {spec.metric} paired over the held-out conversations, with its 95% interval.")  # fmt: skip
+    sections.append(Section("Ranking", [pruned_note], ranking_table(r)))
     if best is not None:
         sections.append(Section("Best config", best_lines(r)))
         sections.append(Section("Is the ranking real?", confirm_commands(r)))
@@ -540,8 +545,10 @@ def best_lines(r: Report) -> list[str]:
              f"`{full_run_command(r)}`"]  # fmt: skip
     per_epoch = steps_per_epoch(best)
     if per_epoch and best.seconds_per_step:
+        seconds = 3 * per_epoch * best.seconds_per_step
+        took = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
         lines.append(f"At the {best.seconds_per_step:.2f} s/step measured here ({best.device}), 3 epochs of {per_epoch:,} "
-                     f"steps take about {3 * per_epoch * best.seconds_per_step / 3600:.1f} h plus evals.")  # fmt: skip
+                     f"steps take about {took} plus evals.")  # fmt: skip
     return lines
 
 

@@ -330,6 +330,11 @@ CASES: list[tuple[str, str, bool]] = [
     ("confirm runs/smoke --steps 5", r"^--steps: 5 is not allowed: give more than the search's 12 steps", False),
     ("confirm runs/smoke --seeds 0", r"^--seeds: 0 is not allowed without --steps", False),
     ("confirm nowhere", r"nowhere: not a search folder", False),
+    (
+        "confirm runs/smoke --trials nosuch --seeds 1",
+        r"^--trials: nosuch is not a completed trial of the search",
+        False,
+    ),
     # fika space, export, push
     ("space --port 99999", r"argument --port: 99999 is not allowed: give 1 to 65535", False),
     ("space --port 0", r"argument --port: 0 is not allowed", False),

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# A few rows per schema, with realistic content and the mess real dumps have (facts.md).
+# A few rows per schema, with realistic content and the mess real dumps have (unknown roles, empty turns).
 FINETOME_ROWS = [
     {
         "conversations": [

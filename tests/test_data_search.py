@@ -53,3 +53,17 @@ def test_a_data_mix_search_scores_every_trial_on_one_eval_set(tmp_path, monkeypa
     best = yaml.safe_load((report / "best.yaml").read_text())
     winner = pd.read_csv(report / "trials.csv").iloc[0]
     assert best["data"]["sources"][2]["weight"] == json.loads(winner["config"])["data"]["sources"][2]["weight"]
+
+
+def test_the_data_mix_spec_validates_and_shows_the_rows_each_extreme_would_use(capsys):
+    """The GPU data-mix spec (three hub datasets) is checked offline: every combination of its data keys, and the
+    training rows per source at each corner of the space."""
+    assert main(["search", str(REPO / "search" / "specs" / "data-mix.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "search data-mix: optuna searcher, 48 trials, 12 drawn at random before TPE" in out
+    corners = [line for line in out.splitlines() if line.startswith("  data.sources.")]
+    assert len(corners) == 16  # weights and limits of the data keys, smallest and largest of each
+    assert (
+        "data.sources.finetome.weight=1, data.sources.sharegpt_english.weight=0, data.sources.ultrachat.weight=2, "
+        "data.sources.ultrachat.limit=5000: at most finetome 2,500, sharegpt_english 0, ultrachat 5,000 training rows"
+    ) in out

@@ -333,7 +333,8 @@ def prepare_data(
 
     # 1. eval: the first rows of each (eval) source, repeats skipped
     eval_parts, eval_ids, eval_counts = [], set(), {}
-    held = [0] * len(caches)
+    held = [0] * len(caches)  # rows of each training source that went to eval (or were repeats of an eval row)
+    repeats = [0] * len(caches)
     eval_from = eval_caches or caches
     eval_names = [s.label(i) for i, s in enumerate(config.eval_sources)] if eval_caches else names
     for i, (cache, share) in enumerate(zip(eval_from, shares, strict=True)):
@@ -350,7 +351,7 @@ def prepare_data(
                 f"{len(ids):,} usable conversations for its {share} eval rows"
             )
         if not eval_caches:
-            held[i] = pos
+            held[i], repeats[i] = pos, pos - len(picked)
         eval_counts[eval_names[i]] = len(picked)
         eval_parts.append(cache.rows.select(picked).add_column("source", [eval_names[i]] * len(picked)))
 
@@ -358,7 +359,8 @@ def prepare_data(
     stats, passing, seen = [], [], set(eval_ids)
     for i, (source, cache) in enumerate(zip(config.sources, caches, strict=True)):
         stat = SourceStats(name=names[i], path=source.path, format=cache.meta["format"], note=cache.meta["note"])
-        stat.eval = held[i] if not eval_caches else 0
+        stat.eval = held[i] - repeats[i]
+        stat.dropped["duplicate"] += repeats[i]
         filters = source_filters(source, config)
         start = held[i]
         stop = start if source.weight == 0 else len(cache.rows)

@@ -284,10 +284,10 @@ def connect_ray(spec: SearchSpec, address: str | None) -> None:
     address = address or spec.address
     if not ray.is_initialized():
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False, runtime_env=WORKER_ENV)
+            ray.init(include_dashboard=False, log_to_driver=False, runtime_env=WORKER_ENV, logging_level="ERROR")
         else:
             try:
-                ray.init(address=address, log_to_driver=False, runtime_env=WORKER_ENV)
+                ray.init(address=address, log_to_driver=False, runtime_env=WORKER_ENV, logging_level="ERROR")
             except ConnectionError as err:
                 raise ConfigError(
                     f"address: cannot join the Ray cluster at {address!r}: {str(err).splitlines()[0]}"

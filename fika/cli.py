@@ -192,7 +192,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     progress = SearchProgress(directory, spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh)
     state = run_search(spec, address=args.address, resume=args.resume, callbacks=[progress])
     if state == "finished":
-        print(f"search {spec.name}: already finished in {directory} (same spec); its report is below")
+        print(f"search {spec.name}: already finished in {directory} with this spec; nothing to run")
     refresh()
     print(f"report: {report_dir / 'index.html'} (also index.md, trials.csv, best.yaml)")
     if not (report_dir / "report.json").exists():

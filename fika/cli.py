@@ -4,7 +4,7 @@
   fika train   [--config FILE.yaml] [key=value ...] [--overwrite] [--dry-run]  one trial, or a full run
   fika train   --resume OUTPUT_DIR                                             continue a killed full run
   fika search  SPEC [key=value ...] [--address auto] [--resume] [--dry-run]    many trials (SPEC: a file or demo, smoke, ...)
-  fika confirm RUN_DIR --top K [--seeds S] [--steps N]                          re-run the best trials: seeds, horizon
+  fika confirm RUN_DIR [--top K | --trials ID ...] [--seeds S] [--steps N]      re-run the best trials: seeds, horizon
   fika report  RUN_DIR [--out DIR]                                             the ranked report of a search
   fika space   [export] [--adapter DIR] [--report DIR] [--out DIR]             the FIKA Assistant Gradio app
   fika push    ADAPTER_DIR --repo USER/NAME [--dry-run]                        publish an adapter with a model card

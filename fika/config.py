@@ -21,7 +21,6 @@ from fika.common import PACKAGE_DIR, FikaError, shorten
 
 DEFAULT_CONFIG = PACKAGE_DIR / "default.yaml"
 MAX_YAML_VALUES = 100_000  # an alias bomb expands far beyond any real config
-TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 class ConfigError(FikaError):

@@ -6,9 +6,11 @@ The parts, for one micro-batch of `batch_size x max_seq_length` tokens (the wors
   head) is kept in fp32 by k-bit preparation;
 - LoRA: the adapter weights, their gradients (fp32) and the optimizer state (AdamW: 8 bytes per weight,
   8-bit AdamW: 2);
-- activations: what autograd keeps per token and layer (about 10 x hidden + 4 x intermediate values: the
-  inputs of the adapted layers, norms, attention outputs, the MLP's gate and up); with gradient checkpointing
-  only each layer's input plus one layer being recomputed;
+- activations: what autograd keeps per token and layer: about 22 x hidden + 4 x intermediate values (the
+  inputs of the adapted layers, the norms' fp32 intermediates, rotary copies of q and k, the attention
+  output, the MLP's gate, up and product), 6 x hidden + intermediate more with LoRA dropout (a dropped copy
+  of each adapted layer's input), and on a CPU the attention probabilities (heads x length; CUDA kernels do
+  not keep them); with gradient checkpointing only each layer's input plus one layer being recomputed;
 - logits: batch x length x vocab, in the compute dtype and again in fp32 for the loss and its gradient;
 - runtime: the CUDA context, or on a CPU the process itself (Python, torch, transformers, the tokenizer).
 
@@ -84,7 +86,9 @@ def estimate_memory(config: TrialConfig, device: str, quantized: bool | None = N
     vocab = mc.vocab_size
     tokens = config.train.batch_size * config.model.max_seq_length
     act_bytes = 2 if device == "cuda" else 4
-    per_layer = (10 * hidden + 4 * inter + (4 * hidden if config.lora.dropout > 0 else 0)) * act_bytes
+    dropout = 6 * hidden + inter if config.lora.dropout > 0 else 0
+    attention = mc.num_attention_heads * config.model.max_seq_length if device == "cpu" else 0
+    per_layer = (22 * hidden + 4 * inter + dropout + attention) * act_bytes
     checkpointing = config.train.gradient_checkpointing and device == "cuda"
     activations = tokens * (layers * hidden * act_bytes + per_layer) if checkpointing else tokens * layers * per_layer
     logits = tokens * vocab * (act_bytes + 8)

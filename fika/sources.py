@@ -29,7 +29,6 @@ from fika.config import DataSource
 
 BUILTIN_SHAREGPT = "builtin:sharegpt"
 SHAREGPT_V3_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
-FORMATS = ("sharegpt", "sharegpt_english", "messages")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
 ROLES = {
     "system": "system",

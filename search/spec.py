@@ -45,8 +45,6 @@ from fika.config import (
 )
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
-METRICS = ("eval_loss", "train_loss_smooth")
-RUNG_METRICS = ("eval_loss", "train_loss_smooth", "eval_subset")
 # Keys a search may not vary: they define the run's outputs, or the eval set every trial is scored on
 # (the tokenizer, the sequence length, the held-out conversations), or the schedule of evals.
 UNSEARCHABLE = (

@@ -6,6 +6,10 @@ Ray internals used (checked by tests/test_searcher.py against the installed Ray)
 - `OptunaSearch._completed_trials`, the ids it has already told;
 - `Tuner._local_tuner.get_run_config()`, whose callbacks are replaced to hand a restored Tuner this run's
   callbacks (`Tuner.restore` otherwise reuses the callbacks pickled with the interrupted run);
+- Tune's state files (`experiment_state-*.json`, `search_gen_state-*.json`, `searcher-state-*.pkl`): Ray
+  writes them in a driver staging folder and copies them into storage without an atomic rename, so a driver
+  killed mid-copy leaves them cut short; `FikaOptunaSearch.save` keeps one consistent copy of them in the run
+  folder (written atomically) and `restore_tune_state` puts it back before a resume;
 - `MLflowLoggerCallback._trial_runs`, `.tags` and `.mlflow_util`, to log a trial's params under names MLflow
   accepts (a paired key `lora.r,lora.alpha` becomes `lora.r:lora.alpha`).
 Optuna internals: `Study._storage` and `Trial._trial_id`, to read and mark trials by their storage id.
@@ -18,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
 from pathlib import Path
 
@@ -25,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fika.common import read_json
+from fika.common import read_json, write_atomic
 from fika.trial import write_failed_result
 
 
@@ -155,9 +160,41 @@ class FikaOptunaSearch(OptunaSearch):
                     self.adopted += 1
         return interrupted
 
+    def save(self, checkpoint_path: str) -> None:
+        """Ray's save, plus one consistent copy of this moment's Tune state files in the run folder."""
+        super().save(checkpoint_path)
+        staging, saved = Path(checkpoint_path).parent, Path(checkpoint_path)
+        session = saved.name.split("-tmp-searcher-state-", 1)[-1].removesuffix(".pkl")
+        files = {f"searcher-state-{session}.pkl": saved.read_bytes()}
+        for name in (f"experiment_state-{session}.json", f"search_gen_state-{session}.json"):
+            if (staging / name).exists():  # the search generator's state is the previous save's: harmless
+                files[name] = (staging / name).read_bytes()
+        write_atomic(Path(self.run_dir) / TUNE_STATE, pickle.dumps(files))
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.reconcile()
+
+
+TUNE_STATE = "tune-state.pkl"
+
+
+def restore_tune_state(run_dir: Path) -> None:
+    """Before a resume: puts the last consistent copy of Tune's state files back into `run_dir/tune`.
+
+    The copy is never older than what Ray copied into storage (it is written before Ray's copy starts), and it
+    is whole where Ray's copy may be cut short by the kill.
+    """
+    path = Path(run_dir) / TUNE_STATE
+    if not path.exists():
+        return
+    files = pickle.loads(path.read_bytes())
+    tune_dir = Path(run_dir) / "tune"
+    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+        for old in tune_dir.glob(pattern):
+            old.unlink()
+    for name, data in files.items():
+        write_atomic(tune_dir / name, data)
 
 
 def close_interrupted(study) -> None:

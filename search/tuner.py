@@ -231,11 +231,12 @@ def build_tuner(spec: SearchSpec, directory: Path, callbacks: list, resume: bool
     """A new Tuner, or the interrupted one restored from `directory/tune` (finished trials are kept)."""
     from ray import tune
 
-    from fika.search.searcher import with_callbacks
+    from fika.search.searcher import restore_tune_state, with_callbacks
 
     trainable = trainable_for(spec, directory)
     callbacks = [*callbacks, *tracker_callbacks(spec, directory)]
     if resume:
+        restore_tune_state(directory)
         restored = tune.Tuner.restore(str(directory / "tune"), trainable, resume_errored=True, restart_errored=False)
         return with_callbacks(restored, callbacks)
     return tune.Tuner(

@@ -83,8 +83,8 @@ def test_the_study_tells_what_the_report_shows(smoke_report):
     draws = [json.loads(line) for line in (run / "draws.jsonl").read_text().splitlines()]
     kinds = [d["drawn"] for d in draws if d["trial"] in results]
     assert kinds[0] == "baseline" and "random" in kinds and "tpe" in kinds  # startup 3 of 8 trials
-    first = min(results.values(), key=lambda r: r["started_at"])  # the baseline (the base config's values) ran first
-    config = yaml.safe_load(Path(first["output_dir"], "config.yaml").read_text())
+    baseline = next(d["trial"] for d in draws if d["drawn"] == "baseline")  # drawn first: the base config's values
+    config = yaml.safe_load((run / "trials" / baseline / "config.yaml").read_text())
     assert config["train"]["learning_rate"] == 5e-3 and config["lora"]["r"] == 16 and config["lora"]["dropout"] == 0
 
 

@@ -60,7 +60,7 @@ def run_grid(spec_path: str, out: Path) -> None:
                      "evals": evals, "seconds_per_step": result.get("seconds_per_step"),
                      "eval_time_s": result.get("eval_time_s")})  # fmt: skip
     ids = read_jsonl(next((storage / "grid-table" / "trials").iterdir()) / "evals.jsonl")[0]["ids"]
-    out.write_text(json.dumps({"spec": spec_path, "space": {k: v.model_dump(exclude_none=True) for k, v in spec.space.items()},
+    out.write_text(json.dumps({"spec": Path(spec_path).name, "space": {k: v.model_dump(exclude_none=True) for k, v in spec.space.items()},
                                "max_steps": spec.max_steps, "grace": searched.scheduler.grace_period or searched.max_steps // 3,
                                "reduction": searched.scheduler.reduction_factor, "eval_ids": ids, "rows": rows}))  # fmt: skip
     print(f"wrote {out}: {len(rows)} configs")

@@ -164,7 +164,9 @@ class FikaOptunaSearch(OptunaSearch):
         """Ray's save, plus one consistent copy of this moment's Tune state files in the run folder."""
         super().save(checkpoint_path)
         staging, saved = Path(checkpoint_path).parent, Path(checkpoint_path)
-        session = saved.name.split("-tmp-searcher-state-", 1)[-1].removesuffix(".pkl")
+        if "-tmp-searcher-state-" not in saved.name:  # not Tune's own save (`.<uuid>-tmp-searcher-state-<session>.pkl`)
+            return
+        session = saved.name.split("-tmp-searcher-state-", 1)[1].removesuffix(".pkl")
         files = {f"searcher-state-{session}.pkl": saved.read_bytes()}
         for name in (f"experiment_state-{session}.json", f"search_gen_state-{session}.json"):
             if (staging / name).exists():  # the search generator's state is the previous save's: harmless

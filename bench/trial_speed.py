@@ -1,10 +1,12 @@
 """Times one trial per setting and prints a table: time to first step, seconds per step, tokens/s, peak memory.
 
   python bench/trial_speed.py                               # CPU: tiny and SmolLM2-135M at two lengths
-  python bench/trial_speed.py --shapes llama-3.2-1b llama-3.2-3b --steps 10   # GPU: 4-bit QLoRA, real shapes
+  python bench/trial_speed.py --shapes llama-3.2-1b llama-3.2-3b --steps 10   # GPU: 4-bit QLoRA and bf16 LoRA
 
 `--shapes` builds randomly initialised Llama-3.2 models of the real sizes (no download; speed and memory
-do not depend on the weights) and trains them on the built-in ShareGPT data through the real trial path.
+do not depend on the weights) and trains them through the real trial path, in 4-bit (two accumulations) and
+unquantized bf16, instead of the CPU settings. `--data` trains on a local ShareGPT file instead of the
+built-in data.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ def build_shape(name: str, root: Path) -> str:
     return str(out)
 
 
-def measure(label: str, overrides: list[str], steps: int) -> dict:
+def measure(label: str, overrides: list[str], steps: int, data: str | None = None) -> dict:
+    source = [f"data.sources.0.path={data}"] if data else []
     config = load_config(None, ["data.eval_size=16", f"train.max_steps={steps}", f"train.eval_steps=[{steps}]",
-                                "output.save_adapter=false", *overrides])  # fmt: skip
+                                "output.save_adapter=false", *source, *overrides])  # fmt: skip
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         result = run_trial(
@@ -69,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--shapes", nargs="*", default=[], choices=sorted(LLAMA_SHAPES))
+    parser.add_argument("--data", help="a local ShareGPT file to train on (default: the built-in data)")
     args = parser.parse_args()
     settings = [
         ("tiny", ["model.name=tiny", "model.max_seq_length=256", "train.gradient_accumulation=1"]),
@@ -76,13 +80,19 @@ def main() -> None:
         ("smollm2-135m", ["model.max_seq_length=256", "train.gradient_accumulation=1"]),
         ("smollm2-135m", ["model.max_seq_length=256", "train.gradient_accumulation=4"]),
     ]
+    rows = []
     with tempfile.TemporaryDirectory() as root:
+        if args.shapes:
+            settings = []
         for shape in args.shapes:
-            path = build_shape(shape, Path(root))
+            model = [f"model.name={build_shape(shape, Path(root))}", "model.chat_template=chatml",
+                     "model.max_seq_length=2048"]  # fmt: skip
             for accumulation in (4, 8):
-                settings.append((f"{shape} 4-bit", [f"model.name={path}", "model.chat_template=chatml",
-                                 "model.max_seq_length=2048", f"train.gradient_accumulation={accumulation}"]))  # fmt: skip
-        rows = [measure(label, overrides, args.steps) for label, overrides in settings]
+                settings.append((f"{shape} 4-bit", [*model, f"train.gradient_accumulation={accumulation}"]))
+            settings.append((f"{shape} bf16", [*model, "model.load_in_4bit=false", "train.gradient_accumulation=4"]))
+        for label, overrides in settings:
+            rows.append(measure(label, overrides, args.steps, args.data))
+            print(rows[-1], flush=True)
     headers = list(rows[0])
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
     print(f"device: {device_kind()}")

@@ -158,18 +158,59 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def report_refresher(run: Path, out: Path):
-    """A function that rebuilds the report, never letting a report problem stop a search."""
+class ReportRefresher:
+    """Rebuilds a search's report, never letting a report problem stop the search.
 
-    def refresh() -> None:
+    `refresh()` builds in a background thread, so a trial's freed slot is not held up while plots are drawn
+    (Tune calls it when a trial ends); one build runs at a time and calls during it coalesce into one more.
+    `refresh(wait=True)` waits for that thread and builds the final report in the caller. Tune pickles its
+    callbacks with the experiment state: the thread and its lock are not part of that state.
+    """
+
+    def __init__(self, run: Path, out: Path):
+        self.__setstate__({"run": run, "out": out})
+
+    def __getstate__(self) -> dict:
+        return {"run": self.run, "out": self.out}
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+
+        self.run, self.out = state["run"], state["out"]
+        self.lock, self.thread, self.again = threading.Lock(), None, False
+
+    def build(self) -> None:
         from fika.search.report import build_report
 
         try:
-            build_report(run, out)
+            build_report(self.run, self.out)
         except Exception as err:
             log(f"report: not updated ({type(err).__name__}: {str(err)[:300]})")
 
-    return refresh
+    def build_until_current(self) -> None:
+        while True:
+            self.build()
+            with self.lock:
+                if not self.again:
+                    self.thread = None
+                    return
+                self.again = False
+
+    def __call__(self, wait: bool = False) -> None:
+        import threading
+
+        with self.lock:
+            thread = self.thread
+            if not wait:
+                if thread is None:
+                    self.thread = threading.Thread(target=self.build_until_current, name="fika-report", daemon=True)
+                    self.thread.start()
+                else:
+                    self.again = True
+                return
+        if thread is not None:
+            thread.join()
+        self.build()
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -188,12 +229,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     directory = run_dir(spec)
     report_dir = Path(spec.report_dir).expanduser() if spec.report_dir else default_report_dir(spec.name)
     claim_folder(report_dir, directory, (read_json(directory / "run.json") or {}).get("id", ""))
-    refresh = report_refresher(directory, report_dir)
+    refresh = ReportRefresher(directory, report_dir)
     progress = SearchProgress(directory, spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh)
     state = run_search(spec, address=args.address, resume=args.resume, callbacks=[progress])
     if state == "finished":
         print(f"search {spec.name}: already finished in {directory} with this spec; nothing to run")
-    refresh()
+    refresh(wait=True)
     print(f"report: {report_dir / 'index.html'} (also index.md, trials.csv, best.yaml)")
     if not (report_dir / "report.json").exists():
         raise FikaError(f"report: {report_dir} could not be written; run `fika report {directory}` to see why")
@@ -203,17 +244,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_confirm(args: argparse.Namespace) -> int:
     from fika.search.confirm import confirm_name, plan_confirm, run_confirm
     from fika.search.progress import SearchProgress
-    from fika.search.report import build_report, claim_folder, default_report_dir
+    from fika.search.report import claim_folder, default_report_dir
 
     run = Path(args.run_dir).expanduser()
     spec, runs = plan_confirm(run, args.top, args.seeds, args.steps, args.trials)
     out = Path(args.out).expanduser() if args.out else default_report_dir(spec.name)
     claim_folder(out, run, (read_json(run / "run.json") or {}).get("id", ""))
     names = {confirm_name(r) for r in runs}
+    refresh = ReportRefresher(run, out)
     progress = SearchProgress(run, len(runs), spec.metric, args.steps or spec.max_steps,
-                              on_trial_end=report_refresher(run, out), only=names)  # fmt: skip
+                              on_trial_end=refresh, only=names)  # fmt: skip
     run_confirm(run, spec, runs, address=args.address, callbacks=[progress])
-    build_report(run, out)
+    refresh(wait=True)
     print(f"report: {out / 'index.html'} (seeds and horizon sections added)")
     return 0
 

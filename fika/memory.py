@@ -11,10 +11,13 @@ The parts, for one micro-batch of `batch_size x max_seq_length` tokens (the wors
   output, the MLP's gate, up and product), 6 x hidden + intermediate more with LoRA dropout (a dropped copy
   of each adapted layer's input), and on a CPU the attention probabilities (heads x length; CUDA kernels do
   not keep them); with gradient checkpointing only each layer's input plus one layer being recomputed;
-- logits: batch x length x vocab, in the compute dtype and again in fp32 for the loss and its gradient;
+- logits on a CPU: batch x length x vocab, in the compute dtype and again in fp32 for the loss and its gradient;
+- the loss head on a GPU: trl scores the labels in tiles and never holds the whole logits; measured peaks on
+  Llama-3.2 1B/3B shapes carry a part that does not grow with the batch, fitted as 10 bytes x vocab x hidden
+  and counted where it exceeds what the recomputed layer (or, without checkpointing, all activations) holds;
 - runtime: the CUDA context, or on a CPU the process itself (Python, torch, transformers, the tokenizer).
 
-`bench/memory_estimate.py` compares the estimate with measured peaks.
+`bench/memory_estimate.py` compares the estimate with measured peaks (CPU and H100).
 """
 
 from __future__ import annotations
@@ -90,13 +93,17 @@ def estimate_memory(config: TrialConfig, device: str, quantized: bool | None = N
     attention = mc.num_attention_heads * config.model.max_seq_length if device == "cpu" else 0
     per_layer = (22 * hidden + 4 * inter + dropout + attention) * act_bytes
     checkpointing = config.train.gradient_checkpointing and device == "cuda"
-    activations = tokens * (layers * hidden * act_bytes + per_layer) if checkpointing else tokens * layers * per_layer
-    logits = tokens * vocab * (act_bytes + 8)
+    transient = (
+        tokens * per_layer if checkpointing else tokens * layers * per_layer
+    )  # freed after each layer's backward
+    activations = tokens * layers * hidden * act_bytes + transient if checkpointing else transient
     parts = {
         "weights": weights,
         "adapter+grads+optimizer": adapter * (8 + optimizer_bytes),
         "activations": activations,
-        "logits": logits,
+        "logits" if device == "cpu" else "loss head": (
+            tokens * vocab * (act_bytes + 8) if device == "cpu" else max(0, 10 * vocab * hidden - transient)
+        ),
         "runtime": CUDA_RUNTIME if device == "cuda" else CPU_RUNTIME,
     }
     return MemoryEstimate(parts, device, quantized, adapter, total)

@@ -348,7 +348,9 @@ def empty_model(config: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(model_config_of(config), trust_remote_code=config.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(model_config_of(config), trust_remote_code=config.trust_remote_code)
+    model.tie_weights()  # from_config on the meta device leaves tied embeddings untied: count a shared one once
+    return model
 
 
 def check_target_modules(model, targets: str | list[str]) -> str | None:

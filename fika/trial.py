@@ -340,6 +340,13 @@ def training_args(config: TrialConfig, out: Path, device: str):
     dtype = compute_dtype()
     if "tensorboard" in config.train.report_to:  # transformers' TensorBoard callback reads its folder from here
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tracking")
+    # transformers 5.2x renamed gradient_checkpointing (now a deprecated alias); earlier 5.x know only the old name.
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+        else "gradient_checkpointing"
+    )
+    checkpointing = {name: config.train.gradient_checkpointing and device == "cuda"}
     return SFTConfig(
         output_dir=str(out / "checkpoints"),
         max_steps=config.train.max_steps,
@@ -353,7 +360,7 @@ def training_args(config: TrialConfig, out: Path, device: str):
         weight_decay=config.train.weight_decay,
         optim=optimizer,
         max_grad_norm=config.train.max_grad_norm,
-        activation_checkpointing=config.train.gradient_checkpointing and device == "cuda",
+        **checkpointing,
         seed=config.train.seed,
         data_seed=config.train.seed,
         logging_steps=config.train.logging_steps,

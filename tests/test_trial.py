@@ -77,7 +77,7 @@ def test_only_the_adapter_changed(trained):
     trained_lora = load_file(f"{result.adapter_dir}/adapter_model.safetensors")
     assert len(trained_lora) == len(initial_lora) == 2 * 7 * 2  # A and B, 7 linear layers, 2 blocks
     for key, value in trained_lora.items():
-        start = initial_lora[key.replace(".weight", ".default.weight")]
+        start = initial_lora[key.replace(".weight", ".default.weight")].cpu()  # on the GPU when there is one
         assert not torch.equal(value, start), f"{key} did not change"
 
 
@@ -151,9 +151,9 @@ def test_a_nan_stops_the_trial_as_diverged(tmp_path):
 
     def poison_at_step_5(record: dict) -> None:
         records.append(record)
-        if record["step"] == 5:  # a NaN enters the forward pass from step 6 on
+        if record["step"] == 5:  # a NaN enters the forward pass from step 6 on (the final norm: never 4-bit)
             with torch.no_grad():
-                base.model.layers[0].mlp.down_proj.base_layer.weight[0, 0] = float("nan")
+                base.model.norm.weight[0] = float("nan")
 
     result = run_trial(config, poison_at_step_5, base_model=base)
     assert result.status == "diverged" and result.steps == 6
@@ -182,8 +182,8 @@ def reference_eval(model, dataset) -> list[float]:
     model.eval()
     with torch.no_grad():
         for row in dataset:
-            ids = torch.tensor([row["input_ids"]])
-            labels = torch.tensor([row["labels"]])
+            ids = torch.tensor([row["input_ids"]], device=model.device)
+            labels = torch.tensor([row["labels"]], device=model.device)
             logits = model(input_ids=ids).logits
             sums.append(
                 float(
@@ -208,11 +208,12 @@ def test_the_fast_eval_equals_a_full_forward_pass(name, tmp_path):
     model = load_base_model(config.model, tokenizer)
     expected = reference_eval(model, mix.eval)
     result = evaluate(model, mix.eval, tokenizer.pad_token_id, max_batch_tokens=300)  # several batches, padding
-    assert result.sums == pytest.approx(expected, rel=1e-5)
-    assert result.loss == pytest.approx(sum(expected) / sum(result.counts), rel=1e-5)
+    rel = 1e-5 if model.device.type == "cpu" else 1e-2  # a GPU computes in bf16: other batch shapes, other sums
+    assert result.sums == pytest.approx(expected, rel=rel)
+    assert result.loss == pytest.approx(sum(expected) / sum(result.counts), rel=rel)
     rows = subset_rows(result.sources, 5)
     subset = evaluate(model, mix.eval, tokenizer.pad_token_id, rows=rows)
-    assert subset.sums == pytest.approx([expected[i] for i in rows], rel=1e-5)
+    assert subset.sums == pytest.approx([expected[i] for i in rows], rel=rel)
 
 
 def test_the_4bit_qlora_path_runs_on_a_cpu(tmp_path):
@@ -287,7 +288,7 @@ def test_a_killed_full_run_resumes_where_it_stopped(tmp_path):
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, a["steps"] + 1))  # no step lost, none counted twice
     assert a["tokens_seen"] == b["tokens_seen"]
-    assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=2e-3)
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=2e-3 if a["device"] == "cpu" else 1e-2)  # GPU: bf16
     assert sorted(a["eval_losses"]) == sorted(b["eval_losses"])
     kept = sorted(p.name for p in (killed / "checkpoints").glob("checkpoint-*"))
     assert 2 <= len(kept) <= 3  # the last two and the best by eval loss
@@ -337,8 +338,9 @@ def test_4bit_qlora_on_the_trials_gpu(tmp_path):
         tmp_path,
         f"model.name={model_dir}",
         "model.chat_template=chatml",
-        "train.max_steps=5",
-        "train.eval_steps=[5]",
+        "train.max_steps=6",
+        "train.warmup_steps=1",
+        "train.eval_steps=[6]",
         "model.load_in_4bit=auto",
     )
     base = load_base_model(config.model, load_tokenizer(config.model))

@@ -46,7 +46,7 @@ estimate = estimate_memory(config, device)
 result = run_trial(config)
 context = CUDA_RUNTIME / 2**20 if device == "cuda" else 0  # torch's peak does not count the CUDA context
 print(json.dumps({"estimate_mb": estimate.total / 2**20, "parts": {k: v / 2**20 for k, v in estimate.parts.items()},
-                  "peak_mb": result.peak_memory_mb + context, "tokens_seen": result.tokens_seen, "steps": result.steps}))
+                  "peak_mb": result.peak_memory_mb + context}))
 """
 
 
@@ -89,26 +89,24 @@ def main() -> None:
     args = parser.parse_args()
     print("| trial | estimate MB | measured peak MB | error | largest parts of the estimate |")
     print("|---|---:|---:|---:|---|")
-    root = tempfile.TemporaryDirectory()
-    configs = gpu_configs(args.shapes, Path(root.name)) if args.shapes else CONFIGS
-    for name, overrides in configs:
-        with tempfile.TemporaryDirectory() as out:
-            done = subprocess.run([sys.executable, "-c", RUN_ONE, *COMMON, *overrides, f"output.dir={out}/run"],
-                                  capture_output=True, text=True)  # fmt: skip
-        if done.returncode:
-            print(f"| {name} | failed: {done.stderr.strip().splitlines()[-1]} | | | |", flush=True)
-            continue
-        row = json.loads(done.stdout.strip().splitlines()[-1])
-        print(json.dumps({"trial": name, **row}), file=sys.stderr)
-        parts = sorted(row["parts"].items(), key=lambda kv: -kv[1])[:3]
-        error = (row["estimate_mb"] - row["peak_mb"]) / row["peak_mb"]
-        print(
-            f"| {name} | {row['estimate_mb']:,.0f} | {row['peak_mb']:,.0f} | {100 * error:+.0f}% | "
-            + ", ".join(f"{k} {v:,.0f}" for k, v in parts)
-            + " |",
-            flush=True,
-        )
-    root.cleanup()
+    with tempfile.TemporaryDirectory() as root:
+        configs = gpu_configs(args.shapes, Path(root)) if args.shapes else CONFIGS
+        for name, overrides in configs:
+            with tempfile.TemporaryDirectory() as out:
+                done = subprocess.run([sys.executable, "-c", RUN_ONE, *COMMON, *overrides, f"output.dir={out}/run"],
+                                      capture_output=True, text=True)  # fmt: skip
+            if done.returncode:
+                print(f"| {name} | failed: {done.stderr.strip().splitlines()[-1]} | | | |", flush=True)
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            parts = sorted(row["parts"].items(), key=lambda kv: -kv[1])[:3]
+            error = (row["estimate_mb"] - row["peak_mb"]) / row["peak_mb"]
+            print(
+                f"| {name} | {row['estimate_mb']:,.0f} | {row['peak_mb']:,.0f} | {100 * error:+.0f}% | "
+                + ", ".join(f"{k} {v:,.0f}" for k, v in parts)
+                + " |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

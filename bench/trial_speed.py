@@ -27,6 +27,13 @@ LLAMA_SHAPES = {  # from the published Llama-3.2 configs
                          num_key_value_heads=8, tie_word_embeddings=True),
 }  # fmt: skip
 
+CPU_SETTINGS = [
+    ("tiny", ["model.name=tiny", "model.max_seq_length=256", "train.gradient_accumulation=1"]),
+    ("smollm2-135m", ["model.max_seq_length=128", "train.gradient_accumulation=1"]),
+    ("smollm2-135m", ["model.max_seq_length=256", "train.gradient_accumulation=1"]),
+    ("smollm2-135m", ["model.max_seq_length=256", "train.gradient_accumulation=4"]),
+]
+
 
 def build_shape(name: str, root: Path) -> str:
     """A local model dir of a real Llama-3.2 shape with random weights and a ChatML byte tokenizer."""
@@ -74,16 +81,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=[], choices=sorted(LLAMA_SHAPES))
     parser.add_argument("--data", help="a local ShareGPT file to train on (default: the built-in data)")
     args = parser.parse_args()
-    settings = [
-        ("tiny", ["model.name=tiny", "model.max_seq_length=256", "train.gradient_accumulation=1"]),
-        ("smollm2-135m", ["model.max_seq_length=128", "train.gradient_accumulation=1"]),
-        ("smollm2-135m", ["model.max_seq_length=256", "train.gradient_accumulation=1"]),
-        ("smollm2-135m", ["model.max_seq_length=256", "train.gradient_accumulation=4"]),
-    ]
+    settings = [] if args.shapes else list(CPU_SETTINGS)
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        if args.shapes:
-            settings = []
         for shape in args.shapes:
             model = [f"model.name={build_shape(shape, Path(root))}", "model.chat_template=chatml",
                      "model.max_seq_length=2048"]  # fmt: skip

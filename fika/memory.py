@@ -93,17 +93,18 @@ def estimate_memory(config: TrialConfig, device: str, quantized: bool | None = N
     attention = mc.num_attention_heads * config.model.max_seq_length if device == "cpu" else 0
     per_layer = (22 * hidden + 4 * inter + dropout + attention) * act_bytes
     checkpointing = config.train.gradient_checkpointing and device == "cuda"
-    transient = (
-        tokens * per_layer if checkpointing else tokens * layers * per_layer
-    )  # freed after each layer's backward
+    # what one layer's forward holds until its backward (checkpointing: the recomputed layer; else every layer)
+    transient = tokens * per_layer if checkpointing else tokens * layers * per_layer
     activations = tokens * layers * hidden * act_bytes + transient if checkpointing else transient
+    if device == "cpu":
+        head_name, head = "logits", tokens * vocab * (act_bytes + 8)
+    else:
+        head_name, head = "loss head", max(0, 10 * vocab * hidden - transient)
     parts = {
         "weights": weights,
         "adapter+grads+optimizer": adapter * (8 + optimizer_bytes),
         "activations": activations,
-        "logits" if device == "cpu" else "loss head": (
-            tokens * vocab * (act_bytes + 8) if device == "cpu" else max(0, 10 * vocab * hidden - transient)
-        ),
+        head_name: head,
         "runtime": CUDA_RUNTIME if device == "cuda" else CPU_RUNTIME,
     }
     return MemoryEstimate(parts, device, quantized, adapter, total)

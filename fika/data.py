@@ -47,20 +47,41 @@ FILTER_REASONS = ("duplicate", "under_min_tokens", "over_max_tokens", "few_assis
 DROP_REASONS = READ_REASONS + FILTER_REASONS
 PIPELINE_VERSION = 2  # bump whenever the tokens produced for the same inputs change
 LOCK_TIMEOUT_S = 3600
+TOKENIZE_BATCH = 256  # conversations per chat-template batch
 
 
 # --- tokenizing --------------------------------------------------------------------------------------
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, overlong: str) -> tuple[dict, bool]:
-    """Token ids and labels (-100 outside assistant replies) of one conversation; True if truncated.
+def chat_tokens(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids and assistant-token mask of each conversation, rendered with the chat template in one batch.
+
+    The fast tokenizer encodes a batch in parallel, several times faster than one call per conversation.
+    A batch the template rejects is encoded one conversation at a time, so the error names the one at fault.
+    """
+    if len(conversations) > 1:
+        try:
+            out = tokenizer.apply_chat_template(
+                conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            return [(list(ids), list(mask)) for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)]
+        except Exception:  # noqa: BLE001 - re-raised below by the conversation that caused it
+            pass
+    return [chat_tokens_one(tokenizer, messages) for messages in conversations]
+
+
+def chat_tokens_one(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def fit_to_length(ids: list[int], mask: list[int], max_length: int, overlong: str) -> tuple[dict, bool]:
+    """Token ids and labels (-100 outside assistant replies) of one tokenized conversation; True if truncated.
 
     A conversation longer than `max_length` is cut after the last assistant turn that fits; if none fits,
     inside the first assistant reply; with no assistant token in the window (or `overlong: drop`) it is
     dropped as `too_long`.
     """
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     if not any(mask):
         raise Dropped("no_assistant")
     truncated = len(ids) > max_length
@@ -74,6 +95,11 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, over
             raise Dropped("too_long")
     labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
     return {"input_ids": ids, "labels": labels}, truncated
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, overlong: str) -> tuple[dict, bool]:
+    """One conversation through `chat_tokens` and `fit_to_length`."""
+    return fit_to_length(*chat_tokens_one(tokenizer, messages), max_length, overlong)
 
 
 def assistant_turns(labels: list[int]) -> int:
@@ -134,27 +160,45 @@ def read_source(
     read = 0
     from tqdm.auto import tqdm
 
-    for i in tqdm(order, desc=source.path, unit="row", disable=None, leave=False):
-        if need is not None and len(kept) >= need:
-            break
-        read += 1
-        try:
-            messages, repaired = repair(standardize(rows[i][column]))
-            example, truncated = tokenize_conversation(tokenizer, messages, max_length, overlong)
-        except Dropped as drop:
-            drops.append((read, drop.reason))
-            continue
-        kept.append(
-            {
-                "id": conversation_key(messages),
-                **example,
-                "n_tokens": len(example["input_ids"]),
-                "n_assistant": assistant_turns(example["labels"]),
-                "truncated": truncated,
-                "repaired": repaired,
-                "read_pos": read,
-            }
-        )
+    progress = tqdm(total=len(order), desc=source.path, unit="row", disable=None, leave=False)
+    position = 0
+    while position < len(order) and (need is None or len(kept) < need):
+        # a batch a little larger than what is still needed: rows past `need` are tokenized but not read
+        size = TOKENIZE_BATCH if need is None else min(TOKENIZE_BATCH, max(16, 2 * (need - len(kept))))
+        batch = order[position : position + size]
+        position += len(batch)
+        standardized: list[tuple[list[dict], bool] | Dropped] = []
+        for i in batch:
+            try:
+                standardized.append(repair(standardize(rows[i][column])))
+            except Dropped as drop:
+                standardized.append(drop)
+        tokens = iter(chat_tokens(tokenizer, [item[0] for item in standardized if not isinstance(item, Dropped)]))
+        for item in standardized:
+            if need is not None and len(kept) >= need:
+                break
+            read += 1
+            progress.update()
+            try:
+                if isinstance(item, Dropped):
+                    raise item
+                messages, repaired = item
+                example, truncated = fit_to_length(*next(tokens), max_length, overlong)
+            except Dropped as drop:
+                drops.append((read, drop.reason))
+                continue
+            kept.append(
+                {
+                    "id": conversation_key(messages),
+                    **example,
+                    "n_tokens": len(example["input_ids"]),
+                    "n_assistant": assistant_turns(example["labels"]),
+                    "truncated": truncated,
+                    "repaired": repaired,
+                    "read_pos": read,
+                }
+            )
+    progress.close()
     meta = {
         "path": source.path,
         "format": fmt,

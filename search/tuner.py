@@ -35,10 +35,11 @@ DRIVER_ENV = {
     # `--resume` knows nearly every trial that had started; fika settles the rest (searcher.reconcile).
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
 }
-# Settings that change where and how fast a search runs, not its results: a resume may change them.
 # Trials keep the driver's working folder (Tune would move each into its own), so that relative data paths
-# mean the same to every trial as to the driver that validated them.
-WORKER_ENV = {"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+# mean the same to every trial as to the driver that validated them. A local Ray's workers inherit the
+# driver's environment; a cluster's get it as a runtime env (which costs each new worker a second or two).
+WORKER_ENV_VARS = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+# Settings that change where and how fast a search runs, not its results: a resume may change them.
 IGNORED_WHEN_COMPARING = ("storage", "address", "report_dir", "trackers", "max_concurrent", "max_failures", "resources")
 
 
@@ -285,10 +286,12 @@ def connect_ray(spec: SearchSpec, address: str | None) -> None:
     address = address or spec.address
     if not ray.is_initialized():
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False, runtime_env=WORKER_ENV, logging_level="ERROR")
+            os.environ.update(WORKER_ENV_VARS)
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         else:
             try:
-                ray.init(address=address, log_to_driver=False, runtime_env=WORKER_ENV, logging_level="ERROR")
+                runtime_env = {"env_vars": WORKER_ENV_VARS}
+                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env, logging_level="ERROR")
             except ConnectionError as err:
                 raise ConfigError(
                     f"address: cannot join the Ray cluster at {address!r}: {str(err).splitlines()[0]}"

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from fika.config import DataConfig, DataSource
-from fika.data import DROP_REASONS, prepare_data, tokenize_conversation, weighted_take
+from fika.data import DROP_REASONS, assistant_turns, prepare_data, read_source, tokenize_conversation, weighted_take
 from fika.sources import (
+    STANDARDIZERS,
     DataError,
     Dropped,
     detect_format,
@@ -267,6 +268,56 @@ def test_overlong_conversations_are_cut_after_a_whole_assistant_turn(tiny_tokeni
         tokenize_conversation(tiny_tokenizer, messages, len(full["input_ids"]) - 5, "drop")
     with pytest.raises(Dropped, match="too_long"):
         tokenize_conversation(tiny_tokenizer, messages, 20, "truncate")  # not one assistant token fits
+
+
+def one_at_a_time(source: DataSource, tokenizer, max_length: int, overlong: str, need: int | None) -> list[tuple]:
+    """What `read_source` must keep: each row of the seeded order tokenized on its own, until `need` are kept."""
+    import random
+
+    rows, _, _ = load_source(source)
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    kept, read = [], 0
+    for i in order:
+        if need is not None and sum(len(row) > 2 for row in kept) >= need:
+            break
+        read += 1
+        try:
+            messages, _ = repair(STANDARDIZERS["sharegpt"][1](rows[i]["conversations"]))
+            example, truncated = tokenize_conversation(tokenizer, messages, max_length, overlong)
+        except Dropped as drop:
+            kept.append((read, drop.reason))
+            continue
+        kept.append((read, example["input_ids"], example["labels"], truncated, assistant_turns(example["labels"])))
+    return kept
+
+
+@pytest.mark.parametrize(("path", "max_length", "overlong", "need"), [
+    ("messy", 256, "truncate", None), ("builtin:sharegpt", 128, "truncate", 150), ("builtin:sharegpt", 2048, "drop", 10),
+])  # fmt: skip
+def test_batched_tokenizing_keeps_what_one_at_a_time_keeps(
+    data_files, tiny_tokenizer, path, max_length, overlong, need
+):
+    source = DataSource(path=str(data_files.get(path, path)))
+    rows, meta = read_source(source, tiny_tokenizer, max_length, overlong, 0, need)
+    got = sorted(
+        [(r["read_pos"], r["input_ids"], r["labels"], r["truncated"], r["n_assistant"]) for r in rows] + meta["drops"]
+    )
+    assert got == one_at_a_time(source, tiny_tokenizer, max_length, overlong, need)
+    assert meta["rows_read"] == len(got) and meta["usable"] == len(rows) > 0
+
+
+def test_a_template_error_names_the_conversation_not_the_batch(data_files, tiny_tokenizer):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if 'Canberra' in m['content'] %}{{ raise_exception('no capitals: ' + m['content'][:20]) }}"
+        "{% endif %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+        "<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    )
+    with pytest.raises(Exception, match="no capitals: Canberra. Many peop"):
+        read_source(DataSource(path=str(data_files["sharegpt_english"])), tokenizer, 256, "truncate", 0, None)
 
 
 def test_weights_set_the_shares_of_the_training_mix():

@@ -108,7 +108,8 @@ class SchedulerSpec(Section):
     """What ASHA compares at its rungs: the smoothed train loss (free: every trial sees the same batches, so it is
     a paired comparison), a full eval, or an eval of `rung_eval_size` conversations. The final ranking is
     always the spec's metric at the last step."""
-    rung_eval_size: int = Field(16, gt=0)
+    rung_eval_size: int | None = Field(None, gt=0)
+    """Conversations of the `eval_subset` rung metric (default: 16, or the whole eval set when smaller)."""
 
 
 class ResourcesSpec(Section):
@@ -188,7 +189,7 @@ class SearchSpec(Section):
                 f"scheduler.grace_period: {self.scheduler.grace_period} is not allowed: it must be below "
                 f"base.train.max_steps {self.max_steps} (no trial could be stopped early)"
             )
-        if self.scheduler.rung_eval_size > self.base.data.eval_size:
+        if (self.scheduler.rung_eval_size or 0) > self.base.data.eval_size:
             raise ValueError(
                 f"scheduler.rung_eval_size: {self.scheduler.rung_eval_size} is not allowed: larger than "
                 f"base.data.eval_size {self.base.data.eval_size}"
@@ -233,7 +234,7 @@ class SearchSpec(Section):
         """Subset evals at the rungs, when the rung metric asks for them."""
         if self.scheduler.rung_metric != "eval_subset" or not self.rungs():
             return None
-        return self.rungs(), self.scheduler.rung_eval_size
+        return self.rungs(), self.scheduler.rung_eval_size or min(16, self.base.data.eval_size)
 
     def startup(self) -> int:
         """How many optuna trials are drawn at random before TPE models the results."""

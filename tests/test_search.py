@@ -318,3 +318,12 @@ def test_every_shipped_spec_validates_and_says_how_to_run_it():
         text = path.read_text()
         assert text.startswith("#") and f"fika search search/specs/{path.name}" in text, path
         assert spec.num_trials() >= 6
+
+
+def test_the_rung_subset_defaults_to_16_or_the_whole_eval_set():
+    assert load_spec("demo", ["scheduler.rung_metric=eval_subset"]).quick_evals() == ([20], 12)
+    assert load_spec("demo", ["scheduler.rung_metric=eval_subset", "base.data.eval_size=40"]).quick_evals() == (
+        [20],
+        16,
+    )
+    assert load_spec("demo", ["scheduler.rung_metric=eval_subset", "scheduler.rung_eval_size=5"]).quick_evals()[1] == 5

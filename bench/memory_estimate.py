@@ -1,7 +1,7 @@
 """The memory estimate `--dry-run` prints, against the peak a real trial reaches (CPU: resident set size).
 
   python bench/memory_estimate.py            # the tiny model and SmolLM2-135M at a few lengths, batches and ranks
-  python bench/memory_estimate.py --shapes llama-3.2-1b llama-3.2-3b   # GPU: real Llama-3.2 shapes, full rows
+  python bench/memory_estimate.py --shapes llama-3.2-1b llama-3.2-3b   # GPU: real model shapes, full rows
 
 Each trial runs a few steps in its own process (a clean baseline) and reports its peak; the table shows the
 estimate, the measured peak and the error. On a GPU the measured peak is torch's peak allocation plus the
@@ -62,7 +62,7 @@ def full_rows_file(root: Path) -> str:
 
 
 def gpu_configs(shapes: list[str], root: Path) -> list[tuple[str, list[str]]]:
-    """4-bit and bf16 trials of real Llama-3.2 shapes at the lengths, batches and ranks a GPU search uses."""
+    """4-bit and bf16 trials of real model shapes at the lengths, batches and ranks a GPU search uses."""
     from trial_speed import build_shape
 
     configs = []
@@ -85,7 +85,7 @@ def gpu_configs(shapes: list[str], root: Path) -> list[tuple[str, list[str]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="*", default=[], help="real Llama-3.2 shapes on a GPU instead of the CPU set")
+    parser.add_argument("--shapes", nargs="*", default=[], help="real model shapes on a GPU instead of the CPU set")
     args = parser.parse_args()
     print("| trial | estimate MB | measured peak MB | error | largest parts of the estimate |")
     print("|---|---:|---:|---:|---|")

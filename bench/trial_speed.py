@@ -3,9 +3,9 @@
   python bench/trial_speed.py                               # CPU: tiny and SmolLM2-135M at two lengths
   python bench/trial_speed.py --shapes llama-3.2-1b llama-3.2-3b --steps 10   # GPU: 4-bit QLoRA and bf16 LoRA
 
-`--shapes` builds randomly initialised Llama-3.2 models of the real sizes (no download; speed and memory
-do not depend on the weights) and trains them through the real trial path, in 4-bit (two accumulations) and
-unquantized bf16, instead of the CPU settings. `--data` trains on a local ShareGPT file instead of the
+`--shapes` builds randomly initialised models of real sizes (Llama-3.2-1B/3B, SmolLM2-1.7B, Qwen2.5-1.5B; no
+download: speed and memory do not depend on the weights) and trains them through the real trial path, in
+4-bit (two accumulations) and unquantized bf16, instead of the CPU settings. `--data` trains on a local ShareGPT file instead of the
 built-in data.
 """
 
@@ -20,11 +20,15 @@ from fika.config import load_config
 from fika.model import build_tiny_tokenizer, device_kind
 from fika.trial import run_trial
 
-LLAMA_SHAPES = {  # from the published Llama-3.2 configs
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, tie_word_embeddings=True),
+SHAPES = {  # from the published configs (as Llama blocks: Qwen2's q/k/v biases are left out)
+    "llama-3.2-1b": dict(vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(vocab_size=128_256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
+    "smollm2-1.7b": dict(vocab_size=49_152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
 }  # fmt: skip
 
 CPU_SETTINGS = [
@@ -36,11 +40,11 @@ CPU_SETTINGS = [
 
 
 def build_shape(name: str, root: Path) -> str:
-    """A local model dir of a real Llama-3.2 shape with random weights and a ChatML byte tokenizer."""
+    """A local model dir of a real model shape with random weights and a ChatML byte tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128_256, max_position_embeddings=4096, rope_theta=500_000.0, **LLAMA_SHAPES[name])
+    config = LlamaConfig(max_position_embeddings=4096, rope_theta=500_000.0, **SHAPES[name])
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     out = root / name
@@ -78,7 +82,7 @@ def measure(label: str, overrides: list[str], steps: int, data: str | None = Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--shapes", nargs="*", default=[], choices=sorted(LLAMA_SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=[], choices=sorted(SHAPES))
     parser.add_argument("--data", help="a local ShareGPT file to train on (default: the built-in data)")
     args = parser.parse_args()
     settings = [] if args.shapes else list(CPU_SETTINGS)

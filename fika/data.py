@@ -53,53 +53,65 @@ TOKENIZE_BATCH = 256  # conversations per chat-template batch
 # --- tokenizing --------------------------------------------------------------------------------------
 
 
-def chat_tokens(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids and assistant-token mask of each conversation, rendered with the chat template in one batch.
+def chat_tokens(tokenizer, conversations: list[list[dict]], keep: int) -> list[tuple[list[int], list[int]]]:
+    """The first `keep` token ids and assistant-token mask of each conversation, rendered with the chat template.
 
-    The fast tokenizer encodes a batch in parallel, several times faster than one call per conversation.
-    A batch the template rejects is encoded one conversation at a time, so the error names the one at fault.
+    One batch: the fast tokenizer encodes it in parallel, several times faster than one call per conversation,
+    and only the kept tokens become Python lists and masks. A batch the template rejects is encoded one
+    conversation at a time, so that the error names the one at fault.
     """
     if len(conversations) > 1:
         try:
             out = tokenizer.apply_chat_template(
-                conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+                conversations,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+                **cut_at(tokenizer, keep),
             )
             return [(list(ids), list(mask)) for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)]
-        except Exception:  # noqa: BLE001 - re-raised below by the conversation that caused it
+        except Exception:  # noqa: BLE001 - raised again below, by the conversation at fault
             pass
-    return [chat_tokens_one(tokenizer, messages) for messages in conversations]
+    return [chat_tokens_one(tokenizer, messages, keep) for messages in conversations]
 
 
-def chat_tokens_one(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+def chat_tokens_one(tokenizer, messages: list[dict], keep: int) -> tuple[list[int], list[int]]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **cut_at(tokenizer, keep)
+    )
     return list(out["input_ids"]), list(out["assistant_masks"])
 
 
+def cut_at(tokenizer, keep: int) -> dict:
+    """Tokenizer arguments that keep the first `keep` tokens (a right-side cut is a prefix of the full encoding;
+    a tokenizer set to cut on the left is not cut)."""
+    return {"truncation": True, "max_length": keep} if tokenizer.truncation_side == "right" else {}
+
+
 def fit_to_length(ids: list[int], mask: list[int], max_length: int, overlong: str) -> tuple[dict, bool]:
-    """Token ids and labels (-100 outside assistant replies) of one tokenized conversation; True if truncated.
+    """Token ids and labels (-100 outside assistant replies) of a conversation's first tokens (all of them, or
+    `max_length + 1` when it is longer); True if it was cut.
 
     A conversation longer than `max_length` is cut after the last assistant turn that fits; if none fits,
     inside the first assistant reply; with no assistant token in the window (or `overlong: drop`) it is
     dropped as `too_long`.
     """
-    if not any(mask):
-        raise Dropped("no_assistant")
     truncated = len(ids) > max_length
     if truncated:
         if overlong == "drop":
             raise Dropped("too_long")
-        turn_ends = [j + 1 for j in range(max_length) if mask[j] and (j + 1 == len(mask) or not mask[j + 1])]
+        turn_ends = [j + 1 for j in range(max_length) if mask[j] and not mask[j + 1]]
         cut = turn_ends[-1] if turn_ends else max_length
         ids, mask = ids[:cut], mask[:cut]
-        if not any(mask):
-            raise Dropped("too_long")
+    if not any(mask):
+        raise Dropped("too_long" if truncated else "no_assistant")
     labels = [t if m else -100 for t, m in zip(ids, mask, strict=True)]
     return {"input_ids": ids, "labels": labels}, truncated
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, overlong: str) -> tuple[dict, bool]:
     """One conversation through `chat_tokens` and `fit_to_length`."""
-    return fit_to_length(*chat_tokens_one(tokenizer, messages), max_length, overlong)
+    return fit_to_length(*chat_tokens_one(tokenizer, messages, max_length + 1), max_length, overlong)
 
 
 def assistant_turns(labels: list[int]) -> int:
@@ -173,7 +185,8 @@ def read_source(
                 standardized.append(repair(standardize(rows[i][column])))
             except Dropped as drop:
                 standardized.append(drop)
-        tokens = iter(chat_tokens(tokenizer, [item[0] for item in standardized if not isinstance(item, Dropped)]))
+        conversations = [item[0] for item in standardized if not isinstance(item, Dropped)]
+        tokens = iter(chat_tokens(tokenizer, conversations, max_length + 1))  # one past the limit: tells a cut
         for item in standardized:
             if need is not None and len(kept) >= need:
                 break

@@ -6,11 +6,16 @@ from __future__ import annotations
 import itertools
 import re
 
+from fika.common import say
 from fika.config import ConfigError, TrialConfig
 from fika.memory import GIB, MemoryEstimate, estimate_memory
 from fika.search.spec import SearchSpec, encode_choice, split_key, trial_config
 
 GPU_SIZES_GB = (24, 40, 80)
+# The estimate's largest shortfall against measured peaks on GPU model shapes it was not fitted on
+# (bench/memory_estimate.py on Qwen2.5-1.5B and SmolLM2-1.7B shapes): a trial estimated this close to its
+# share may still run out of memory.
+ESTIMATE_LOW = 0.21
 
 
 def largest_trial(spec: SearchSpec, device: str) -> tuple[TrialConfig, MemoryEstimate]:
@@ -51,6 +56,12 @@ def check_memory(spec: SearchSpec) -> None:
             f"resources.gpu: {spec.resources.gpu:g} is not allowed: the largest trial needs about {estimate.total / GIB:.1f}"
             f" GiB ({estimate.describe()}), more than its share of a {memory / GIB:.0f} GiB GPU ({share / GIB:.1f} GiB); "
             "give a larger share, or lower batch_size, max_seq_length or r"
+        )
+    if estimate.total / (1 - ESTIMATE_LOW) > share:
+        say(
+            f"warning: resources.gpu: the largest trial needs about {estimate.total / GIB:.1f} GiB by the estimate, "
+            f"{estimate.total / share:.0%} of its share ({share / GIB:.1f} GiB); the estimate has been up to "
+            f"{ESTIMATE_LOW:.0%} low, so it may run out of memory (lower batch_size, max_seq_length or r to be sure)"
         )
 
 

@@ -320,6 +320,18 @@ def test_every_shipped_spec_validates_and_says_how_to_run_it():
         assert spec.num_trials() >= 6
 
 
+def test_a_trial_estimated_close_to_its_share_is_warned_about(tmp_path, capsys):
+    from fika.memory import GIB
+    from fika.search.plan import ESTIMATE_LOW, check_memory, largest_trial
+
+    model = llama_1b_config(tmp_path / "llama")
+    need = largest_trial(load_spec("grid", [f"base.model.name={model}"]), "cuda")[1].total / GIB
+    for gib, warned in ((need * (1 + ESTIMATE_LOW / 2), True), (need / (1 - ESTIMATE_LOW) * 1.01, False)):
+        check_memory(load_spec("grid", [f"base.model.name={model}", f"resources.gpu_memory_gb={gib}"]))
+        out = capsys.readouterr().out
+        assert ("may run out of memory" in out) is warned, (gib, out)
+
+
 def test_the_rung_subset_defaults_to_16_or_the_whole_eval_set():
     assert load_spec("demo", ["scheduler.rung_metric=eval_subset"]).quick_evals() == ([20], 12)
     assert load_spec("demo", ["scheduler.rung_metric=eval_subset", "base.data.eval_size=40"]).quick_evals() == (

@@ -159,7 +159,8 @@ def quiet_libraries() -> None:
 
 
 class ReportRefresher:
-    """Rebuilds a search's report, never letting a report problem stop the search.
+    """Rebuilds a search's report (in a folder the caller has claimed), never letting a report problem stop
+    the search.
 
     `refresh()` builds in a background thread, so a trial's freed slot is not held up while plots are drawn
     (Tune calls it when a trial ends); one build runs at a time and calls during it coalesce into one more.
@@ -183,7 +184,7 @@ class ReportRefresher:
         from fika.search.report import build_report
 
         try:
-            build_report(self.run, self.out)
+            build_report(self.run, self.out, claimed=True)
         except Exception as err:
             log(f"report: not updated ({type(err).__name__}: {str(err)[:300]})")
 

@@ -615,13 +615,15 @@ def claim_folder(out: Path, run: Path, run_id: str) -> None:
     log(f"report: replacing {out}, the report of a search whose run folder is gone")
 
 
-def build_report(run: str | Path, out: str | Path | None = None) -> Path:
-    """Writes the report of the search in `run` to `out` (default: reports/<name>)."""
+def build_report(run: str | Path, out: str | Path | None = None, claimed: bool = False) -> Path:
+    """Writes the report of the search in `run` to `out` (default: reports/<name>); `claimed`: the caller has
+    already checked `out` with `claim_folder`."""
     run = Path(run).expanduser()
     spec = load_run_spec(run)
     out = Path(out).expanduser() if out else default_report_dir(spec.name)
     run_id = (read_json(run / "run.json") or {}).get("id", "")
-    claim_folder(out, run, run_id)
+    if not claimed:
+        claim_folder(out, run, run_id)
     rows = load_rows(run, spec)
     r = Report(
         spec, run, out, rank([row for row in rows if not row.confirm_of]), [row for row in rows if row.confirm_of]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,14 +147,19 @@ def test_a_reused_worker_reports_each_trials_own_peak(tmp_path, ray_shutdown):
     assert large["peak_memory_mb"] > small["peak_memory_mb"] + 20  # not the worker's lifetime peak
 
 
-def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, ray_shutdown):
-    """One trial raises (LoRA on a layer peft cannot adapt); the others complete; the report lists it last."""
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, ray_shutdown, smoke_report, capsys):
+    """One trial raises (LoRA on a layer peft cannot adapt); the others complete; the report lists it last.
+    Its report folder held the report of a search whose run folder is gone: replaced, said once."""
     spec = yaml.safe_load(SMOKE.read_text())
     spec.update(searcher="grid", num_samples=1, max_failures=0, baseline=False, scheduler={"kind": "fifo"})
     spec["space"] = {"lora.target_modules": {"choice": [["q_proj", "v_proj"], ["norm"]]}}
     path = tmp_path / "failing.yaml"
     path.write_text(yaml.safe_dump(spec))
+    shutil.copytree(smoke_report[1], tmp_path / "report")
+    stale = json.loads((tmp_path / "report" / "report.json").read_text())
+    (tmp_path / "report" / "report.json").write_text(json.dumps({**stale, "run": "../gone", "run_id": "old"}))
     assert main(["search", str(path), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0
+    assert capsys.readouterr().err.count("report: replacing") == 1
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "report" / "trials.csv")

@@ -11,7 +11,8 @@ with Ray's own ASHAScheduler deciding on the rung metric, or FIFO; two trials at
 counted in training steps. Per searcher, over the seeds: the trial-steps until a trial within 1% of the grid's
 best (and one within the eval noise of it: its paired 95% interval against the best includes 0), and the regret
 at 25% of the grid's steps. The rung-metric table replays ASHA over random arrival orders of all configs with
-each rung metric and counts how often it keeps or stops a trial as the full eval would.
+each rung metric and counts how often it keeps or stops a trial as the full eval would; the eval-size table
+asks how often two disjoint sets of k eval conversations pick the same winner among 6 random configs.
 """
 
 from __future__ import annotations
@@ -245,6 +246,21 @@ def rung_agreement(table: Table, metric: str, orders: int = 50) -> float:
     return agree / total
 
 
+def eval_size_agreement(table: Table, size: int, trials: int = 6, draws: int = 2000) -> float:
+    """How often two disjoint eval sets of `size` conversations name the same winner of `trials` random configs."""
+    sums = np.array([r["evals"][str(table.max_steps)]["sums"] for r in table.rows])
+    counts = np.array([r["evals"][str(table.max_steps)]["counts"] for r in table.rows])
+    rng = random.Random(0)
+    agree = 0
+    for _ in range(draws):
+        positions = rng.sample(range(sums.shape[1]), 2 * size)
+        picked = rng.sample(range(len(table.rows)), trials)
+        winners = [min(picked, key=lambda i: sums[i, half].sum() / counts[i, half].sum())
+                   for half in (positions[:size], positions[size:])]  # fmt: skip
+        agree += winners[0] == winners[1]
+    return agree / draws
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -270,6 +286,10 @@ def main() -> None:
     for metric, cost in (("eval_loss", "the full eval set"), ("eval_subset", "8 of the eval conversations"),
                          ("train_loss_smooth", "none")):  # fmt: skip
         print(f"| {metric} | {100 * rung_agreement(table, metric):.0f}% | {cost} |")
+    conversations = len(table.rows[0]["evals"][str(table.max_steps)]["sums"])
+    print("\n| eval conversations | two disjoint sets name the same winner of 6 trials |\n|---:|---:|")
+    for size in (4, 6, 8, 12)[: conversations // 2]:
+        print(f"| {size} | {100 * eval_size_agreement(table, size):.1f}% |")
     for trials in args.trials:
         print(
             f"\n{trials} trials, 2 at a time, {args.seeds} seeds (steps: trial-steps of training; the grid spends {budget})"

@@ -60,26 +60,18 @@ def chat_tokens(tokenizer, conversations: list[list[dict]], keep: int) -> list[t
     and only the kept tokens become Python lists and masks. A batch the template rejects is encoded one
     conversation at a time, so that the error names the one at fault.
     """
-    if len(conversations) > 1:
-        try:
-            out = tokenizer.apply_chat_template(
-                conversations,
-                tokenize=True,
-                return_dict=True,
-                return_assistant_tokens_mask=True,
-                **cut_at(tokenizer, keep),
-            )
-            return [(list(ids), list(mask)) for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)]
-        except Exception:  # noqa: BLE001 - raised again below, by the conversation at fault
-            pass
-    return [chat_tokens_one(tokenizer, messages, keep) for messages in conversations]
 
+    def encode(batch):
+        out = tokenizer.apply_chat_template(
+            batch, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **cut_at(tokenizer, keep)
+        )
+        return list(zip(out["input_ids"], out["assistant_masks"], strict=True))
 
-def chat_tokens_one(tokenizer, messages: list[dict], keep: int) -> tuple[list[int], list[int]]:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **cut_at(tokenizer, keep)
-    )
-    return list(out["input_ids"]), list(out["assistant_masks"])
+    try:
+        encoded = encode(conversations)
+    except Exception:  # noqa: BLE001 - raised again below, by the conversation at fault
+        encoded = [pair for messages in conversations for pair in encode([messages])]
+    return [(list(ids), list(mask)) for ids, mask in encoded]
 
 
 def cut_at(tokenizer, keep: int) -> dict:
@@ -109,11 +101,6 @@ def fit_to_length(ids: list[int], mask: list[int], max_length: int, overlong: st
     return {"input_ids": ids, "labels": labels}, truncated
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, overlong: str) -> tuple[dict, bool]:
-    """One conversation through `chat_tokens` and `fit_to_length`."""
-    return fit_to_length(*chat_tokens_one(tokenizer, messages, max_length + 1), max_length, overlong)
-
-
 def assistant_turns(labels: list[int]) -> int:
     """How many assistant replies (runs of labelled tokens) a tokenized conversation holds."""
     return sum(1 for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100))
@@ -121,11 +108,13 @@ def assistant_turns(labels: list[int]) -> int:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything in a tokenizer that changes tokens: its vocab and rules, specials and template."""
-    parts = [
-        tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else str(tokenizer.get_vocab()),
-        str(tokenizer.chat_template),
-        str(tokenizer.all_special_tokens),
-    ]
+    if hasattr(tokenizer, "backend_tokenizer"):
+        rules = json.loads(tokenizer.backend_tokenizer.to_str())
+        # not the truncation and padding it keeps from its last call: settings of that call, not of the tokenizer
+        vocab = json.dumps({k: v for k, v in rules.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        vocab = str(tokenizer.get_vocab())
+    parts = [vocab, str(tokenizer.chat_template), str(tokenizer.all_special_tokens)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,15 @@ import json
 import pytest
 
 from fika.config import DataConfig, DataSource
-from fika.data import DROP_REASONS, assistant_turns, prepare_data, read_source, tokenize_conversation, weighted_take
+from fika.data import (
+    DROP_REASONS,
+    assistant_turns,
+    chat_tokens,
+    fit_to_length,
+    prepare_data,
+    read_source,
+    weighted_take,
+)
 from fika.sources import (
     STANDARDIZERS,
     DataError,
@@ -245,6 +253,10 @@ def test_eval_sources_hold_out_their_own_set(data_files, tiny_tokenizer):
     assert mix.sources[0].train == len(FINETOME_ROWS) and mix.sources[0].eval == 0
 
 
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, overlong: str) -> tuple[dict, bool]:
+    return fit_to_length(*chat_tokens(tokenizer, [messages], max_length + 1)[0], max_length, overlong)
+
+
 def test_labels_cover_exactly_the_assistant_turns(tiny_tokenizer):
     messages = standardize_sharegpt(FINETOME_ROWS[1]["conversations"])
     example, truncated = tokenize_conversation(tiny_tokenizer, messages, 4096, "truncate")
@@ -271,7 +283,7 @@ def test_overlong_conversations_are_cut_after_a_whole_assistant_turn(tiny_tokeni
 
 
 def one_at_a_time(source: DataSource, tokenizer, max_length: int, overlong: str, need: int | None) -> list[tuple]:
-    """What `read_source` must keep: each row of the seeded order tokenized on its own, until `need` are kept."""
+    """What `read_source` must keep: each row of the seeded order encoded whole, on its own, until `need` are kept."""
     import random
 
     rows, _, _ = load_source(source)
@@ -284,7 +296,8 @@ def one_at_a_time(source: DataSource, tokenizer, max_length: int, overlong: str,
         read += 1
         try:
             messages, _ = repair(STANDARDIZERS["sharegpt"][1](rows[i]["conversations"]))
-            example, truncated = tokenize_conversation(tokenizer, messages, max_length, overlong)
+            full = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+            example, truncated = fit_to_length(full["input_ids"], full["assistant_masks"], max_length, overlong)
         except Dropped as drop:
             kept.append((read, drop.reason))
             continue

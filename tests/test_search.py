@@ -326,14 +326,13 @@ def test_every_shipped_spec_validates_and_says_how_to_run_it():
         assert spec.num_trials() >= 6
 
 
-def test_a_trial_estimated_close_to_its_share_is_warned_about(tmp_path, capsys):
+def test_a_trial_estimated_close_to_its_share_is_warned_about(capsys):
     from fika.memory import GIB
     from fika.search.plan import ESTIMATE_LOW, check_memory, largest_trial
 
-    model = llama_1b_config(tmp_path / "llama")
-    need = largest_trial(load_spec("grid", [f"base.model.name={model}"]), "cuda")[1].total / GIB
+    need = largest_trial(load_spec(SMOKE), "cuda")[1].total / GIB
     for gib, warned in ((need * (1 + ESTIMATE_LOW / 2), True), (need / (1 - ESTIMATE_LOW) * 1.01, False)):
-        check_memory(load_spec("grid", [f"base.model.name={model}", f"resources.gpu_memory_gb={gib}"]))
+        check_memory(load_spec(SMOKE, ["resources.gpu=1", f"resources.gpu_memory_gb={gib}"]))
         out = capsys.readouterr().out
         assert ("may run out of memory" in out) is warned, (gib, out)
 

@@ -189,7 +189,9 @@ class SearchSpec(Section):
                 f"scheduler.grace_period: {self.scheduler.grace_period} is not allowed: it must be below "
                 f"base.train.max_steps {self.max_steps} (no trial could be stopped early)"
             )
-        if (self.scheduler.rung_eval_size or 0) > self.base.data.eval_size:
+        if self.scheduler.rung_eval_size is None:  # resolved here, so that spec.yaml records the size used
+            self.scheduler.rung_eval_size = min(16, self.base.data.eval_size)
+        if self.scheduler.rung_eval_size > self.base.data.eval_size:
             raise ValueError(
                 f"scheduler.rung_eval_size: {self.scheduler.rung_eval_size} is not allowed: larger than "
                 f"base.data.eval_size {self.base.data.eval_size}"
@@ -234,7 +236,7 @@ class SearchSpec(Section):
         """Subset evals at the rungs, when the rung metric asks for them."""
         if self.scheduler.rung_metric != "eval_subset" or not self.rungs():
             return None
-        return self.rungs(), self.scheduler.rung_eval_size or min(16, self.base.data.eval_size)
+        return self.rungs(), self.scheduler.rung_eval_size
 
     def startup(self) -> int:
         """How many optuna trials are drawn at random before TPE models the results."""

@@ -344,3 +344,6 @@ def test_the_rung_subset_defaults_to_16_or_the_whole_eval_set():
         16,
     )
     assert load_spec("demo", ["scheduler.rung_metric=eval_subset", "scheduler.rung_eval_size=5"]).quick_evals()[1] == 5
+    from fika.search.tuner import spec_yaml
+
+    assert "rung_eval_size: 12" in spec_yaml(load_spec("demo"))  # the run folder records the size it used

@@ -5,8 +5,8 @@
 
 `--shapes` builds randomly initialised models of real sizes (Llama-3.2-1B/3B, SmolLM2-1.7B, Qwen2.5-1.5B; no
 download: speed and memory do not depend on the weights) and trains them through the real trial path, in
-4-bit (two accumulations) and unquantized bf16, instead of the CPU settings. `--data` trains on a local ShareGPT file instead of the
-built-in data.
+4-bit (two accumulations) and unquantized bf16, instead of the CPU settings. `--data` trains on a local
+ShareGPT file instead of the built-in data.
 """
 
 from __future__ import annotations

@@ -152,7 +152,9 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Explicit, so that tokenizers does not warn when Ray forks; every core for tokenizing the data once
+    # (workers are held to their share: fika.search.tuner.WORKER_ENV_VARS).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="(torch|transformers|trl|peft)")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -162,9 +164,9 @@ class ReportRefresher:
     """Rebuilds a search's report (in a folder the caller has claimed), never letting a report problem stop
     the search.
 
-    `refresh()` builds in a background thread, so a trial's freed slot is not held up while plots are drawn
-    (Tune calls it when a trial ends); one build runs at a time and calls during it coalesce into one more.
-    `refresh(wait=True)` waits for that thread and builds the final report in the caller. Tune pickles its
+    `refresh()` starts a build in a background thread, so a trial's freed slot is not held up while plots are
+    drawn (Tune calls it when a trial ends); one build runs at a time and calls during it coalesce into one
+    more, which starts after the last call. `finish()` waits until that build is written. Tune pickles its
     callbacks with the experiment state: the thread and its lock are not part of that state.
     """
 
@@ -197,21 +199,21 @@ class ReportRefresher:
                     return
                 self.again = False
 
-    def __call__(self, wait: bool = False) -> None:
+    def __call__(self) -> None:
         import threading
 
         with self.lock:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.build_until_current, name="fika-report", daemon=True)
+                self.thread.start()
+            else:
+                self.again = True
+
+    def finish(self) -> None:
+        with self.lock:
             thread = self.thread
-            if not wait:
-                if thread is None:
-                    self.thread = threading.Thread(target=self.build_until_current, name="fika-report", daemon=True)
-                    self.thread.start()
-                else:
-                    self.again = True
-                return
         if thread is not None:
             thread.join()
-        self.build()
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -232,10 +234,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     claim_folder(report_dir, directory, (read_json(directory / "run.json") or {}).get("id", ""))
     refresh = ReportRefresher(directory, report_dir)
     progress = SearchProgress(directory, spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh)
-    state = run_search(spec, address=args.address, resume=args.resume, callbacks=[progress])
+    # the final report is drawn while a Ray instance the search started shuts down
+    state = run_search(spec, address=args.address, resume=args.resume, callbacks=[progress], on_done=refresh)
     if state == "finished":
         print(f"search {spec.name}: already finished in {directory} with this spec; nothing to run")
-    refresh(wait=True)
+        refresh()
+    refresh.finish()
     print(f"report: {report_dir / 'index.html'} (also index.md, trials.csv, best.yaml)")
     if not (report_dir / "report.json").exists():
         raise FikaError(f"report: {report_dir} could not be written; run `fika report {directory}` to see why")
@@ -255,8 +259,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     refresh = ReportRefresher(run, out)
     progress = SearchProgress(run, len(runs), spec.metric, args.steps or spec.max_steps,
                               on_trial_end=refresh, only=names)  # fmt: skip
-    run_confirm(run, spec, runs, address=args.address, callbacks=[progress])
-    refresh(wait=True)
+    run_confirm(run, spec, runs, address=args.address, callbacks=[progress], on_done=refresh)
+    refresh.finish()
     print(f"report: {out / 'index.html'} (seeds and horizon sections added)")
     return 0
 

@@ -381,6 +381,26 @@ def training_args(config: TrialConfig, out: Path, device: str):
     )
 
 
+def score_labelled_positions_only() -> None:
+    """Makes trl's fused LM head project only the labelled positions on a CPU, as it does on a CUDA GPU.
+
+    trl's SFTTrainer computes the loss through a chunked LM head that skips the positions without a label on
+    Triton devices, and projects every position elsewhere (so that XLA or Neuron compilers see fixed shapes).
+    A CPU runs eagerly: there the skipped projections are pure waste, about 8% of a SmolLM2 step at length 128
+    (its head is a quarter of the step). The losses are the same.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None or getattr(original, "__name__", "") == "compact_on_cpu":
+        return
+
+    def compact_on_cpu(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    trl_utils._use_triton = compact_on_cpu
+
+
 def check_output_dir(out: Path, overwrite: bool = False, resume: bool = False) -> None:
     """Refuses to write into a file, or into the folder of an earlier run unless asked to (`--overwrite`)."""
     if out.exists() and not out.is_dir():
@@ -469,6 +489,7 @@ def run_trial(
         else:
             base = (kept_base_model if keep_base_model else load_base_model)(config.model, tokenizer)
         model = get_peft_model(base, lora_config(config.lora))
+        score_labelled_positions_only()
         trial.result.trainable_params, trial.result.total_params = model.get_nb_trainable_parameters()
         trainer = SFTTrainer(
             model=model,

@@ -77,8 +77,12 @@ def run_confirm(
     address: str | None = None,
     callbacks: list | None = None,
     log: Callable[[str], None] = say,
+    on_done: Callable[[], None] | None = None,
 ) -> None:
-    """Runs the re-runs on Ray (one trial each, reused workers); those that already ran are replayed."""
+    """Runs the re-runs on Ray (one trial each, reused workers); those that already ran are replayed.
+
+    `on_done()` is called when they have ended, before a Ray instance this call started is shut down.
+    """
     from ray import tune
 
     from fika.search.tuner import check_address, connect_ray, prepare_search_data, trainable_for
@@ -87,7 +91,7 @@ def run_confirm(
         check_address(address or spec.address)
     log(f"confirm: {len({r['of'] for r in runs})} trials, {len(runs)} re-runs")
     prepare_search_data(spec, log)
-    connect_ray(spec, address or spec.address)
+    connected = connect_ray(spec, address or spec.address)
     tuner = tune.Tuner(
         trainable_for(spec, run),
         param_space={"_confirm": tune.grid_search([json.dumps(r) for r in runs])},
@@ -101,3 +105,9 @@ def run_confirm(
         ),
     )
     tuner.fit()
+    if on_done is not None:
+        on_done()
+    if connected:
+        import ray
+
+        ray.shutdown()

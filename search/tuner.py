@@ -38,7 +38,8 @@ DRIVER_ENV = {
 # Trials keep the driver's working folder (Tune would move each into its own), so that relative data paths
 # mean the same to every trial as to the driver that validated them. A local Ray's workers inherit the
 # driver's environment; a cluster's get it as a runtime env (which costs each new worker a second or two).
-WORKER_ENV_VARS = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+# A trial that tokenizes (a node without the driver's data cache) keeps to its CPU share.
+WORKER_ENV_VARS = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}
 # Settings that change where and how fast a search runs, not its results: a resume may change them.
 IGNORED_WHEN_COMPARING = ("storage", "address", "report_dir", "trackers", "max_concurrent", "max_failures", "resources")
 
@@ -277,14 +278,18 @@ def check_address(address: str) -> None:
         ) from None
 
 
-def connect_ray(spec: SearchSpec, address: str | None) -> None:
-    """Joins the given cluster (or an already started instance), or starts a local Ray; checks GPUs."""
+def connect_ray(spec: SearchSpec, address: str | None) -> bool:
+    """Joins the given cluster (or an already started instance), or starts a local Ray; checks GPUs.
+
+    Returns whether this call connected (the caller then shuts down what it started: `ray.shutdown()`).
+    """
     import ray
 
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     address = address or spec.address
-    if not ray.is_initialized():
+    connected = not ray.is_initialized()
+    if connected:
         if address is None:
             os.environ.update(WORKER_ENV_VARS)
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -302,6 +307,7 @@ def connect_ray(spec: SearchSpec, address: str | None) -> None:
             f"resources.gpu: {spec.resources.gpu:g} is not allowed: the Ray cluster has {gpus:g} GPUs "
             "(set resources.gpu: 0 for CPU trials)"
         )
+    return connected
 
 
 def prepare_search_data(spec: SearchSpec, log: Callable[[str], None]) -> dict:
@@ -353,8 +359,13 @@ def run_search(
     resume: bool = False,
     callbacks: list | None = None,
     log: Callable[[str], None] = say,
+    on_done: Callable[[], None] | None = None,
 ) -> str:
-    """Runs (or resumes) a search to its end; returns `finished` when it had already finished, else `done`."""
+    """Runs (or resumes) a search to its end; returns `finished` when it had already finished, else `done`.
+
+    `on_done()` is called when the results are final, before a Ray instance this call started is shut down
+    (which takes seconds: work started there runs meanwhile).
+    """
     directory = run_dir(spec)
     if address is not None:
         spec = spec.model_copy(update={"address": address})
@@ -366,7 +377,7 @@ def run_search(
         write_atomic(directory / "spec.yaml", spec_yaml(spec))
         write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
     prepare_search_data(spec, log)
-    connect_ray(spec, spec.address)
+    connected = connect_ray(spec, spec.address)
     started = time.time()
     tuner = build_tuner(spec, directory, callbacks or [], resume=state == "resume")
     tuner.fit()
@@ -374,6 +385,12 @@ def run_search(
     run = read_json(directory / "run.json") or {}
     write_atomic(directory / "run.json", json.dumps({**run, "finished_at": time.time()}))
     log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
+    if on_done is not None:
+        on_done()
+    if connected:
+        import ray
+
+        ray.shutdown()
     return "done"
 
 

@@ -201,6 +201,7 @@ def smoke_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     try:
         assert main(["search", str(SMOKE_SPEC), f"storage={tmp}", f"report_dir={tmp / 'report'}"]) == 0
+        assert not ray.is_initialized()  # the search shut down the Ray it started
         printed = re.findall(r"`(fika confirm [^`]+)`", (tmp / "report" / "index.md").read_text())
         assert len(printed) == 2
         for command in printed:  # as printed, only made smaller: 2 trials, 2 seeds, 24 steps

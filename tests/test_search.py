@@ -98,6 +98,7 @@ def test_declared_gpus_give_each_trial_its_own_device(tmp_path, ray_shutdown):
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
     spec = load_spec(SMOKE, [f"storage={tmp_path}", "resources.gpu=1", "resources.cpu=1", "num_samples=6"])
     run_search(spec, log=lambda _: None)
+    assert ray.is_initialized()  # an instance the search did not start is left running
     rows = [r for r in tune_results(tmp_path / "smoke") if r.get("done")]
     assert len(rows) >= 3 and {row["cuda_visible_devices"] for row in rows} <= {"0", "1"}
     results = list(trial_results(tmp_path / "smoke").values())

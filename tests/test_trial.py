@@ -216,6 +216,52 @@ def test_the_fast_eval_equals_a_full_forward_pass(name, tmp_path):
     assert subset.sums == pytest.approx([expected[i] for i in rows], rel=rel)
 
 
+def test_the_head_on_labelled_positions_only_gives_the_same_loss_and_gradients(tmp_path):
+    """On a CPU, trl's fused LM head then skips unlabelled positions: same log-probs, metrics and LoRA gradients."""
+    import trl.trainer.utils as trl_utils
+    from peft import get_peft_model
+
+    from fika.model import lora_config
+    from fika.trial import score_labelled_positions_only
+
+    config = tiny_config(tmp_path)
+    base = load_base_model(config.model, load_tokenizer(config.model))
+    trl_utils.add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
+    model = get_peft_model(base, lora_config(config.lora))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # zero at the start; a random B gives every LoRA weight a gradient
+            param.data.normal_(0, 0.02)
+    ids = torch.randint(0, base.config.vocab_size, (2, 48))
+    labels = ids.clone()
+    labels[0, :30] = labels[1, :10] = -100
+
+    def forward_backward() -> tuple:
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (-out.log_probs.sum() / out.label_mask.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    from trl.kernels.chunked_logprob import _use_triton as trl_choice
+
+    before = trl_utils._use_triton  # patched already if a trial ran in this process
+    try:
+        trl_utils._use_triton = trl_choice
+        assert not trl_choice(torch.device("cpu"))  # trl's own choice on a CPU: every position
+        full, full_grads = forward_backward()
+        score_labelled_positions_only()
+        assert trl_utils._use_triton(torch.device("cpu"))
+        compact, compact_grads = forward_backward()
+    finally:
+        trl_utils._use_triton = before
+    for field in ("log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(compact, field), getattr(full, field), rtol=1e-5, atol=1e-6)
+    assert len(full_grads) == 2 * 14 and full_grads.keys() == compact_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(compact_grads[name], grad, rtol=1e-4, atol=1e-7)
+
+
 def test_the_4bit_qlora_path_runs_on_a_cpu(tmp_path):
     """bitsandbytes NF4 on a CPU: k-bit preparation, LoRA on Linear4bit layers, loss falls, only the adapter moves."""
     pytest.importorskip("bitsandbytes")

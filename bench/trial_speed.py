@@ -3,6 +3,10 @@
   python bench/trial_speed.py                               # CPU: tiny and SmolLM2-135M at two lengths
   python bench/trial_speed.py --shapes llama-3.2-1b llama-3.2-3b --steps 10   # GPU: 4-bit QLoRA and bf16 LoRA
 
+`--head all` times trl's own CPU choice for its fused LM head (every position projected) instead of fika's
+(labelled positions only); `--threads 1` times a trial as a 2-at-a-time search on 2 cores runs it; `--only TEXT`
+keeps the CPU settings that contain TEXT (`--only max_seq_length=128`).
+
 `--shapes` builds randomly initialised models of real sizes (Llama-3.2-1B/3B, SmolLM2-1.7B, Qwen2.5-1.5B; no
 download: speed and memory do not depend on the weights) and trains them through the real trial path, in
 4-bit (two accumulations) and unquantized bf16, instead of the CPU settings. `--data` trains on a local
@@ -84,8 +88,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--shapes", nargs="*", default=[], choices=sorted(SHAPES))
     parser.add_argument("--data", help="a local ShareGPT file to train on (default: the built-in data)")
+    parser.add_argument("--head", choices=["labelled", "all"], default="labelled",
+                        help="positions trl's fused LM head projects on a CPU (all: trl's own choice)")  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    parser.add_argument("--only", default="", help="the CPU settings whose label or overrides contain this text")
     args = parser.parse_args()
-    settings = [] if args.shapes else list(CPU_SETTINGS)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.head == "all":
+        import fika.trial
+
+        fika.trial.score_labelled_positions_only = lambda: None
+    settings = [] if args.shapes else [s for s in CPU_SETTINGS if args.only in " ".join([s[0], *s[1]])]
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for shape in args.shapes:

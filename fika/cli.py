@@ -16,6 +16,7 @@ ShareGPT data, offline, sized for a CPU. Bad input prints one line per problem a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -166,8 +167,9 @@ class ReportRefresher:
 
     `refresh()` starts a build in a background thread, so a trial's freed slot is not held up while plots are
     drawn (Tune calls it when a trial ends); one build runs at a time and calls during it coalesce into one
-    more, which starts after the last call. `finish()` waits until that build is written. Tune pickles its
-    callbacks with the experiment state: the thread and its lock are not part of that state.
+    more, which starts after the last call and is skipped when none of the files the report reads changed
+    since the previous build began. `finish()` waits until that build is written. Tune pickles its callbacks
+    with the experiment state: the thread, its lock and the files seen are not part of that state.
     """
 
     def __init__(self, run: Path, out: Path):
@@ -180,13 +182,28 @@ class ReportRefresher:
         import threading
 
         self.run, self.out = state["run"], state["out"]
-        self.lock, self.thread, self.again = threading.Lock(), None, False
+        self.lock, self.thread, self.again, self.built_from = threading.Lock(), None, False, None
+
+    def files_read(self) -> list[tuple[str, int, int]]:
+        """(path, size, mtime) of what a report is built from: the spec, the draws, every trial's files (run.json
+        is left out: the report reads only its id, which never changes)."""
+        paths = [self.run / "spec.yaml", self.run / "draws.jsonl", *self.run.glob("trials/*/*")]
+        stats = []
+        for path in sorted(paths):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                stats.append((str(path), stat.st_size, stat.st_mtime_ns))
+        return stats
 
     def build(self) -> None:
         from fika.search.report import build_report
 
+        files = self.files_read()
+        if files == self.built_from:
+            return
         try:
             build_report(self.run, self.out, claimed=True)
+            self.built_from = files
         except Exception as err:
             log(f"report: not updated ({type(err).__name__}: {str(err)[:300]})")
 

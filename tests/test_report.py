@@ -167,6 +167,29 @@ def test_report_of_a_running_and_of_a_killed_search(smoke_report, tmp_path):
     assert "2 running" in (out / "index.md").read_text()
 
 
+def test_the_refresher_rebuilds_only_when_the_run_changed(smoke_report, tmp_path):
+    """A search's report refresher skips a build when no file the report reads changed since the last one."""
+    from fika.cli import ReportRefresher
+
+    run = tmp_path / "smoke"
+    shutil.copytree(smoke_report[0], run)
+    out = tmp_path / "report"
+    refresh = ReportRefresher(run, out)
+    generated = []
+    for change in (None, None, "draws.jsonl", None, "result.json"):
+        if change == "draws.jsonl":
+            with (run / "draws.jsonl").open("a") as f:
+                f.write("\n")
+        elif change:
+            result = sorted(run.glob("trials/*/result.json"))[0]
+            result.write_text(result.read_text())  # the same bytes, written again: a new mtime
+        refresh()
+        refresh.finish()
+        generated.append(json.loads((out / "report.json").read_text())["generated_at"])
+    assert generated[1] == generated[0] and generated[3] == generated[2]  # nothing changed: not rebuilt
+    assert len(set(generated)) == 3
+
+
 def test_a_report_folder_belongs_to_one_search(smoke_report, tmp_path):
     run, report = smoke_report
     other = tmp_path / "other"

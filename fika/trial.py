@@ -382,12 +382,12 @@ def training_args(config: TrialConfig, out: Path, device: str):
 
 
 def score_labelled_positions_only() -> None:
-    """Makes trl's fused LM head project only the labelled positions on a CPU, as it does on a CUDA GPU.
+    """Makes trl's fused LM head project only the labelled positions on a CPU, as it does where Triton runs.
 
     trl's SFTTrainer computes the loss through a chunked LM head that skips the positions without a label on
     Triton devices, and projects every position elsewhere (so that XLA or Neuron compilers see fixed shapes).
-    A CPU runs eagerly: there the skipped projections are pure waste, about 8% of a SmolLM2 step at length 128
-    (its head is a quarter of the step). The losses are the same.
+    A CPU runs eagerly: there the skipped projections are waste, 8-15% of a SmolLM2 step at length 128 (its
+    head is a quarter of the step). The losses and gradients are the same.
     """
     import trl.trainer.utils as trl_utils
 

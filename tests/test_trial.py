@@ -220,12 +220,13 @@ def test_the_head_on_labelled_positions_only_gives_the_same_loss_and_gradients(t
     """On a CPU, trl's fused LM head then skips unlabelled positions: same log-probs, metrics and LoRA gradients."""
     import trl.trainer.utils as trl_utils
     from peft import get_peft_model
+    from transformers import LlamaForCausalLM
 
-    from fika.model import lora_config
+    from fika.model import lora_config, tiny_model_dir
     from fika.trial import score_labelled_positions_only
 
     config = tiny_config(tmp_path)
-    base = load_base_model(config.model, load_tokenizer(config.model))
+    base = LlamaForCausalLM.from_pretrained(tiny_model_dir(), device_map="cpu")  # the CPU path, on any machine
     trl_utils.add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
     model = get_peft_model(base, lora_config(config.lora))
     torch.manual_seed(0)

@@ -85,7 +85,7 @@ def run_confirm(
     """
     from ray import tune
 
-    from fika.search.tuner import check_address, connect_ray, prepare_search_data, trainable_for
+    from fika.search.tuner import check_address, connect_ray, end_ray, prepare_search_data, trainable_for
 
     if address or spec.address:
         check_address(address or spec.address)
@@ -105,9 +105,4 @@ def run_confirm(
         ),
     )
     tuner.fit()
-    if on_done is not None:
-        on_done()
-    if connected:
-        import ray
-
-        ray.shutdown()
+    end_ray(connected, on_done)

@@ -385,13 +385,18 @@ def run_search(
     run = read_json(directory / "run.json") or {}
     write_atomic(directory / "run.json", json.dumps({**run, "finished_at": time.time()}))
     log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
+    end_ray(connected, on_done)
+    return "done"
+
+
+def end_ray(connected: bool, on_done: Callable[[], None] | None) -> None:
+    """Calls `on_done()`, then shuts down the Ray connection `connect_ray` made (`connected`), if it made one."""
     if on_done is not None:
         on_done()
     if connected:
         import ray
 
         ray.shutdown()
-    return "done"
 
 
 def settle(spec: SearchSpec, directory: Path) -> None:

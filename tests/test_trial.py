@@ -221,6 +221,7 @@ def test_the_head_on_labelled_positions_only_gives_the_same_loss_and_gradients(t
     import trl.trainer.utils as trl_utils
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
+    from trl.kernels.chunked_logprob import _use_triton as trl_choice
 
     from fika.model import lora_config, tiny_model_dir
     from fika.trial import score_labelled_positions_only
@@ -243,8 +244,6 @@ def test_the_head_on_labelled_positions_only_gives_the_same_loss_and_gradients(t
         (-out.log_probs.sum() / out.label_mask.sum()).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return out, grads
-
-    from trl.kernels.chunked_logprob import _use_triton as trl_choice
 
     before = trl_utils._use_triton  # patched already if a trial ran in this process
     try:

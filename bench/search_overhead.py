@@ -48,8 +48,28 @@ def trial_rows(run: Path) -> list[dict]:
     return rows
 
 
-def table(title: str, rows: list[dict], fit_s: float, slots: int) -> dict:
-    """Prints the per-trial table and the totals; returns the totals."""
+def idle_parts(rows: list[dict], fit: tuple[float, float], slots: int) -> dict:
+    """The idle slot time split by where it falls: before each slot's first trial (a fresh worker's start and
+    imports), between two trials on a slot, and after a slot's last trial (the tail, while another slot still
+    runs). Trials are put on slots in the order they started (a slot takes the next trial when its last ended)."""
+    ends: list[list[float]] = []
+    parts = {"before the first trial": 0.0, "between trials": 0.0, "after the last trial": 0.0}
+    for row in sorted(rows, key=lambda r: r["started"]):
+        free = [i for i, e in enumerate(ends) if e[-1] <= row["started"] + 0.5]
+        if len(ends) < slots and not free:
+            ends.append([row["ended"]])
+            parts["before the first trial"] += row["started"] - fit[0]
+        else:
+            slot = min(free or range(len(ends)), key=lambda i: ends[i][-1])
+            parts["between trials"] += max(row["started"] - ends[slot][-1], 0.0)
+            ends[slot].append(row["ended"])
+    parts["after the last trial"] = sum(fit[1] - e[-1] for e in ends) + (slots - len(ends)) * (fit[1] - fit[0])
+    return parts
+
+
+def table(title: str, rows: list[dict], fit: tuple[float, float], slots: int) -> dict:
+    """Prints the per-trial table and the totals (`fit`: the fit's start and end, unix time); returns the totals."""
+    fit_s = fit[1] - fit[0]
     print(f"\n{title}")
     print("| trial | status | steps | pure step s | eval s | start-up s | other s | trial wall s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -66,11 +86,17 @@ def table(title: str, rows: list[dict], fit_s: float, slots: int) -> dict:
         f"search wall (Tune fit) {fit_s:.1f} s x {slots} slots = slot time {slot:.1f} s; idle slot time "
         f"{total['idle']:.1f} s ({100 * total['idle'] / slot:.0f}%); evals {100 * total['eval'] / slot:.0f}%"
     )
-    print(f"slot time / pure step time = {total['ratio']:.3f} (without evals: {total['framework']:.3f})")
+    parts = idle_parts(rows, fit, slots)
+    print("idle: " + "; ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items()))
+    fixed = total["eval"] + parts["before the first trial"] + parts["after the last trial"]
+    floor = (total["pure"] + fixed) / total["pure"]
+    print(f"slot time / pure step time = {total['ratio']:.3f} (without evals: {total['framework']:.3f}; "
+          f"pure + evals + the workers' start + the tail alone: {floor:.3f})")  # fmt: skip
+    total.update(idle_parts=parts, floor=floor)
     return total
 
 
-def run_fika(spec, storage: Path) -> tuple[Path, float]:
+def run_fika(spec, storage: Path) -> tuple[Path, tuple[float, float]]:
     from fika.search.tuner import build_tuner, connect_ray, preflight, prepare_search_data, run_dir, spec_yaml
 
     directory = run_dir(spec)
@@ -79,9 +105,9 @@ def run_fika(spec, storage: Path) -> tuple[Path, float]:
     prepare_search_data(spec, print)
     connect_ray(spec, None)
     tuner = build_tuner(spec, directory, [], resume=False)
-    started = time.perf_counter()
+    started = time.time()
     tuner.fit()
-    return directory, time.perf_counter() - started
+    return directory, (started, time.time())
 
 
 def naive_trainable(config: dict) -> None:
@@ -184,8 +210,8 @@ def main() -> None:
     storage = Path(args.storage or tempfile.mkdtemp(prefix="fika-overhead-"))
     spec = load_spec(args.spec, [f"storage={storage}", f"name={Path(args.spec).stem}-overhead"])
     slots = spec.max_concurrent or int(os.cpu_count() // spec.resources.cpu)
-    run, fit_s = run_fika(spec, storage)
-    fika = table(f"fika: {spec.name} ({spec.num_trials()} trials, {slots} at a time)", trial_rows(run), fit_s, slots)
+    run, fit = run_fika(spec, storage)
+    fika = table(f"fika: {spec.name} ({spec.num_trials()} trials, {slots} at a time)", trial_rows(run), fit, slots)
     summary = {"fika": fika}
     if args.naive:
         naive_run, naive_fit = run_naive(spec, run, storage, slots)

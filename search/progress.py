@@ -55,7 +55,7 @@ class SearchProgress(Callback):
         self.started = time.time()
         self.last_line = 0.0
         self.steps: dict[str, int] = {}
-        self.just_ended: dict[str, str] = {}
+        self.just_ended: dict[str, tuple[str, float | None]] = {}  # folder: (status, metric) as Tune saw it end
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.first_result_at = getattr(self, "first_result_at", None) or time.time()
@@ -65,12 +65,12 @@ class SearchProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        self.just_ended[folder_of(trial)] = public_status(trial_status(last, self.max_steps))
+        self.just_ended[folder_of(trial)] = (public_status(trial_status(last, self.max_steps)), last.get(self.metric))
         self.trial_ended(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         record_error(self.run_dir / "trials" / folder_of(trial), trial.error_file)
-        self.just_ended[folder_of(trial)] = "failed"
+        self.just_ended[folder_of(trial)] = ("failed", None)
         self.trial_ended(trials)
 
     def trial_ended(self, trials) -> None:
@@ -79,21 +79,18 @@ class SearchProgress(Callback):
         self.print_status(trials)
 
     def ended(self) -> tuple[Counter, tuple[float, str] | None]:
-        """Counts by status of the trials that ended (their folders, and the ones this driver just saw end whose
-        folder may still be being written), and the best metric so far."""
-        statuses: dict[str, str] = {}
-        best = None
+        """Counts by status of the trials that ended, and the best metric so far: from their folders, and for a
+        trial this driver just saw end whose result.json is not written yet (Tune ends a trial at its last
+        step's record, a moment before the trial writes its result), from that last record."""
+        ended = dict(self.just_ended)
         for path in (self.run_dir / "trials").glob("*/result.json"):
             result = read_json(path)
             wanted = path.parent.name in self.only if self.only else not (path.parent / "confirm.json").exists()
-            if not result or not wanted:
-                continue
-            statuses[path.parent.name] = public_status(result.get("status", "failed"))
-            value = result.get(self.metric)
-            done = result.get("status") == "completed" and value is not None and math.isfinite(value)
-            if done and (best is None or value < best[0]):
-                best = (value, path.parent.name)
-        return Counter({**self.just_ended, **statuses}.values()), best
+            if result and wanted:
+                ended[path.parent.name] = (public_status(result.get("status", "failed")), result.get(self.metric))
+        done = [(value, name) for name, (status, value) in ended.items()
+                if status == "completed" and value is not None and math.isfinite(value)]  # fmt: skip
+        return Counter(status for status, _ in ended.values()), min(done, default=None)
 
     def print_status(self, trials) -> None:
         self.last_line = time.time()

@@ -117,3 +117,23 @@ def test_a_restored_tuner_reports_to_this_runs_callbacks(tmp_path, ray_local):
     mine = Mine()
     restored = with_callbacks(tune.Tuner.restore(str(tmp_path / "t"), trainable), [mine])
     assert restored._local_tuner.get_run_config().callbacks == [mine]
+
+
+def test_the_progress_line_counts_a_trial_tune_saw_end_before_its_result_is_written(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from fika.search.progress import SearchProgress
+
+    done = tmp_path / "trials" / "a"
+    done.mkdir(parents=True)
+    (done / "result.json").write_text(json.dumps({"status": "completed", "eval_loss": 1.5}))
+    progress = SearchProgress(tmp_path, total=3, metric="eval_loss", max_steps=60)
+    last = {"step": 60, "eval_loss": 1.2, "trial_dir": str(tmp_path / "trials" / "b")}  # b still saving
+    progress.on_trial_complete(0, [], SimpleNamespace(trial_id="b", last_result=last))
+    assert "2/3 trials done (2 completed, 0 pruned" in capsys.readouterr().out
+    assert progress.ended()[1] == (1.2, "b")
+
+    pruned = {"step": 20, "eval_loss": 0.1, "trial_dir": str(tmp_path / "trials" / "c")}  # not a finished metric
+    progress.on_trial_complete(0, [], SimpleNamespace(trial_id="c", last_result=pruned))
+    line = capsys.readouterr().out
+    assert "3/3 trials done (2 completed, 1 pruned" in line and "best eval_loss 1.2000 (b)" in line

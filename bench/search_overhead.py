@@ -7,8 +7,10 @@
 fika's search runs as `fika search` does. Per trial, from its own result.json: the pure training-step time (the
 optimizer steps only), the eval time, the start-up (until the first step: tokenizer, data, base model on a fresh
 worker), the rest (trainer set-up, logging), and the trial's wall time. The slot time is the fit's wall time x the
-trials that run at once; what no trial used of it is idle (worker start, scheduling, the tail when one slot has
-nothing left to run). The ratio that matters: slot time / pure step time.
+trials that run at once; what no trial used of it is idle, split into before each slot's first trial (a fresh
+worker's start and imports), between trials on a worker, and after a slot's last trial (the tail, when one slot
+has nothing left to run). The ratio that matters: slot time / pure step time; the floor is that ratio with only
+the pure steps, the evals, the workers' start and the tail.
 
 `--naive` runs the same trials, each for the steps fika ran it, the way a user writes them from the Ray Tune and
 trl docs: a function trainable (a new worker process per trial) that loads the tokenizer and the model, reads and

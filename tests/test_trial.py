@@ -362,10 +362,8 @@ def test_builtin_smollm2_trains_offline_on_builtin_sharegpt(tmp_path, monkeypatc
     assert result.total_params > 134_000_000 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_4bit_qlora_on_the_trials_gpu(tmp_path):
-    pytest.importorskip("bitsandbytes")
+def small_llama(tmp_path) -> Path:
+    """A 2-layer Llama of hidden size 256 with fika's tiny tokenizer, saved as a local model dir."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model_dir = tmp_path / "llama"
@@ -380,9 +378,16 @@ def test_4bit_qlora_on_the_trials_gpu(tmp_path):
         )
     ).save_pretrained(model_dir)
     load_tokenizer(ModelConfig(name="tiny")).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_4bit_qlora_on_the_trials_gpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
     config = tiny_config(
         tmp_path,
-        f"model.name={model_dir}",
+        f"model.name={small_llama(tmp_path)}",
         "model.chat_template=chatml",
         "train.max_steps=6",
         "train.warmup_steps=1",
@@ -393,3 +398,19 @@ def test_4bit_qlora_on_the_trials_gpu(tmp_path):
     assert base.is_loaded_in_4bit and next(base.parameters()).device == torch.device("cuda", 0)
     result = run_trial(config, base_model=base)
     assert result.status == "completed" and result.memory_kind == "gpu" and result.device == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_each_gpu_trial_in_one_process_reports_its_own_peak(tmp_path):
+    """A large-rank trial, then a small-rank one in the same process: the second's peak is its own, not the first's.
+
+    On an H100 the two peaks are 142.2 and 135.2 MB (LoRA r 256 against r 8 on a 2-layer, 256-wide Llama).
+    """
+    pytest.importorskip("bitsandbytes")
+    model = [f"model.name={small_llama(tmp_path)}", "model.chat_template=chatml", "train.max_steps=4",
+             "train.warmup_steps=1", "train.eval_steps=[4]"]  # fmt: skip
+    large = run_trial(tiny_config(tmp_path, *model, "lora.r=256", "lora.alpha=256", name="large"))
+    small = run_trial(tiny_config(tmp_path, *model, "lora.r=8", "lora.alpha=8", name="small"))
+    assert large.memory_kind == small.memory_kind == "gpu"
+    assert large.peak_memory_mb > small.peak_memory_mb + 3, (large.peak_memory_mb, small.peak_memory_mb)

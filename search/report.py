@@ -308,11 +308,21 @@ def paired_against(row: TrialRow, other: TrialRow | None) -> analysis.Paired | N
     return analysis.compare(row.final_eval, other.final_eval)
 
 
+def shared_step(r: Report) -> int:
+    """The last step every ranked (completed or pruned) trial reached: where their train losses compare."""
+    return min((row.steps for row in r.ranked if row.status in ("completed", "pruned")), default=r.spec.max_steps)
+
+
+def train_loss_at(row: TrialRow, step: int) -> float | None:
+    """A trial's mean train loss of the 10 steps up to `step`, from its metrics.jsonl."""
+    return next((rec.get("train_loss_smooth") for rec in reversed(row.records) if rec.get("step") == step), None)
+
+
 def ranking_table(r: Report) -> Table:
-    spec = r.spec
+    spec, step = r.spec, shared_step(r)
     headers = ["rank", "trial", *(short_key(k) for k in spec.space), f"{spec.metric} @{spec.max_steps}",
-               "vs best [95% CI]", "vs baseline", "train loss avg10", "steps", "tokens", "trainable", "wall s",
-               "peak MB", "status"]  # fmt: skip
+               "vs best [95% CI]", "vs baseline", f"train loss avg10 @{step}", "steps", "tokens", "trainable",
+               "wall s", "peak MB", "status"]  # fmt: skip
     rows, classes = [], []
     for i, row in enumerate(r.ranked, 1):
         ranked = row.status in ("completed", "pruned")
@@ -326,7 +336,7 @@ def ranking_table(r: Report) -> Table:
         vs_base = paired_against(row, r.baseline) if row.status == "completed" else None
         rows.append([str(i) if ranked else "", row.trial_id, *(plots.fmt_param(v) for v in row.params.values()),
                      fmt(row.metric) + at, vs_best.text() if vs_best else "", f"{vs_base.diff:+.4f}" if vs_base else "",
-                     fmt(row.train_loss_smooth), str(row.steps), f"{row.tokens_seen:,}", f"{row.trainable_params:,}",
+                     fmt(train_loss_at(row, step)), str(row.steps), f"{row.tokens_seen:,}", f"{row.trainable_params:,}",
                      f"{row.wall_time_s:.0f}", f"{row.peak_memory_mb:,.0f}", status])  # fmt: skip
         classes.append(row.status + (" baseline" if row.baseline else "") + (" best" if row is r.best else ""))
     return Table(headers, rows, classes)
@@ -472,7 +482,9 @@ def build_sections(r: Report, images: dict[str, bytes]) -> list[Section]:
     ]  # fmt: skip
     sections = [Section("", summary), Section("", decision_lines(r) + warnings_lines(r), note=True)]
     pruned_note = (f"* a pruned trial's {spec.rung_key()} at the rung where ASHA stopped it; vs best and vs baseline: "
-                   f"the difference in {spec.metric} paired over the held-out conversations, with its 95% interval.")  # fmt: skip
+                   f"the difference in {spec.metric} paired over the held-out conversations, with its 95% interval; "
+                   f"train loss avg10: the mean train loss of the 10 steps up to step {shared_step(r)}, the last step "
+                   "every ranked trial reached (a later window holds other conversations, so it would not compare).")  # fmt: skip
     sections.append(Section("Ranking", [pruned_note], ranking_table(r)))
     if best is not None:
         sections.append(Section("Best config", best_lines(r)))

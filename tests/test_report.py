@@ -76,6 +76,20 @@ def test_ranking_matches_trials_csv_and_lists_every_trial_once(smoke_report):
     assert order == sorted(order)  # the Markdown table is in the same order
 
 
+def test_the_train_loss_column_compares_every_trial_at_the_same_step(smoke_report):
+    """Pruned trials stop at the rung: the column shows every trial's train loss at that step, not at its last."""
+    run, report = smoke_report
+    lines = (report / "index.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| rank |")).split(" | ")
+    assert "train loss avg10 @6" in header  # ASHA's rung: the last step the pruned trials reached
+    column = header.index("train loss avg10 @6")
+    for trial in (p.name for p in (run / "trials").iterdir() if not (p / "confirm.json").exists()):
+        cells = next(line for line in lines if f"| {trial} | " in line).split(" | ")
+        records = [json.loads(x) for x in (run / "trials" / trial / "metrics.jsonl").read_text().splitlines()]
+        at_rung = next(r["train_loss_smooth"] for r in records if r["step"] == 6)
+        assert float(cells[column]) == pytest.approx(at_rung, abs=1e-4), trial
+
+
 def test_the_report_measures_its_claims(smoke_report):
     """Paired intervals against the best, the seeds and horizon sections of the printed confirm commands, the
     rung agreement, the edge warnings and how every trial was drawn."""

@@ -100,10 +100,8 @@ class SearchProgress(Callback):
         running = [t for t in trials if t.status == "RUNNING" and folder_of(t) not in self.just_ended]
         run_steps = sum(self.steps.get(t.trial_id, 0) for t in running)
         ran = sum(self.steps.values())
-        # time left: the steps still to run (a trial not yet pruned may run to max_steps) at this driver's pace
-        left = max(self.total - done, 0) * self.max_steps - run_steps
-        pace = (self.last_line - getattr(self, "first_result_at", self.last_line)) / ran if ran else 0
-        eta = f"{max(left, 0) * pace / 60:.1f} min left (at most)" if ran > 10 else "time left: unknown yet"
+        eta = time_left(max(self.total - done, 0) * self.max_steps - run_steps, ran,
+                        self.last_line - getattr(self, "first_result_at", self.last_line), bool(running))  # fmt: skip
         shown = ", ".join(f"{counts[k]} {k}" for k in ("completed", "pruned", "diverged", "failed"))
         best_text = f"best {self.metric} {best[0]:.4f} ({best[1]})" if best else f"no {self.metric} yet"
         print(  # looked up late: Tune pickles its callbacks with the experiment state
@@ -111,6 +109,16 @@ class SearchProgress(Callback):
             f"{best_text}; {eta}",
             flush=True,
         )
+
+
+def time_left(steps_left: int, steps_ran: int, seconds: float, running: bool) -> str:
+    """The time left at the search's pace so far (`seconds` for `steps_ran` steps over all its trials), if every
+    trial not yet ended runs to max_steps; pruning makes it shorter, a slot left idle at the end longer."""
+    if steps_ran <= 10:
+        return "time left: unknown yet"
+    if steps_left <= 0:
+        return "finishing the last trials" if running else "no steps left"
+    return f"about {steps_left * seconds / steps_ran / 60:.1f} min left if no more trials are pruned"
 
 
 def folder_of(trial) -> str:

@@ -137,3 +137,12 @@ def test_the_progress_line_counts_a_trial_tune_saw_end_before_its_result_is_writ
     progress.on_trial_complete(0, [], SimpleNamespace(trial_id="c", last_result=pruned))
     line = capsys.readouterr().out
     assert "3/3 trials done (2 completed, 1 pruned" in line and "best eval_loss 1.2000 (b)" in line
+
+
+def test_the_time_left_claims_no_bound_it_cannot_keep():
+    from fika.search.progress import time_left
+
+    assert time_left(100, 5, 10.0, True) == "time left: unknown yet"
+    assert time_left(120, 240, 300.0, True) == "about 2.5 min left if no more trials are pruned"
+    assert time_left(0, 280, 300.0, True) == "finishing the last trials"  # its last step done, its eval running
+    assert time_left(-5, 280, 300.0, False) == "no steps left"

@@ -580,14 +580,15 @@ def best_yaml(r: Report) -> str:
 def csv_text(r: Report) -> str:
     import pandas as pd
 
-    records = []
+    records, step = [], shared_step(r)
     for i, row in enumerate(r.ranked, 1):
         config = json.loads(json.dumps(row.config))
         if isinstance(config.get("output"), dict):  # relative to the run folder, never a machine path
             config["output"]["dir"] = f"trials/{row.trial_id}"
         records.append({"rank": i, "trial": row.trial_id, **{f"param:{k}": encode_choice(v) for k, v in row.params.items()},
                         "status": row.status, "metric": row.metric, "eval_loss": row.eval_loss,
-                        "train_loss_smooth": row.train_loss_smooth, "steps": row.steps, "tokens_seen": row.tokens_seen,
+                        "train_loss_smooth": row.train_loss_smooth, "shared_step": step,
+                        "train_loss_at_shared_step": train_loss_at(row, step), "steps": row.steps, "tokens_seen": row.tokens_seen,
                         "trainable_params": row.trainable_params, "wall_time_s": row.wall_time_s,
                         "step_time_s": row.step_time_s, "peak_memory_mb": row.peak_memory_mb,
                         "baseline": row.baseline, "drawn": row.drawn, "error": row.error,

@@ -236,11 +236,15 @@ def leaderboard(report: str | None):
 
     table = pd.read_csv(Path(report) / "trials.csv")
     params = [c for c in table.columns if c.startswith("param:")]
-    table = table[["rank", "trial", *params, "status", "eval_loss", "train_loss_smooth", "steps", "tokens_seen",
-                   "wall_time_s"]].round({"eval_loss": 4, "train_loss_smooth": 4, "wall_time_s": 0})  # fmt: skip
+    # the train loss where every ranked trial compares (the rung a pruned trial stopped at); else its last
+    train, name = "train_loss_smooth", "train loss avg10"
+    if "train_loss_at_shared_step" in table.columns and len(table):
+        train, name = "train_loss_at_shared_step", f"train loss avg10 @{table['shared_step'].iloc[0]}"
+    table = table[["rank", "trial", *params, "status", "eval_loss", train, "steps", "tokens_seen",
+                   "wall_time_s"]].round({"eval_loss": 4, train: 4, "wall_time_s": 0})  # fmt: skip
     short = {c: ", ".join(part.split(".")[-1] for part in c.removeprefix("param:").split(",")) for c in params}
-    table = table.rename(columns={**short, "train_loss_smooth": "train loss avg10", "eval_loss": "eval loss",
-                                  "tokens_seen": "tokens", "wall_time_s": "wall s"})  # fmt: skip
+    table = table.rename(columns={**short, train: name, "eval_loss": "eval loss", "tokens_seen": "tokens",
+                                  "wall_time_s": "wall s"})  # fmt: skip
     best = (Path(report) / "best.yaml").read_text() if (Path(report) / "best.yaml").exists() else ""
     curves = Path(report) / "curves.png"
     return table, best, str(curves) if curves.exists() else None

@@ -133,6 +133,7 @@ def test_leaderboard_reads_a_real_smoke_report(smoke_report):
     table, best, curves = load_app_module().leaderboard(str(report))
     assert len(table) == 8 and list(table["rank"]) == list(range(1, 9))
     assert "r, alpha" in table.columns and best.startswith("# The best trial") and curves.endswith("curves.png")
+    assert "train loss avg10 @6" in table.columns  # every trial at the rung, as in the report
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")

@@ -296,6 +296,12 @@ class Report:
         return self.completed[0] if self.completed else None
 
     @property
+    def shared_step(self) -> int:
+        """The last step every ranked (completed or pruned) trial reached: where their train losses compare."""
+        steps = [r.steps for r in self.ranked if r.status in ("completed", "pruned")]
+        return min(steps, default=self.spec.max_steps)
+
+    @property
     def baseline(self) -> TrialRow | None:
         return next((r for r in self.ranked if r.baseline), None)
 
@@ -308,18 +314,13 @@ def paired_against(row: TrialRow, other: TrialRow | None) -> analysis.Paired | N
     return analysis.compare(row.final_eval, other.final_eval)
 
 
-def shared_step(r: Report) -> int:
-    """The last step every ranked (completed or pruned) trial reached: where their train losses compare."""
-    return min((row.steps for row in r.ranked if row.status in ("completed", "pruned")), default=r.spec.max_steps)
-
-
 def train_loss_at(row: TrialRow, step: int) -> float | None:
     """A trial's mean train loss of the 10 steps up to `step`, from its metrics.jsonl."""
     return next((rec.get("train_loss_smooth") for rec in reversed(row.records) if rec.get("step") == step), None)
 
 
 def ranking_table(r: Report) -> Table:
-    spec, step = r.spec, shared_step(r)
+    spec, step = r.spec, r.shared_step
     headers = ["rank", "trial", *(short_key(k) for k in spec.space), f"{spec.metric} @{spec.max_steps}",
                "vs best [95% CI]", "vs baseline", f"train loss avg10 @{step}", "steps", "tokens", "trainable",
                "wall s", "peak MB", "status"]  # fmt: skip
@@ -483,7 +484,7 @@ def build_sections(r: Report, images: dict[str, bytes]) -> list[Section]:
     sections = [Section("", summary), Section("", decision_lines(r) + warnings_lines(r), note=True)]
     pruned_note = (f"* a pruned trial's {spec.rung_key()} at the rung where ASHA stopped it; vs best and vs baseline: "
                    f"the difference in {spec.metric} paired over the held-out conversations, with its 95% interval; "
-                   f"train loss avg10: the mean train loss of the 10 steps up to step {shared_step(r)}, the last step "
+                   f"train loss avg10: the mean train loss of the 10 steps up to step {r.shared_step}, the last step "
                    "every ranked trial reached (a later window holds other conversations, so it would not compare).")  # fmt: skip
     sections.append(Section("Ranking", [pruned_note], ranking_table(r)))
     if best is not None:
@@ -580,7 +581,7 @@ def best_yaml(r: Report) -> str:
 def csv_text(r: Report) -> str:
     import pandas as pd
 
-    records, step = [], shared_step(r)
+    records, step = [], r.shared_step
     for i, row in enumerate(r.ranked, 1):
         config = json.loads(json.dumps(row.config))
         if isinstance(config.get("output"), dict):  # relative to the run folder, never a machine path

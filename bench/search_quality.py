@@ -1,7 +1,8 @@
 """How much search the searcher saves, measured like a tabular benchmark (LCBench, YAHPO) on the demo's space.
 
-  python bench/search_quality.py --grid          # once: every config of the demo's space, evals at steps 20, 40
-                                                 # and 60, curves kept -> bench/demo_grid.json (about 70 min, 2 cores)
+  python bench/search_quality.py --grid          # once: every config of bench/demo_grid.yaml (the demo's space),
+                                                 # evals at steps 20, 40 and 60, curves kept -> bench/demo_grid.json
+                                                 # (about 117 min, 2 cores)
   python bench/search_quality.py                 # replay searchers over that table (seconds)
   python bench/search_quality.py --seeds 50 --trials 12
 
@@ -266,9 +267,9 @@ def main() -> None:
     parser.add_argument(
         "--grid",
         nargs="?",
-        const=str(HERE.parent / "search" / "specs" / "demo.yaml"),
+        const=str(HERE / "demo_grid.yaml"),
         metavar="SPEC",
-        help="run a spec's whole space (default: the demo's) and write the table first",
+        help="run a spec's whole space (default: bench/demo_grid.yaml, the demo's space) and write the table first",
     )
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--trials", type=int, nargs="+", default=[6, 12, 20])

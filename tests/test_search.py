@@ -339,7 +339,7 @@ def test_a_trial_estimated_close_to_its_share_is_warned_about(capsys):
 
 
 def test_the_rung_subset_defaults_to_16_or_the_whole_eval_set():
-    assert load_spec("demo", ["scheduler.rung_metric=eval_subset"]).quick_evals() == ([20], 12)
+    assert load_spec("demo", ["scheduler.rung_metric=eval_subset"]).quick_evals() == ([20], 8)
     assert load_spec("demo", ["scheduler.rung_metric=eval_subset", "base.data.eval_size=40"]).quick_evals() == (
         [20],
         16,
@@ -347,4 +347,4 @@ def test_the_rung_subset_defaults_to_16_or_the_whole_eval_set():
     assert load_spec("demo", ["scheduler.rung_metric=eval_subset", "scheduler.rung_eval_size=5"]).quick_evals()[1] == 5
     from fika.search.tuner import spec_yaml
 
-    assert "rung_eval_size: 12" in spec_yaml(load_spec("demo"))  # the run folder records the size it used
+    assert "rung_eval_size: 8" in spec_yaml(load_spec("demo"))  # the run folder records the size it used

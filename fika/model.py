@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fika.common import cache_root, hub_offline, hub_reachable, log, package_dir
 from fika.config import ConfigError, LoraConfig, ModelConfig
@@ -295,20 +297,20 @@ def load_base_model(config: ModelConfig, tokenizer, quantize: bool | None = None
     return model
 
 
-_KEPT_BASE_MODELS: dict = {}
+_KEPT: dict[str, tuple[str, Any]] = {}
 
 
-def kept_base_model(config: ModelConfig, tokenizer):
-    """The base model of `config`, loaded once per process and kept for later trials (a search worker).
+def kept(kind: str, key: str, load: Callable[[], Any]) -> Any:
+    """What `load()` returns, loaded once per process and kept for later calls with the same `kind` and `key`.
 
-    Trials leave the base weights as they were (fika.trial removes the LoRA layers again), so one
-    process can serve trial after trial without reloading; a different base model replaces it.
+    A search worker runs trial after trial: its tokenizer, tokenized mix and base model stay loaded (trials
+    leave the base weights as they were: fika.trial removes the LoRA layers again). One value per kind: a new
+    key frees the old value before loading its own.
     """
-    key = config.model_dump_json()
-    if key not in _KEPT_BASE_MODELS:
-        _KEPT_BASE_MODELS.clear()  # free the previous model first
-        _KEPT_BASE_MODELS[key] = load_base_model(config, tokenizer)
-    return _KEPT_BASE_MODELS[key]
+    if kind not in _KEPT or _KEPT[kind][0] != key:
+        _KEPT.pop(kind, None)
+        _KEPT[kind] = (key, load())
+    return _KEPT[kind][1]
 
 
 def lora_config(config: LoraConfig):

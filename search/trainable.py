@@ -85,7 +85,7 @@ class FikaTrainable(tune.Trainable):
             if confirm is not None:
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_atomic(self.out / "confirm.json", json.dumps(confirm))
-            result = run_trial(config, self._report, keep_base_model=True, quick_evals=self.spec.quick_evals())
+            result = run_trial(config, self._report, keep_loaded=True, quick_evals=self.spec.quick_evals())
             self.records.put(("done", result))
         except BaseException as err:  # handed to step(), which raises it in Tune's thread
             if load_result(self.out) is None:  # failed before run_trial could record it

@@ -144,7 +144,25 @@ def study_storage(spec: SearchSpec, directory: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(directory / "optuna.journal")))
 
 
+def local_slots(spec: SearchSpec) -> int | None:
+    """How many trials a local Ray runs at once (its CPUs and GPUs over a trial's share); None on a cluster,
+    which an autoscaler may grow."""
+    import ray
+
+    if spec.address is not None:
+        return None
+    have = ray.cluster_resources()
+    fits = [have.get("CPU", 0) / spec.resources.cpu]
+    if spec.resources.gpu:
+        fits.append(have.get("GPU", 0) / spec.resources.gpu)
+    return max(1, int(min(fits) + 1e-9))
+
+
 def build_searcher(spec: SearchSpec, directory: Path):
+    """The trial sampler. Tune lets a searcher without a concurrency limit keep one trial pending, so a search's
+    first trials would start one after the other, each waiting until the previous worker is up (about 2 s on
+    a CPU). On a local Ray the Optuna searcher is limited to its slots plus one: the first trials start
+    together, and the next trial is drawn while they run, as Tune does, ready when a slot frees."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     baseline = baseline_params(spec) if spec.baseline else None
@@ -172,7 +190,9 @@ def build_searcher(spec: SearchSpec, directory: Path):
         startup=spec.startup(),
         budget=spec.num_trials(),
     )
-    return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent) if spec.max_concurrent else searcher
+    slots = local_slots(spec)
+    limit = spec.max_concurrent or (slots + 1 if slots else None)
+    return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
 
 
 def build_scheduler(spec: SearchSpec):

@@ -146,3 +146,21 @@ def test_the_time_left_claims_no_bound_it_cannot_keep():
     assert time_left(120, 240, 300.0, True) == "about 2.5 min left if no more trials are pruned"
     assert time_left(0, 280, 300.0, True) == "finishing the last trials"  # its last step done, its eval running
     assert time_left(-5, 280, 300.0, False) == "no steps left"
+
+
+def test_a_local_optuna_search_creates_its_first_trials_together(tmp_path, ray_local):
+    """Tune keeps one trial pending for a searcher without a limit, so each worker would wait for the previous
+    one to start; on a local Ray fika limits the searcher to its slots plus one drawn ahead. On a cluster
+    (an autoscaler may add nodes) Tune's own default stays."""
+    from ray.tune.execution.tune_controller import _get_max_pending_trials
+    from ray.tune.search import SearchGenerator
+
+    from fika.search.spec import load_spec
+    from fika.search.tuner import build_searcher
+
+    smoke = Path(__file__).resolve().parents[1] / "search" / "specs" / "smoke.yaml"
+    pending = {}
+    for name, overrides in {"local": [], "cluster": ["address=auto"], "capped": ["max_concurrent=1"]}.items():
+        spec = load_spec(smoke, [f"storage={tmp_path}", f"name={name}", *overrides])
+        pending[name] = _get_max_pending_trials(SearchGenerator(build_searcher(spec, tmp_path / name)))
+    assert pending == {"local": 2, "cluster": 1, "capped": 1}  # ray_local: 1 CPU, 1-CPU trials

@@ -47,7 +47,8 @@ def test_a_search_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch)
     assert len(runs) == 3 and runs["metrics.eval_loss"].notna().all() and runs["metrics.train_loss"].notna().all()
     offline = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))  # one offline run per trial
     assert len(offline) == 3
-    assert all(b"eval_loss" in r.read_bytes() and b"train_loss" in r.read_bytes() for r in offline)
+    missing = [f"{r.parent.name}: {k}" for r in offline for k in (b"eval_loss", b"train_loss") if k not in r.read_bytes()]
+    assert not missing, missing
 
 
 def test_a_missing_tracker_is_one_clear_line(tmp_path, monkeypatch, capsys):

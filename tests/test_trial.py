@@ -284,6 +284,21 @@ def test_the_4bit_qlora_path_runs_on_a_cpu(tmp_path):
     assert any("lora_A" in name for name, _ in reloaded.named_parameters())
 
 
+def test_the_trial_libraries_are_imported_without_collections_and_then_frozen():
+    """A fresh process imports torch, transformers, peft and trl with the collector paused, and freezes them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from fika.trial import import_trial_libraries; "
+        "runs = lambda: sum(s['collections'] for s in gc.get_stats()); before = runs(); import_trial_libraries(); "
+        "print(gc.get_freeze_count(), gc.isenabled(), runs() - before)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    frozen, enabled, collections = out.split()
+    assert int(frozen) > 100_000 and enabled == "True" and collections == "0"
+
+
 def test_a_trial_that_raises_is_recorded_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("FIKA_FAIL_AT_STEP", "3")
     config = tiny_config(tmp_path, "train.max_steps=10", "train.eval_steps=[5]")

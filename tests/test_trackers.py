@@ -47,7 +47,9 @@ def test_a_search_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch)
     assert len(runs) == 3 and runs["metrics.eval_loss"].notna().all() and runs["metrics.train_loss"].notna().all()
     offline = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))  # one offline run per trial
     assert len(offline) == 3
-    missing = [f"{r.parent.name}: {k}" for r in offline for k in (b"eval_loss", b"train_loss") if k not in r.read_bytes()]
+    missing = [
+        f"{r.parent.name}: {k}" for r in offline for k in (b"eval_loss", b"train_loss") if k not in r.read_bytes()
+    ]
     assert not missing, missing
 
 

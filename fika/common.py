@@ -1,5 +1,6 @@
-"""What every part of fika shares: the user-facing error, the cache root, progress lines, atomic writes,
-tolerant JSON reads, the hub probe, and the masking of credentials in everything fika writes."""
+"""What every part of fika shares: the user-facing error, the cache root, progress lines, what a process keeps
+loaded, atomic writes, tolerant JSON reads, the hub probe, and the masking of credentials in everything fika
+writes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import reprlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,22 @@ def package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FikaError(f"package {name!r} is not installed; run `make install`")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+_KEPT: dict[str, tuple[str, Any]] = {}
+
+
+def kept(kind: str, key: str, load: Callable[[], Any]) -> Any:
+    """What `load()` returns, loaded once per process and kept for later calls with the same `kind` and `key`.
+
+    A search worker runs trial after trial: its tokenizer, tokenized mix and base model stay loaded (trials
+    leave the base weights as they were: fika.trial removes the LoRA layers again). One value per kind: a new
+    key frees the old value before loading its own.
+    """
+    if kind not in _KEPT or _KEPT[kind][0] != key:
+        _KEPT.pop(kind, None)
+        _KEPT[kind] = (key, load())
+    return _KEPT[kind][1]
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:

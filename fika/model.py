@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from fika.common import cache_root, hub_offline, hub_reachable, log, package_dir
 from fika.config import ConfigError, LoraConfig, ModelConfig
@@ -293,24 +291,15 @@ def load_base_model(config: ModelConfig, tokenizer, quantize: bool | None = None
 
         # Freezes and up-casts norms; gradient checkpointing is switched on by the trainer (train config).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if not cuda:
+            # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights in place at its first
+            # forward without gradients (an eval), and unpacks them, lossily, whenever a state dict is taken
+            # (saving an adapter): the base a search worker keeps would change from trial to trial.
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
     model.config.use_cache = False
     return model
-
-
-_KEPT: dict[str, tuple[str, Any]] = {}
-
-
-def kept(kind: str, key: str, load: Callable[[], Any]) -> Any:
-    """What `load()` returns, loaded once per process and kept for later calls with the same `kind` and `key`.
-
-    A search worker runs trial after trial: its tokenizer, tokenized mix and base model stay loaded (trials
-    leave the base weights as they were: fika.trial removes the LoRA layers again). One value per kind: a new
-    key frees the old value before loading its own.
-    """
-    if kind not in _KEPT or _KEPT[kind][0] != key:
-        _KEPT.pop(kind, None)
-        _KEPT[kind] = (key, load())
-    return _KEPT[kind][1]
 
 
 def lora_config(config: LoraConfig):

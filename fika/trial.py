@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fika.common import FikaError, read_json, read_jsonl, write_atomic
+from fika.common import FikaError, kept, read_json, read_jsonl, write_atomic
 from fika.config import TrialConfig, dump_config
 
 SMOOTHING_WINDOW = 10
@@ -470,9 +470,10 @@ def run_trial(
 
     `base_model` is an already loaded base model of `config.model`; `keep_loaded=True` keeps the tokenizer, the
     tokenized mix and the base model loaded in this process for the next trial (a search worker). Either way
-    the LoRA layers are removed again when the run ends, leaving the base weights as they were. `resume=True` continues from the last complete
-    checkpoint in the output dir. `quick_evals` = (steps, size): cheaper evals on a stratified subset of the
-    eval set, for a scheduler's rungs. `on_start(max_steps)` is called before the first step.
+    the LoRA layers are removed again when the run ends, leaving the base weights as they were. `resume=True`
+    continues from the last complete checkpoint in the output dir. `quick_evals` = (steps, size): cheaper evals
+    on a stratified subset of the eval set, for a scheduler's rungs. `on_start(max_steps)` is called before the
+    first step.
     """
     import_trial_libraries()
     import torch
@@ -482,7 +483,7 @@ def run_trial(
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from fika.data import prepare_data
-    from fika.model import device_kind, kept, load_base_model, load_tokenizer, lora_config, wants_4bit
+    from fika.model import device_kind, load_base_model, load_tokenizer, lora_config, wants_4bit
 
     out = Path(config.output.dir).expanduser()
     model_key = config.model.model_dump_json()

@@ -162,5 +162,6 @@ def test_a_local_optuna_search_creates_its_first_trials_together(tmp_path, ray_l
     pending = {}
     for name, overrides in {"local": [], "cluster": ["address=auto"], "capped": ["max_concurrent=1"]}.items():
         spec = load_spec(smoke, [f"storage={tmp_path}", f"name={name}", *overrides])
+        (tmp_path / name).mkdir()
         pending[name] = _get_max_pending_trials(SearchGenerator(build_searcher(spec, tmp_path / name)))
     assert pending == {"local": 2, "cluster": 1, "capped": 1}  # ray_local: 1 CPU, 1-CPU trials

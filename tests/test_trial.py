@@ -278,7 +278,7 @@ def test_the_4bit_qlora_path_runs_on_a_cpu(tmp_path):
     assert result.status == "completed" and result.quantized
     losses = [r["train_loss"] for r in records]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
-    after = base.state_dict()
+    after = base.state_dict()  # on an AVX512-BF16 CPU bitsandbytes would have repacked the weights at the eval
     assert all(torch.equal(after[k], before[k]) for k in before), "a base weight changed"
     reloaded = PeftModel.from_pretrained(load_base_model(config.model, tokenizer), result.adapter_dir)
     assert any("lora_A" in name for name, _ in reloaded.named_parameters())
@@ -297,6 +297,16 @@ def test_the_trial_libraries_are_imported_without_collections_and_then_frozen():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     frozen, enabled, collections = out.split()
     assert int(frozen) > 100_000 and enabled == "True" and collections == "0"
+
+
+def test_a_process_keeps_one_value_per_kind_until_the_key_changes():
+    from fika.common import kept
+
+    loads = []
+    assert kept("test", "a", lambda: loads.append("a") or 1) == 1
+    assert kept("test", "a", lambda: loads.append("a again") or 2) == 1  # kept: not loaded again
+    assert kept("test", "b", lambda: loads.append("b") or 3) == 3  # another key replaces it
+    assert loads == ["a", "b"]
 
 
 def test_a_trial_that_raises_is_recorded_with_its_reason(tmp_path, monkeypatch):

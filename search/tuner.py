@@ -414,9 +414,21 @@ def end_ray(connected: bool, on_done: Callable[[], None] | None) -> None:
     if on_done is not None:
         on_done()
     if connected:
+        import gc
+
         import ray
 
-        ray.shutdown()
+        # Ray ends the process when an object of a Ray that is shutting down is freed meanwhile (its core worker
+        # is gone before Python knows): Tune's leftovers are collected first, and no collection runs in any
+        # thread (the report's) until the shutdown is done.
+        gc.collect()
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            ray.shutdown()
+        finally:
+            if enabled:
+                gc.enable()
 
 
 def settle(spec: SearchSpec, directory: Path) -> None:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 from fika.common import read_json, read_jsonl
 from fika.search.spec import load_spec
+from fika.search.tuner import local_slots
 
 
 def trial_rows(run: Path) -> list[dict]:
@@ -213,8 +213,8 @@ def main() -> None:
     args = parser.parse_args()
     storage = Path(args.storage or tempfile.mkdtemp(prefix="fika-overhead-"))
     spec = load_spec(args.spec, [f"storage={storage}", f"name={Path(args.spec).stem}-overhead"])
-    slots = spec.max_concurrent or int(os.cpu_count() // spec.resources.cpu)
     run, fit, before = run_fika(spec, storage)
+    slots = spec.max_concurrent or local_slots(spec)  # Ray is still up: the slots its searcher was limited to
     fika = table(f"fika: {spec.name} ({spec.num_trials()} trials, {slots} at a time)", trial_rows(run), fit, slots)
     print(f"before the fit (Ray's start, the data, the tuner): {before:.1f} s; from the spec to the fit's end "
           f"{before + fika['fit']:.1f} s")  # fmt: skip

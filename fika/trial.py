@@ -486,14 +486,11 @@ def run_trial(
     from fika.model import device_kind, load_base_model, load_tokenizer, lora_config, wants_4bit
 
     out = Path(config.output.dir).expanduser()
+    keep = kept if keep_loaded else lambda _kind, _key, load: load()
     model_key = config.model.model_dump_json()
-    if keep_loaded:
-        tokenizer = kept("tokenizer", model_key, lambda: load_tokenizer(config.model))
-        mix = kept("mix", model_key + config.data.model_dump_json(),
-                   lambda: prepare_data(config.data, tokenizer, config.model.max_seq_length))  # fmt: skip
-    else:
-        tokenizer = load_tokenizer(config.model)
-        mix = prepare_data(config.data, tokenizer, config.model.max_seq_length)
+    tokenizer = keep("tokenizer", model_key, lambda: load_tokenizer(config.model))
+    mix = keep("mix", model_key + config.data.model_dump_json(),
+               lambda: prepare_data(config.data, tokenizer, config.model.max_seq_length))  # fmt: skip
     checkpoint = None
     if resume:
         steps = complete_checkpoints(out / "checkpoints")
@@ -519,12 +516,11 @@ def run_trial(
         collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
 
         set_seed(config.train.seed)
-        if base_model is not None:
-            base = base_model
-        elif keep_loaded:
-            base = kept("base model", model_key, lambda: load_base_model(config.model, tokenizer))
-        else:
-            base = load_base_model(config.model, tokenizer)
+        base = (
+            base_model
+            if base_model is not None
+            else keep("base model", model_key, lambda: load_base_model(config.model, tokenizer))
+        )
         model = get_peft_model(base, lora_config(config.lora))
         score_labelled_positions_only()
         trial.result.trainable_params, trial.result.total_params = model.get_nb_trainable_parameters()

@@ -29,7 +29,6 @@ from pathlib import Path
 
 from fika.common import read_json, read_jsonl
 from fika.search.spec import load_spec
-from fika.search.tuner import local_slots
 
 
 def trial_rows(run: Path) -> list[dict]:
@@ -98,9 +97,18 @@ def table(title: str, rows: list[dict], fit: tuple[float, float], slots: int) ->
     return total
 
 
-def run_fika(spec, storage: Path) -> tuple[Path, tuple[float, float], float]:
-    """Runs the search; returns its folder, the fit's start and end (unix time) and the seconds before the fit."""
-    from fika.search.tuner import build_tuner, connect_ray, preflight, prepare_search_data, run_dir, spec_yaml
+def run_fika(spec, storage: Path) -> tuple[Path, dict, float]:
+    """Runs the search; returns its folder, its fit as `run.json` records it (start and end, unix time, and the
+    trials at a time) and the seconds before the fit."""
+    from fika.search.tuner import (
+        build_tuner,
+        connect_ray,
+        preflight,
+        prepare_search_data,
+        recorded_fit,
+        run_dir,
+        spec_yaml,
+    )
 
     began = time.time()
     directory = run_dir(spec)
@@ -109,9 +117,10 @@ def run_fika(spec, storage: Path) -> tuple[Path, tuple[float, float], float]:
     prepare_search_data(spec, print)
     connect_ray(spec, None)
     tuner = build_tuner(spec, directory, [], resume=False)
-    started = time.time()
-    tuner.fit()
-    return directory, (started, time.time()), started - began
+    with recorded_fit(directory, spec):
+        tuner.fit()
+    fit = read_json(directory / "run.json")["fits"][-1]
+    return directory, fit, fit["started_at"] - began
 
 
 def naive_trainable(config: dict) -> None:
@@ -213,8 +222,8 @@ def main() -> None:
     args = parser.parse_args()
     storage = Path(args.storage or tempfile.mkdtemp(prefix="fika-overhead-"))
     spec = load_spec(args.spec, [f"storage={storage}", f"name={Path(args.spec).stem}-overhead"])
-    run, fit, before = run_fika(spec, storage)
-    slots = spec.max_concurrent or local_slots(spec)  # Ray is still up: the slots its searcher was limited to
+    run, recorded, before = run_fika(spec, storage)
+    fit, slots = (recorded["started_at"], recorded["ended_at"]), recorded["slots"]
     fika = table(f"fika: {spec.name} ({spec.num_trials()} trials, {slots} at a time)", trial_rows(run), fit, slots)
     print(f"before the fit (Ray's start, the data, the tuner): {before:.1f} s; from the spec to the fit's end "
           f"{before + fika['fit']:.1f} s")  # fmt: skip

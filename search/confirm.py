@@ -85,13 +85,22 @@ def run_confirm(
     """
     from ray import tune
 
-    from fika.search.tuner import check_address, connect_ray, end_ray, prepare_search_data, trainable_for
+    from fika.search.tuner import (
+        check_address,
+        connect_ray,
+        end_ray,
+        prepare_search_data,
+        recorded_fit,
+        trainable_for,
+    )
 
-    if address or spec.address:
-        check_address(address or spec.address)
+    if address is not None:
+        spec = spec.model_copy(update={"address": address})
+    if spec.address:
+        check_address(spec.address)
     log(f"confirm: {len({r['of'] for r in runs})} trials, {len(runs)} re-runs")
     prepare_search_data(spec, log)
-    connected = connect_ray(spec, address or spec.address)
+    connected = connect_ray(spec, spec.address)
     tuner = tune.Tuner(
         trainable_for(spec, run),
         param_space={"_confirm": tune.grid_search([json.dumps(r) for r in runs])},
@@ -104,5 +113,6 @@ def run_confirm(
             verbose=0,
         ),
     )
-    tuner.fit()
+    with recorded_fit(run, spec):
+        tuner.fit()
     end_ray(connected, on_done)

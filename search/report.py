@@ -55,7 +55,8 @@ class TrialRow:
     steps: int = 0
     tokens_seen: int = 0
     wall_time_s: float = 0.0
-    step_time_s: float = 0.0
+    step_time_s: float = 0.0  # the training steps only
+    eval_time_s: float = 0.0
     seconds_per_step: float | None = None
     peak_memory_mb: float = 0.0
     trainable_params: int = 0
@@ -118,7 +119,8 @@ def load_rows(run: Path, spec: SearchSpec) -> list[TrialRow]:
             steps=result.get("steps") or last.get("step", 0),
             tokens_seen=result.get("tokens_seen") or last.get("tokens_seen", 0),
             wall_time_s=result.get("wall_time_s") or last.get("elapsed_s", 0.0),
-            step_time_s=result.get("step_time_s") or 0.0,
+            step_time_s=result.get("step_time_s") or sum(r.get("step_time_s") or 0.0 for r in records),
+            eval_time_s=result.get("eval_time_s") or sum(r.get("eval_time_s") or 0.0 for r in records),
             seconds_per_step=result.get("seconds_per_step"),
             peak_memory_mb=result.get("peak_memory_mb", 0.0),
             trainable_params=result.get("trainable_params", 0),
@@ -464,17 +466,35 @@ def data_section(r: Report) -> list[Section]:
     return sections
 
 
+def compute_lines(rows: list[TrialRow], fits: list[dict]) -> list[str]:
+    """The trials' compute and where it went (training steps, evals, the rest), and, when every Tune fit of the
+    run ended on a local Ray (`run.json` fits), how much of its slots (fit wall x trials at once) they used."""
+    wall = sum(row.wall_time_s for row in rows)
+    steps = sum(row.step_time_s for row in rows)
+    evals = sum(row.eval_time_s for row in rows)
+    line = f"- compute: {wall / 3600:.2f} trial-hours, {sum(row.tokens_seen for row in rows):,} tokens seen"
+    if wall <= 0 or steps <= 0:
+        return [line]
+    lines = [f"{line}; {steps / wall:.0%} of it training steps, {evals / wall:.0%} evals, "
+             f"{1 - (steps + evals) / wall:.0%} a trial's start and end (model, trainer, saving)"]  # fmt: skip
+    if fits and all(f.get("slots") and f.get("ended_at") for f in fits):
+        slot = sum((f["ended_at"] - f["started_at"]) * f["slots"] for f in fits)
+        at_once = "/".join(sorted({str(f["slots"]) for f in fits}))
+        lines.append(f"- slots: {at_once} trials at a time, {slot / 3600:.2f} slot-hours, {min(wall / slot, 1):.0%} "
+                     f"of them in a trial (the rest: workers starting, a slot with no trial left); slot time = "
+                     f"{slot / steps:.2f}x the training-step time")  # fmt: skip
+    return lines
+
+
 def build_sections(r: Report, images: dict[str, bytes]) -> list[Section]:
     spec, best = r.spec, r.best
     counts = {s: sum(1 for row in r.ranked if row.status == s) for s in STATUS_ORDER}
     draws = [row.drawn for row in r.ranked if row.drawn]
     drawn = ", ".join(f"{draws.count(k)} {k}" for k in ("baseline", "random", "tpe") if draws.count(k))
-    hours = sum(row.wall_time_s for row in r.ranked + r.confirms) / 3600
-    tokens = sum(row.tokens_seen for row in r.ranked + r.confirms)
     summary = [
         f"- {len(r.ranked)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
         + (f"; drawn: {drawn}" if drawn else "") + (f"; {len(r.confirms)} re-runs" if r.confirms else ""),
-        f"- compute: {hours:.2f} trial-hours, {tokens:,} tokens seen",
+        *compute_lines(r.ranked + r.confirms, (read_json(r.run / "run.json") or {}).get("fits", [])),
         f"- ranked by {spec.metric} at step {spec.max_steps} on the same {spec.base.data.eval_size} held-out "
         f"conversations for every trial; pruned trials rank below completed ones, by the rung they reached "
         f"({spec.rung_key()} at steps {spec.rungs()})." if spec.rungs() else

@@ -10,6 +10,8 @@ Ray internals used (checked by tests/test_searcher.py against the installed Ray)
   writes them in a driver staging folder and copies them into storage without an atomic rename, so a driver
   killed mid-copy leaves them cut short; `FikaOptunaSearch.save` keeps one consistent copy of them in the run
   folder (written atomically) and `restore_tune_state` puts it back before a resume;
+- `ConcurrencyLimiter.live_trials` (the trials it suggested and that have not completed): its state is not
+  saved with the searcher, so after a resume a restored trial's completion would not reach the searcher;
 - `MLflowLoggerCallback._trial_runs`, `.tags` and `.mlflow_util`, to log a trial's params under names MLflow
   accepts (a paired key `lora.r,lora.alpha` becomes `lora.r:lora.alpha`).
 Optuna internals: `Study._storage` and `Trial._trial_id`, to read and mark trials by their storage id.
@@ -27,7 +29,7 @@ import random
 from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from fika.common import read_json, write_atomic
@@ -179,6 +181,20 @@ class FikaOptunaSearch(OptunaSearch):
 
 
 TUNE_STATE = "tune-state.pkl"
+
+
+class ResumableConcurrencyLimiter(ConcurrencyLimiter):
+    """Tune's ConcurrencyLimiter, except that the completion of a trial it did not suggest reaches the searcher.
+
+    Tune saves only the wrapped searcher, so after a resume the limiter knows none of the trials restored from
+    the interrupted run, and would drop their completions: the study would keep them RUNNING (and fika's
+    settling would then tell a completed trial FAIL)."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
 
 def restore_tune_state(run_dir: Path) -> None:

@@ -1,9 +1,12 @@
 """The Ray Tune trainable: one search trial = `fika.trial.run_trial` on a worker, every record forwarded.
 
 A class trainable, so that with `reuse_actors=True` a worker keeps its process, its loaded base model and
-its memory-mapped data between trials (`reset_config` starts the next trial in the same process). The
-trial runs in a thread; `step()` hands Tune one record at a time, and an ASHA stop is passed back to
-`run_trial` through its `report` return value, so a pruned trial ends cleanly as `stopped`, at its rung.
+its memory-mapped data between trials (`reset_config` gives it the next trial). The trial runs in a thread,
+started by Tune's first `step()` call: Tune may create an actor for a pending trial and then run that trial
+on a worker that freed up first instead, dropping the new actor, which must not have started training (it
+would write into the trial's folder beside the real run). `step()` hands Tune one record at a time, and an
+ASHA stop is passed back to `run_trial` through its `report` return value, so a pruned trial ends cleanly as
+`stopped`, at its rung.
 
 A trial's folder is `trials/<trial id>`; a confirmation run (`fika confirm`) has its own deterministic
 folder, `trials/<trial id>-seed<S>[-steps<N>]`, so that running the same confirm command again replays
@@ -53,7 +56,8 @@ class FikaTrainable(tune.Trainable):
 
             if torch.cuda.is_available():
                 torch.cuda.set_per_process_memory_fraction(self.spec.resources.gpu)
-        self._start(config)
+        self.thread: threading.Thread | None = None
+        self.pending: dict | None = config  # the trial to start at the next step() call
 
     def _start(self, params: dict) -> None:
         confirm = json.loads(params["_confirm"]) if "_confirm" in params else None
@@ -104,6 +108,9 @@ class FikaTrainable(tune.Trainable):
         return self.stop_requested.is_set()
 
     def step(self) -> dict:
+        if self.pending is not None:
+            self._start(self.pending)
+            self.pending = None
         with self.turn:
             self.asked += 1
             self.turn.notify_all()
@@ -129,6 +136,8 @@ class FikaTrainable(tune.Trainable):
 
     def _stop_thread(self) -> None:
         """Asks a still running trial to stop at its next step, and waits for it to end."""
+        if self.thread is None:  # no trial was started on this actor
+            return
         self.stop_requested.set()
         with self.turn:
             self.turn.notify_all()
@@ -140,7 +149,7 @@ class FikaTrainable(tune.Trainable):
 
     def reset_config(self, new_config: dict) -> bool:
         self._stop_thread()
-        self._start(new_config)
+        self.pending = new_config
         return True
 
     def cleanup(self) -> None:

@@ -1,9 +1,9 @@
 """Build, run or resume a search: Ray Tune with OptunaSearch (TPE) or a grid / random searcher, plus ASHA.
 
-A search lives in `<storage>/<name>/`: `spec.yaml` (resolved), `run.json` (its id; when it finished),
-`optuna.journal` (the Optuna study, readable with `optuna.load_study` and optuna-dashboard), `draws.jsonl`
-(how each trial's params were drawn), `tune/` (Ray's experiment state, for --resume) and
-`trials/<trial_id>/` (each trial's config, data, metrics, evals and result, written as they arrive).
+A search lives in `<storage>/<name>/`: `spec.yaml` (resolved), `run.json` (its id; each Tune fit's start, end
+and trials at a time; when it finished), `optuna.journal` (the Optuna study, readable with `optuna.load_study`
+and optuna-dashboard), `draws.jsonl` (how each trial's params were drawn), `tune/` (Ray's experiment state,
+for --resume) and `trials/<trial_id>/` (each trial's config, data, metrics, evals and result, written as they arrive).
 
 Everything a bad spec can get wrong is checked before Ray starts: the run folder (a finished search of the
 same spec is reported, another spec under the same name refused), the Optuna storage, the cluster address,
@@ -12,6 +12,7 @@ the memory estimate against the GPU, and the data (each source tokenized once, h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -163,7 +164,7 @@ def build_searcher(spec: SearchSpec, directory: Path):
     first trials would start one after the other, each waiting until the previous worker is up (about 2 s on
     a CPU). On a local Ray the Optuna searcher is limited to its slots plus one: the first trials start
     together, and the next trial is drawn while they run, as Tune does, ready when a slot frees."""
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator
 
     baseline = baseline_params(spec) if spec.baseline else None
     points = [baseline] if baseline else None
@@ -173,7 +174,7 @@ def build_searcher(spec: SearchSpec, directory: Path):
         )
     import optuna
 
-    from fika.search.searcher import FikaOptunaSearch
+    from fika.search.searcher import FikaOptunaSearch, ResumableConcurrencyLimiter
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = FikaOptunaSearch(
@@ -192,7 +193,7 @@ def build_searcher(spec: SearchSpec, directory: Path):
     )
     slots = local_slots(spec)
     limit = spec.max_concurrent or (slots + 1 if slots else None)
-    return ConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
+    return ResumableConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
 
 
 def build_scheduler(spec: SearchSpec):
@@ -400,13 +401,36 @@ def run_search(
     connected = connect_ray(spec, spec.address)
     started = time.time()
     tuner = build_tuner(spec, directory, callbacks or [], resume=state == "resume")
-    tuner.fit()
+    with recorded_fit(directory, spec):
+        tuner.fit()
     settle(spec, directory)
-    run = read_json(directory / "run.json") or {}
-    write_atomic(directory / "run.json", json.dumps({**run, "finished_at": time.time()}))
+    write_run_json(directory, finished_at=time.time())
     log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
     end_ray(connected, on_done)
     return "done"
+
+
+@contextlib.contextmanager
+def recorded_fit(directory: Path, spec: SearchSpec):
+    """Records a Tune fit in `run.json` (`fits`: its start, its end, the trials it could run at once on a local
+    Ray, null on a cluster), so that a report can say how much of the slots the trials used. A fit whose driver
+    was killed keeps no end."""
+    slots = local_slots(spec)
+    if slots and spec.max_concurrent:
+        slots = min(slots, spec.max_concurrent)
+    fit = {"started_at": time.time(), "slots": slots}
+    fits = (read_json(directory / "run.json") or {}).get("fits", [])
+    write_run_json(directory, fits=[*fits, fit])
+    try:
+        yield
+    finally:
+        fit["ended_at"] = time.time()
+        write_run_json(directory, fits=[*fits, fit])
+
+
+def write_run_json(directory: Path, **values) -> None:
+    """Updates keys of the run's `run.json`."""
+    write_atomic(directory / "run.json", json.dumps({**(read_json(directory / "run.json") or {}), **values}))
 
 
 def end_ray(connected: bool, on_done: Callable[[], None] | None) -> None:

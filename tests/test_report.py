@@ -16,7 +16,7 @@ import yaml
 from fika.cli import main
 from fika.common import FikaError
 from fika.search.analysis import edge_values, paired_bootstrap, ranks, spearman
-from fika.search.report import build_report
+from fika.search.report import TrialRow, build_report, compute_lines
 from fika.search.spec import Param
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,23 @@ def test_rank_correlation_and_edges():
     ]  # dropout 0 is its floor, not an edge to widen
 
 
+def test_the_compute_line_splits_the_trials_time_and_counts_the_slots_they_left_idle():
+    """Two trials of 100 s and 50 s wall (120 s of training steps, 10 s of evals) in a fit of 80 s on 2 slots: 160
+    slot-seconds, 150 of them in a trial; 160 / 120 = 1.33x. A fit without an end (a killed driver) or without
+    slots (a cluster) gives no slot figures."""
+    rows = [TrialRow("a", {}, "completed", tokens_seen=700, wall_time_s=100.0, step_time_s=80.0, eval_time_s=10.0),
+            TrialRow("b", {}, "pruned", tokens_seen=300, wall_time_s=50.0, step_time_s=40.0)]  # fmt: skip
+    fit = {"started_at": 1000.0, "ended_at": 1080.0, "slots": 2}
+    compute, slots = compute_lines(rows, [fit])
+    assert compute == ("- compute: 0.04 trial-hours, 1,000 tokens seen; 80% of it training steps, 7% evals, 13% a "
+                       "trial's start and end (model, trainer, saving)")  # fmt: skip
+    assert slots.startswith("- slots: 2 trials at a time, 0.04 slot-hours, 94% of them in a trial ")
+    assert slots.endswith("slot time = 1.33x the training-step time")
+    assert len(compute_lines(rows, [fit, {"started_at": 1100.0, "slots": 2}])) == 1  # killed: its end unknown
+    assert len(compute_lines(rows, [{**fit, "slots": None}])) == 1
+    assert compute_lines([], []) == ["- compute: 0.00 trial-hours, 0 tokens seen"]
+
+
 def test_ranking_matches_trials_csv_and_lists_every_trial_once(smoke_report):
     run, report = smoke_report
     table = pd.read_csv(report / "trials.csv")
@@ -92,8 +109,8 @@ def test_the_train_loss_column_compares_every_trial_at_the_same_step(smoke_repor
 
 def test_the_report_measures_its_claims(smoke_report):
     """Paired intervals against the best, the seeds and horizon sections of the printed confirm commands, the
-    rung agreement, the edge warnings and how every trial was drawn."""
-    _, report = smoke_report
+    rung agreement, the edge warnings, how every trial was drawn and where its time went."""
+    run, report = smoke_report
     md = (report / "index.md").read_text()
     assert "(95% interval " in md and "paired over the same 16 conversations" in md
     assert ("beyond the eval noise" in md) or ("within the eval noise" in md)
@@ -103,6 +120,9 @@ def test_the_report_measures_its_claims(smoke_report):
     assert "Edge: " in md and "is the largest value searched: widen the space above it" in md
     assert "drawn: 1 baseline, " in md and " tpe" in md  # 3 start-up trials of 8: TPE drew the rest
     assert "Not drawn: fANOVA importances need at least 8 completed trials" in md
+    fits = json.loads((run / "run.json").read_text())["fits"]  # the search's fit and the two confirms'
+    assert len(fits) == 3 and all(f["ended_at"] > f["started_at"] and f["slots"] >= 1 for f in fits)
+    assert "% of it training steps, " in md and "x the training-step time" in md
     header = next(line for line in md.splitlines() if line.startswith("| rank |"))
     assert "vs best [95% CI]" in header and "vs baseline" in header and "trainable" in header
     assert (report / "report.json").exists() and json.loads((report / "report.json").read_text())["best"]["trial"]

@@ -130,6 +130,31 @@ def test_search_on_a_multi_node_cluster(tmp_path):
         cluster.shutdown()
 
 
+def test_an_actor_that_tune_drops_before_its_first_step_trains_nothing(tmp_path, ray_shutdown):
+    """Tune may create an actor for a pending trial, then run that trial on a worker that freed up first and drop
+    the new actor. Such an actor must not start the trial: in a resumed search one started a completed trial
+    again and overwrote its results. The trial starts at the first step(), and ends at stop()."""
+    import ray
+    from ray import tune
+
+    from fika.search.trainable import FikaTrainable
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    spec = load_spec(SMOKE, [f"storage={tmp_path}"])
+    trainable = tune.with_parameters(FikaTrainable, spec=spec.model_dump(mode="json"), run_dir=str(tmp_path / "smoke"))
+    params = {"train.learning_rate": 1e-3, "train.lr_scheduler": "linear", "lora.r,lora.alpha": "[8, 8]",
+              "lora.dropout": 0.0}  # fmt: skip
+    dropped = trainable(config=params)
+    dropped.stop()
+    assert not (tmp_path / "smoke").exists()  # created and dropped: nothing ran, nothing was written
+    used = trainable(config=params)
+    assert not (tmp_path / "smoke").exists()
+    first = used.train()
+    assert first["step"] == 1 and (tmp_path / "smoke" / "trials" / "default" / "config.yaml").exists()
+    used.stop()
+    assert json.loads((tmp_path / "smoke" / "trials" / "default" / "result.json").read_text())["status"] == "stopped"
+
+
 def test_a_reused_worker_reports_each_trials_own_peak(tmp_path, ray_shutdown):
     """Two trials of different ranks, one after the other in one worker process: two peaks, the larger rank's larger."""
     spec = yaml.safe_load(SMOKE.read_text())
@@ -257,8 +282,18 @@ def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point):
             configs.append(json.dumps({k: config[k] for k in ("lora", "train")}, sort_keys=True))
     assert len(set(configs)) == len(ran)  # no parameters ran twice
     study = load_study(run, "smoke")
+    told = {t.user_attrs.get("tune_trial_id"): t.state.name for t in study.trials}  # the study tells the truth
+    expected = {"completed": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
+    assert {trial_id: told.get(trial_id) for trial_id in results} == {
+        trial_id: expected[r["status"]] for trial_id, r in results.items()
+    }
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     assert "8/8 trials done" in done.stdout, done.stdout[-3000:]  # the progress counts the first run too
+    # A fit killed before its end keeps none (a kill while the final report is written comes after it), and then
+    # the report gives no slot figures.
+    fits = json.loads((run / "run.json").read_text())["fits"]
+    assert len(fits) == 2 and fits[1]["ended_at"] > fits[1]["started_at"] > fits[0]["started_at"]
+    assert ("- slots: " in (tmp_path / "report" / "index.md").read_text()) == ("ended_at" in fits[0])
 
 
 def test_the_same_search_twice_reports_again_and_a_changed_one_is_refused(smoke_report, capsys):

@@ -11,7 +11,7 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fika.search.searcher import FikaOptunaSearch, with_callbacks
+from fika.search.searcher import FikaOptunaSearch, ResumableConcurrencyLimiter, with_callbacks
 
 
 def searcher(tmp_path: Path, budget: int = 10, points=None) -> FikaOptunaSearch:
@@ -32,6 +32,20 @@ def test_the_ray_internals_fika_uses_exist(tmp_path):
     assert isinstance(search._completed_trials, set)
     search.suggest("a")
     assert isinstance(search._ot_trials["a"], optuna.Trial) and search._ot_trials["a"]._trial_id is not None
+
+
+def test_a_trial_restored_by_a_resume_reaches_the_study_through_the_concurrency_limiter(tmp_path):
+    """Tune saves the searcher, not the limiter around it: after a resume the limiter has no live trials, and a
+    restored trial's completion must still reach the study (Tune's own limiter drops it)."""
+    search = searcher(tmp_path)
+    search.suggest("restored")  # asked before the driver was killed
+    limiter = ResumableConcurrencyLimiter(search, max_concurrent=2)  # as the resumed Tuner holds it
+    assert limiter.live_trials == set()
+    assert limiter.suggest("new") is not None and limiter.live_trials == {"new"}
+    limiter.on_trial_complete("restored", {"step": 12, "eval_loss": 2.0, "status": "completed"})
+    limiter.on_trial_complete("new", {"step": 4, "train_loss_smooth": 2.9})
+    states = {t.user_attrs["tune_trial_id"]: t.state.name for t in search._ot_study.trials}
+    assert states == {"restored": "COMPLETE", "new": "PRUNED"} and limiter.live_trials == set()
 
 
 def test_the_study_gets_what_happened_to_each_trial(tmp_path):

@@ -185,9 +185,9 @@ class ReportRefresher:
         self.lock, self.thread, self.again, self.built_from = threading.Lock(), None, False, None
 
     def files_read(self) -> list[tuple[str, int, int]]:
-        """(path, size, mtime) of what a report is built from: the spec, the draws, every trial's files (run.json
-        is left out: the report reads only its id, which never changes)."""
-        paths = [self.run / "spec.yaml", self.run / "draws.jsonl", *self.run.glob("trials/*/*")]
+        """(path, size, mtime) of what a report is built from: the spec, run.json (the fits' ends), the draws,
+        every trial's files."""
+        paths = [self.run / "spec.yaml", self.run / "run.json", self.run / "draws.jsonl", *self.run.glob("trials/*/*")]
         stats = []
         for path in sorted(paths):
             with contextlib.suppress(OSError):

@@ -3,7 +3,8 @@
 A search lives in `<storage>/<name>/`: `spec.yaml` (resolved), `run.json` (its id; each Tune fit's start, end
 and trials at a time; when it finished), `optuna.journal` (the Optuna study, readable with `optuna.load_study`
 and optuna-dashboard), `draws.jsonl` (how each trial's params were drawn), `tune/` (Ray's experiment state,
-for --resume) and `trials/<trial_id>/` (each trial's config, data, metrics, evals and result, written as they arrive).
+for --resume) and `trials/<trial_id>/` (each trial's config, data, metrics, evals and result, written as
+they arrive).
 
 Everything a bad spec can get wrong is checked before Ray starts: the run folder (a finished search of the
 same spec is reported, another spec under the same name refused), the Optuna storage, the cluster address,

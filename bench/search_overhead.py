@@ -4,13 +4,13 @@
   python bench/search_overhead.py --spec smoke         # any spec, by name or path
   python bench/search_overhead.py --naive              # then the same trials written the usual way, and the speed-up
 
-fika's search runs as `fika search` does. Per trial, from its own result.json: the pure training-step time (the
-optimizer steps only), the eval time, the start-up (until the first step: tokenizer, data, base model on a fresh
-worker), the rest (trainer set-up, logging), and the trial's wall time. The slot time is the fit's wall time x the
-trials that run at once; what no trial used of it is idle, split into before each slot's first trial (a fresh
-worker's start and imports), between trials on a worker, and after a slot's last trial (the tail, when one slot
-has nothing left to run). The ratio that matters: slot time / pure step time; the floor is that ratio with only
-the pure steps, the evals, the workers' start and the tail.
+fika's search runs as `fika search` does, its progress lines and live report included. Per trial, from its own
+result.json: the pure training-step time (the optimizer steps only), the eval time, the start-up (until the first
+step: tokenizer, data, base model on a fresh worker), the rest (trainer set-up, logging), and the trial's wall
+time. The slot time is the fit's wall time x the trials that run at once; what no trial used of it is idle, split
+into before each slot's first trial (a fresh worker's start and imports), between trials on a worker, and after a
+slot's last trial (the tail, when one slot has nothing left to run). The ratio that matters: slot time / pure
+step time; the floor is that ratio with only the pure steps, the evals, the workers' start and the tail.
 
 `--naive` runs the same trials, each for the steps fika ran it, the way a user writes them from the Ray Tune and
 trl docs: a function trainable (a new worker process per trial) that loads the tokenizer and the model, reads and
@@ -98,27 +98,19 @@ def table(title: str, rows: list[dict], fit: tuple[float, float], slots: int) ->
 
 
 def run_fika(spec, storage: Path) -> tuple[Path, dict, float]:
-    """Runs the search; returns its folder, its fit as `run.json` records it (start and end, unix time, and the
-    trials at a time) and the seconds before the fit."""
-    from fika.search.tuner import (
-        build_tuner,
-        connect_ray,
-        preflight,
-        prepare_search_data,
-        recorded_fit,
-        run_dir,
-        spec_yaml,
-    )
+    """Runs the search as `fika search` does (its progress lines and its live report too); returns its folder,
+    its fit as `run.json` records it (start and end, unix time, and the trials at a time) and the seconds before
+    the fit."""
+    from fika.cli import ReportRefresher
+    from fika.search.progress import SearchProgress
+    from fika.search.tuner import run_dir, run_search
 
     began = time.time()
     directory = run_dir(spec)
-    preflight(spec, directory, resume=False)
-    (directory / "spec.yaml").write_text(spec_yaml(spec))
-    prepare_search_data(spec, print)
-    connect_ray(spec, None)
-    tuner = build_tuner(spec, directory, [], resume=False)
-    with recorded_fit(directory, spec):
-        tuner.fit()
+    refresh = ReportRefresher(directory, storage / "report")
+    progress = SearchProgress(directory, spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh)
+    run_search(spec, callbacks=[progress], on_done=refresh.final)
+    refresh.finish()
     fit = read_json(directory / "run.json")["fits"][-1]
     return directory, fit, fit["started_at"] - began
 
@@ -230,6 +222,9 @@ def main() -> None:
     fika.update(before_fit=before)
     summary = {"fika": fika}
     if args.naive:
+        from fika.search.tuner import connect_ray
+
+        connect_ray(spec, None)  # the same local Ray as fika's search (which shut its own down)
         naive_run, naive_fit = run_naive(spec, run, storage, slots)
         rows = naive_rows(naive_run)
         slot = naive_fit * slots

@@ -165,11 +165,12 @@ class ReportRefresher:
     """Rebuilds a search's report (in a folder the caller has claimed), never letting a report problem stop
     the search.
 
-    `refresh()` starts a build in a background thread, so a trial's freed slot is not held up while plots are
-    drawn (Tune calls it when a trial ends); one build runs at a time and calls during it coalesce into one
-    more, which starts after the last call and is skipped when none of the files the report reads changed
-    since the previous build began. `finish()` waits until that build is written. Tune pickles its callbacks
-    with the experiment state: the thread, its lock and the files seen are not part of that state.
+    `refresh()` (Tune calls it when a trial ends) asks for a live build: the tables and the loss curves, drawn
+    in a background thread so that a trial's freed slot is not held up. `refresh.final()` asks for the whole
+    report, with every plot; `finish()` waits until the builds asked for are written. One build runs at a time:
+    calls during it coalesce into one more (the whole report if any of them asked for it), which is skipped when
+    none of the files the report reads changed since the previous build of at least that kind began. Tune
+    pickles its callbacks with the experiment state: the thread, its lock and the files seen are not part of it.
     """
 
     def __init__(self, run: Path, out: Path):
@@ -182,7 +183,9 @@ class ReportRefresher:
         import threading
 
         self.run, self.out = state["run"], state["out"]
-        self.lock, self.thread, self.again, self.built_from = threading.Lock(), None, False, None
+        self.lock, self.thread = threading.Lock(), None
+        self.wanted: str | None = None  # the next build: None, "live" or "final"
+        self.built_from: tuple[list, bool] | None = None  # the files of the last build, and whether it was final
 
     def files_read(self) -> list[tuple[str, int, int]]:
         """(path, size, mtime) of what a report is built from: the spec, run.json (the fits' ends), the draws,
@@ -195,36 +198,38 @@ class ReportRefresher:
                 stats.append((str(path), stat.st_size, stat.st_mtime_ns))
         return stats
 
-    def build(self) -> None:
+    def build(self, final: bool) -> None:
         from fika.search.report import build_report
 
         files = self.files_read()
-        if files == self.built_from:
+        if self.built_from is not None and self.built_from[0] == files and (self.built_from[1] or not final):
             return
         try:
-            build_report(self.run, self.out, claimed=True)
-            self.built_from = files
+            build_report(self.run, self.out, claimed=True, live=not final)
+            self.built_from = (files, final)
         except Exception as err:
             log(f"report: not updated ({type(err).__name__}: {str(err)[:300]})")
 
     def build_until_current(self) -> None:
         while True:
-            self.build()
             with self.lock:
-                if not self.again:
+                if self.wanted is None:
                     self.thread = None
                     return
-                self.again = False
+                final, self.wanted = self.wanted == "final", None
+            self.build(final)
 
-    def __call__(self) -> None:
+    def __call__(self, final: bool = False) -> None:
         import threading
 
         with self.lock:
+            self.wanted = "final" if final or self.wanted == "final" else "live"
             if self.thread is None:
                 self.thread = threading.Thread(target=self.build_until_current, name="fika-report", daemon=True)
                 self.thread.start()
-            else:
-                self.again = True
+
+    def final(self) -> None:
+        self(final=True)
 
     def finish(self) -> None:
         with self.lock:
@@ -252,10 +257,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     refresh = ReportRefresher(directory, report_dir)
     progress = SearchProgress(directory, spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh)
     # the final report is drawn while a Ray instance the search started shuts down
-    state = run_search(spec, address=args.address, resume=args.resume, callbacks=[progress], on_done=refresh)
+    state = run_search(spec, address=args.address, resume=args.resume, callbacks=[progress], on_done=refresh.final)
     if state == "finished":
         print(f"search {spec.name}: already finished in {directory} with this spec; nothing to run")
-        refresh()
+        refresh.final()
     refresh.finish()
     print(f"report: {report_dir / 'index.html'} (also index.md, trials.csv, best.yaml)")
     if not (report_dir / "report.json").exists():
@@ -276,7 +281,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     refresh = ReportRefresher(run, out)
     progress = SearchProgress(run, len(runs), spec.metric, args.steps or spec.max_steps,
                               on_trial_end=refresh, only=names)  # fmt: skip
-    run_confirm(run, spec, runs, address=args.address, callbacks=[progress], on_done=refresh)
+    run_confirm(run, spec, runs, address=args.address, callbacks=[progress], on_done=refresh.final)
     refresh.finish()
     print(f"report: {out / 'index.html'} (seeds and horizon sections added)")
     return 0

@@ -486,7 +486,7 @@ def compute_lines(rows: list[TrialRow], fits: list[dict]) -> list[str]:
     return lines
 
 
-def build_sections(r: Report, images: dict[str, bytes]) -> list[Section]:
+def build_sections(r: Report, images: dict[str, bytes], live: bool = False) -> list[Section]:
     spec, best = r.spec, r.best
     counts = {s: sum(1 for row in r.ranked if row.status == s) for s in STATUS_ORDER}
     draws = [row.drawn for row in r.ranked if row.drawn]
@@ -524,7 +524,10 @@ def build_sections(r: Report, images: dict[str, bytes]) -> list[Section]:
     for name, title in pictures:
         if name in images:
             sections.append(Section(title, [], image=name))
-    if "importance.png" not in images:
+    if live:
+        sections.append(Section("More plots", ["Parameter effects, loss against cost, Optuna's views and the "
+                                "parameter importance are drawn when the search ends."]))  # fmt: skip
+    elif "importance.png" not in images:
         need = plots.importance_rule(len(spec.space))
         sections.append(Section("Parameter importance", [f"Not drawn: fANOVA importances need at least {need} completed "
                                 f"trials for {len(spec.space)} searched keys (8, or 2 per key); this search has "
@@ -649,9 +652,10 @@ def claim_folder(out: Path, run: Path, run_id: str) -> None:
     log(f"report: replacing {out}, the report of a search whose run folder is gone")
 
 
-def build_report(run: str | Path, out: str | Path | None = None, claimed: bool = False) -> Path:
+def build_report(run: str | Path, out: str | Path | None = None, claimed: bool = False, live: bool = False) -> Path:
     """Writes the report of the search in `run` to `out` (default: reports/<name>); `claimed`: the caller has
-    already checked `out` with `claim_folder`."""
+    already checked `out` with `claim_folder`. `live`: a build while trials run, with the loss curves as its only
+    plot (the others take about 1 s of CPU per build, which a laptop's trials would lose)."""
     run = Path(run).expanduser()
     spec = load_run_spec(run)
     out = Path(out).expanduser() if out else default_report_dir(spec.name)
@@ -667,18 +671,18 @@ def build_report(run: str | Path, out: str | Path | None = None, claimed: bool =
         images["curves.png"] = plots.plot_curves(spec, r.ranked)
     model_keys = [k for k in spec.space if not k.startswith("data.")]
     data_keys = [k for k in spec.space if k.startswith("data.")]
-    if any(row.metric is not None for row in r.ranked):
+    if not live and any(row.metric is not None for row in r.ranked):
         if model_keys:
             images["params.png"] = plots.plot_effects(spec, r.ranked, model_keys, "eval loss by parameter value")
         if data_keys:
             images["data.png"] = plots.plot_effects(spec, r.ranked, data_keys, "eval loss by data key")
-    if len(r.completed) >= 2:
+    if len(r.completed) >= 2 and not live:
         images["pareto.png"] = plots.plot_pareto(spec, r.completed)
         images.update(plots.optuna_views(spec, r.ranked))
-    importance = plots.plot_importance(spec, r.ranked)
+    importance = None if live else plots.plot_importance(spec, r.ranked)
     if importance:
         images["importance.png"] = importance
-    sections = build_sections(r, images)
+    sections = build_sections(r, images, live)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.png"), *out.glob(".*.tmp")]:  # plots no longer drawn, files of a killed writer
         if stale.name not in images:

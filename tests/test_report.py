@@ -203,15 +203,18 @@ def test_report_of_a_running_and_of_a_killed_search(smoke_report, tmp_path):
 
 def test_the_refresher_rebuilds_only_when_the_run_changed(smoke_report, tmp_path):
     """A search's report refresher skips a build when no file the report reads (run.json too) changed since the
-    last one."""
+    last one of at least its kind; a live build (a trial ended) draws the loss curves only, the final one every
+    plot."""
     from fika.cli import ReportRefresher
 
     run = tmp_path / "smoke"
     shutil.copytree(smoke_report[0], run)
     out = tmp_path / "report"
     refresh = ReportRefresher(run, out)
-    generated = []
-    for change in (None, None, "draws.jsonl", None, "result.json", "run.json"):
+    generated, plots, pages = [], [], []
+    steps = [(None, False), (None, False), (None, True), (None, False), ("draws.jsonl", False),
+             ("result.json", False), ("run.json", True)]  # fmt: skip
+    for change, final in steps:
         if change == "draws.jsonl":
             with (run / "draws.jsonl").open("a") as f:
                 f.write("\n")
@@ -220,11 +223,23 @@ def test_the_refresher_rebuilds_only_when_the_run_changed(smoke_report, tmp_path
         elif change:
             result = sorted(run.glob("trials/*/result.json"))[0]
             result.write_text(result.read_text())  # the same bytes, written again: a new mtime
-        refresh()
+        refresh.final() if final else refresh()
         refresh.finish()
         generated.append(json.loads((out / "report.json").read_text())["generated_at"])
+        plots.append(sorted(p.name for p in out.glob("*.png")))
+        pages.append((out / "index.md").read_text())
     assert generated[1] == generated[0] and generated[3] == generated[2]  # nothing changed: not rebuilt
-    assert len(set(generated)) == 4
+    assert len(set(generated)) == 5  # the final build after a live one of the same files is not skipped
+    every_plot = smoke_report[1].glob("*.png")
+    assert plots[0] == plots[5] == ["curves.png"] and plots[2] == plots[6] == sorted(p.name for p in every_plot)
+    assert len(plots[2]) >= 4  # the smoke search draws the effects, the front and Optuna's views too
+    assert "drawn when the search ends" in pages[5] and "Optimization history" not in pages[5]
+    assert "Optimization history" in pages[6] and "drawn when the search ends" not in pages[6]
+    (run / "run.json").write_text((run / "run.json").read_text() + " ")
+    refresh()  # a live build, then the final one asked for while it runs (or folded into it)
+    refresh.final()
+    refresh.finish()
+    assert sorted(p.name for p in out.glob("*.png")) == plots[2]
 
 
 def test_a_report_folder_belongs_to_one_search(smoke_report, tmp_path):

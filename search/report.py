@@ -526,7 +526,8 @@ def build_sections(r: Report, images: dict[str, bytes], live: bool = False) -> l
             sections.append(Section(title, [], image=name))
     if live:
         sections.append(Section("More plots", ["Parameter effects, loss against cost, Optuna's views and the "
-                                "parameter importance are drawn when the search ends."]))  # fmt: skip
+                                f"parameter importance are drawn when the search ends (or by `fika report "
+                                f"{relative(r.run)}`)."]))  # fmt: skip
     elif "importance.png" not in images:
         need = plots.importance_rule(len(spec.space))
         sections.append(Section("Parameter importance", [f"Not drawn: fANOVA importances need at least {need} completed "

@@ -7,6 +7,7 @@ end-of-turn token), so trl's assistant-only loss, eval and the Space all render 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -248,6 +249,19 @@ def tiny_model_dir() -> Path:
         for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "model.safetensors"):
             item.replace(out / item.name)
     return out
+
+
+def hide_libraries(names: list[str]) -> None:
+    """Makes these installed libraries look absent to this process, so that peft, transformers and trl skip them.
+
+    Those import bitsandbytes and wandb whenever they are installed, at a cost to every fresh search worker:
+    bitsandbytes about 1.2 s of CPU (its CPU kernels import torch's inductor), wandb 0.3 s. A `None` in
+    `sys.modules` makes `import name` fail and `importlib.util.find_spec(name)` return None. It cannot be undone
+    once peft and trl are imported, so it is for a process whose every trial is known not to need them.
+    """
+    for name in names:
+        if name not in sys.modules:
+            sys.modules[name] = None
 
 
 def wants_4bit(config: ModelConfig) -> bool:

@@ -29,7 +29,7 @@ from ray import tune
 from fika.common import read_jsonl, write_atomic
 from fika.config import dump_config
 from fika.search.confirm import confirm_name
-from fika.search.spec import SearchSpec, trial_config
+from fika.search.spec import SearchSpec, split_key, trial_config
 from fika.trial import TrialResult, load_result, run_trial, write_failed_result
 
 
@@ -45,12 +45,28 @@ def finished_trial(directory: Path) -> tuple[dict, TrialResult] | None:
     return last, result
 
 
+def unused_libraries(spec: SearchSpec) -> list[str]:
+    """The optional libraries no trial of this search needs in this process: wandb when the trials do not report
+    to it, bitsandbytes when they run on a CPU and none loads 4-bit weights (a CPU trial's 8-bit AdamW is AdamW)."""
+    from fika.model import device_kind
+
+    unused = [] if "wandb" in spec.base.train.report_to else ["wandb"]
+    searched = any(part == "model.load_in_4bit" for key in spec.space for part in split_key(key))
+    if not searched and spec.base.model.load_in_4bit is not True and device_kind() == "cpu":
+        unused.append("bitsandbytes")
+    return unused
+
+
 class FikaTrainable(tune.Trainable):
     """Runs one fika trial per Tune trial; see the module docstring."""
 
     def setup(self, config: dict, spec: dict, run_dir: str) -> None:
         self.spec = SearchSpec.model_validate(spec)
         self.run_dir = Path(run_dir)
+        if ray.get_runtime_context().get_actor_id() is not None:  # a worker that runs only this search's trials
+            from fika.model import hide_libraries
+
+            hide_libraries(unused_libraries(self.spec))
         if 0 < self.spec.resources.gpu < 1:  # a shared GPU: this trial may use its share, no more
             import torch
 

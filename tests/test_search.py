@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from fika.cli import main
-from fika.search.spec import load_spec
+from fika.search.spec import SearchSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "search" / "specs" / "smoke.yaml"
@@ -151,8 +151,22 @@ def test_an_actor_that_tune_drops_before_its_first_step_trains_nothing(tmp_path,
     assert not (tmp_path / "smoke").exists()
     first = used.train()
     assert first["step"] == 1 and (tmp_path / "smoke" / "trials" / "default" / "config.yaml").exists()
+    assert sys.modules.get("bitsandbytes", "absent") is not None  # only a Ray actor's process hides libraries
     used.stop()
     assert json.loads((tmp_path / "smoke" / "trials" / "default" / "result.json").read_text())["status"] == "stopped"
+
+
+def test_a_search_worker_hides_the_libraries_its_trials_do_not_use():
+    import torch
+
+    from fika.search.trainable import unused_libraries
+
+    cpu = not torch.cuda.is_available()
+    assert unused_libraries(load_spec(SMOKE, [])) == (["wandb", "bitsandbytes"] if cpu else ["wandb"])
+    assert unused_libraries(load_spec(SMOKE, ["base.model.load_in_4bit=true", "base.train.report_to=[wandb]"])) == []
+    searched = yaml.safe_load(SMOKE.read_text())
+    searched["space"]["model.load_in_4bit"] = {"choice": [False, True]}
+    assert unused_libraries(SearchSpec.model_validate(searched)) == ["wandb"]
 
 
 def test_a_reused_worker_reports_each_trials_own_peak(tmp_path, ray_shutdown):

@@ -299,6 +299,22 @@ def test_the_trial_libraries_are_imported_without_collections_and_then_frozen():
     assert int(frozen) > 100_000 and enabled == "True" and collections == "0"
 
 
+def test_a_trial_runs_in_a_process_that_hides_bitsandbytes_and_wandb(tmp_path):
+    """A search's CPU worker hides the libraries its trials do not use: peft, transformers and trl still train."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fika.model import hide_libraries; from fika.config import load_config; "
+        "from fika.trial import run_trial; hide_libraries(['bitsandbytes', 'wandb']); "
+        "config = load_config(None, ['model.name=tiny', 'data.sources.0.limit=100', 'data.eval_size=4', "
+        f"'train.max_steps=3', 'train.warmup_steps=1', 'output.dir={tmp_path / 'run'}']); "
+        "print(run_trial(config, lambda record: None).status, sys.modules['bitsandbytes'], sys.modules['wandb'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-3:] == ["completed", "None", "None"]
+
+
 def test_a_process_keeps_one_value_per_kind_until_the_key_changes():
     from fika.common import kept
 

@@ -51,8 +51,10 @@ def cmd_data(args: argparse.Namespace) -> None:
     from fika.config import load_config
     from fika.data import format_sources_table, prepare_data, render_masked
     from fika.model import load_tokenizer
+    from fika.sources import check_local_paths
 
     config = load_config(args.config, args.overrides)
+    check_local_paths(config.data)
     tokenizer = load_tokenizer(config.model)
     mix = prepare_data(config.data, tokenizer, config.model.max_seq_length, rebuild=args.rebuild)
     summary = mix.summary()
@@ -98,10 +100,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(config.output.dir).expanduser()
         check_output_dir(out, overwrite=args.overwrite)
     from fika.model import check_target_modules, empty_model
+    from fika.sources import check_local_paths
 
     problem = check_target_modules(empty_model(config.model), config.lora.target_modules)
     if problem:
         raise FikaError(f"lora.target_modules: {problem}")
+    check_local_paths(config.data)
     if args.dry_run:
         from fika.memory import estimate_memory
         from fika.model import device_kind
@@ -240,8 +244,10 @@ class ReportRefresher:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from fika.search.spec import load_spec
+    from fika.sources import check_local_paths
 
     spec = load_spec(args.spec, args.overrides)
+    check_local_paths(spec.base.data, prefix="base.data.")
     if args.dry_run:
         from fika.search.plan import describe_search
 

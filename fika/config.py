@@ -142,8 +142,11 @@ class TrainConfig(Section):
         return self
 
 
+BUILTIN_SHAREGPT = "builtin:sharegpt"
+
+
 class DataSource(Section):
-    path: str = Field("builtin:sharegpt", min_length=1)
+    path: str = Field(BUILTIN_SHAREGPT, min_length=1)
     """A hub id, a local file (.json, .jsonl, .parquet) or dataset folder, or `builtin:sharegpt`."""
     name: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$")
     """How a search names this source (`data.sources.ultrachat.weight`); default: from the path."""
@@ -159,6 +162,13 @@ class DataSource(Section):
     max_tokens: int | None = Field(None, gt=0)
     min_assistant_turns: int | None = Field(None, ge=0)
     dedupe: bool | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _check_builtin(cls, path: str) -> str:
+        if path.startswith("builtin:") and path != BUILTIN_SHAREGPT:
+            raise ValueError(f"{path!r} is not allowed: unknown built-in data (the built-in is {BUILTIN_SHAREGPT})")
+        return path
 
     def label(self, index: int) -> str:
         """The source's name: its `name`, else one made from its path (`mlabonne/FineTome-100k` -> finetome_100k)."""

@@ -25,9 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fika.common import FikaError, hub_offline, hub_reachable, package_dir
-from fika.config import DataSource
+from fika.config import BUILTIN_SHAREGPT, DataConfig, DataSource
 
-BUILTIN_SHAREGPT = "builtin:sharegpt"
 SHAREGPT_V3_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
 ROLES = {
@@ -97,6 +96,20 @@ def local_path(path: str) -> Path | None:
     return None
 
 
+def check_local_paths(data: DataConfig, prefix: str = "data.") -> None:
+    """Fails with one line naming the key when a source names a local file or folder that does not exist."""
+    for key, sources in (("sources", data.sources), ("eval_sources", data.eval_sources or [])):
+        for i, source in enumerate(sources):
+            if source.path == BUILTIN_SHAREGPT:
+                continue
+            try:
+                local_path(source.path)
+            except DataError:
+                raise DataError(
+                    f"{prefix}{key}.{i}.path: {source.path!r} not found (a local file or folder; a hub id is owner/name)"
+                ) from None
+
+
 def file_suffix(path: Path) -> str:
     """`.jsonl.gz`, `.json`, `.parquet`, ... or '' for an unknown suffix."""
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
@@ -108,8 +121,6 @@ def load_source(source: DataSource) -> tuple[Sequence[dict], list[str], str]:
     if source.path == BUILTIN_SHAREGPT:
         records, note = read_sharegpt_v3(builtin_sharegpt_path())
         return records, ["id", "conversations"], note
-    if source.path.startswith("builtin:"):
-        raise DataError(f"data source {source.path!r}: unknown built-in (allowed: {BUILTIN_SHAREGPT})")
     import datasets
 
     datasets.disable_progress_bars()

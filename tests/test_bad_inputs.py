@@ -135,10 +135,28 @@ CASES: list[tuple[str, str, bool]] = [
     ("train data.min_tokens=-1", r"^data.min_tokens: -1 is not allowed", False),
     ("train data.max_tokens=0", r"^data.max_tokens: 0 is not allowed", False),
     ("train data.shuffle=true", r"^data.shuffle: unknown key \(allowed here: sources, eval_size", False),
-    ("train data.sources.0.path=missing.jsonl", r"data source 'missing.jsonl': file not found", False),
-    ("train data.sources.0.path=~/no-such-file.jsonl", r"data source '~/no-such-file.jsonl': file not found", False),
+    (
+        "train data.sources.0.path=missing.jsonl",
+        r"^data.sources.0.path: 'missing.jsonl' not found \(a local file",
+        False,
+    ),
+    (
+        "train data.sources.0.path=~/no-such-file.jsonl",
+        r"^data.sources.0.path: '~/no-such-file.jsonl' not found",
+        False,
+    ),
+    (
+        "train --dry-run data.sources.0.path=./missing.jsonl",
+        r"^data.sources.0.path: './missing.jsonl' not found",
+        False,
+    ),
+    ("train data.eval_sources=[{path: gone.parquet}]", r"^data.eval_sources.0.path: 'gone.parquet' not found", False),
     ("train data.sources.0.path=notes.txt", r"unknown file type '.txt'", False),
-    ("train data.sources.0.path=builtin:imagenet", r"data source 'builtin:imagenet': unknown built-in", False),
+    (
+        "train data.sources.0.path=builtin:imagenet",
+        r"^data.sources.0.path: 'builtin:imagenet' is not allowed: unknown",
+        False,
+    ),
     ("train data.sources.0.path=afolder", r"data source 'afolder': cannot load it", True),
     ("train data.sources.0.path=empty.jsonl", r"data source 'empty.jsonl': the file is empty", True),
     ("train data.sources.0.path=plain.jsonl", r"unknown schema, columns \['text'\]", True),
@@ -157,6 +175,7 @@ CASES: list[tuple[str, str, bool]] = [
     ("data --show x", r"argument --show: 'x' is not a whole number", False),
     ("data --config missing.yaml", r"config file 'missing.yaml' not found", False),
     ("data data.sources.0.limit=-3", r"^data.sources.0.limit: -3 is not allowed", False),
+    ("data data.sources.0.path=/no/such/dir/", r"^data.sources.0.path: '/no/such/dir/' not found", False),
     # fika search: specs
     (
         "search no-such-spec storage=fresh",
@@ -165,6 +184,16 @@ CASES: list[tuple[str, str, bool]] = [
     ),
     ("search binary.yaml storage=fresh", r"is not UTF-8 text", False),
     ("search smoke storage=fresh spaces={}", r"^spaces: unknown key \(allowed here: name, base, space", False),
+    (
+        "search smoke storage=fresh base.data.sources.0.path=nope.jsonl",
+        r"^base.data.sources.0.path: 'nope.jsonl' not f",
+        False,
+    ),
+    (
+        "search smoke --dry-run base.data.sources.0.path=nope.jsonl",
+        r"^base.data.sources.0.path: 'nope.jsonl' not f",
+        False,
+    ),
     (
         "search smoke space.lora.dropout.choice=[]",
         r"^space.lora.dropout.choice: \[\] is not allowed: list should have at least 1 item",

@@ -431,15 +431,14 @@ def clear_outputs(out: Path) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
 
 
-def import_trial_libraries(unused: Callable[[], list[str]] | None = None) -> None:
+def import_trial_libraries() -> None:
     """Imports torch, transformers, peft and trl (once per process) with the garbage collector paused, then
     moves every object alive into the collector's permanent generation (`gc.freeze`).
 
     Those libraries leave about 600,000 objects that live as long as the process. Collecting while they are
     created costs about 1.2 s of a 7.5 s import on one CPU core, and every full collection afterwards would
     scan them all again (accelerate runs one whenever a training starts: 0.35 s; creating peft's layers
-    triggers more): about 0.7 s of every later trial's start on a search worker. `unused()`, called once torch
-    is imported, names optional libraries to hide from the others first (see `fika.model.hide_libraries`).
+    triggers more): about 0.7 s of every later trial's start on a search worker.
     """
     import gc
 
@@ -448,13 +447,8 @@ def import_trial_libraries(unused: Callable[[], list[str]] | None = None) -> Non
     enabled = gc.isenabled()
     gc.disable()
     try:
-        import torch  # noqa: F401
-
-        if unused is not None:
-            from fika.model import hide_libraries
-
-            hide_libraries(unused())
         import peft  # noqa: F401
+        import torch  # noqa: F401
         import transformers  # noqa: F401
         from trl import SFTTrainer  # noqa: F401
     finally:

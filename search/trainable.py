@@ -30,7 +30,7 @@ from fika.common import read_jsonl, write_atomic
 from fika.config import dump_config
 from fika.search.confirm import confirm_name
 from fika.search.spec import SearchSpec, split_key, trial_config
-from fika.trial import TrialResult, import_trial_libraries, load_result, run_trial, write_failed_result
+from fika.trial import TrialResult, load_result, run_trial, write_failed_result
 
 
 def finished_trial(directory: Path) -> tuple[dict, TrialResult] | None:
@@ -64,7 +64,9 @@ class FikaTrainable(tune.Trainable):
         self.spec = SearchSpec.model_validate(spec)
         self.run_dir = Path(run_dir)
         if ray.get_runtime_context().get_actor_id() is not None:  # a worker that runs only this search's trials
-            import_trial_libraries(unused=lambda: unused_libraries(self.spec))
+            from fika.model import hide_libraries
+
+            hide_libraries(unused_libraries(self.spec))
         if 0 < self.spec.resources.gpu < 1:  # a shared GPU: this trial may use its share, no more
             import torch
 

@@ -305,8 +305,8 @@ def test_a_trial_runs_in_a_process_that_hides_bitsandbytes_and_wandb(tmp_path):
     import sys
 
     code = (
-        "import sys; from fika.config import load_config; from fika.trial import import_trial_libraries, run_trial; "
-        "import_trial_libraries(unused=lambda: ['bitsandbytes', 'wandb']); "
+        "import sys; from fika.model import hide_libraries; from fika.config import load_config; "
+        "from fika.trial import run_trial; hide_libraries(['bitsandbytes', 'wandb']); "
         "config = load_config(None, ['model.name=tiny', 'data.sources.0.limit=100', 'data.eval_size=4', "
         f"'train.max_steps=3', 'train.warmup_steps=1', 'output.dir={tmp_path / 'run'}']); "
         "print(run_trial(config, lambda record: None).status, sys.modules['bitsandbytes'], sys.modules['wandb'])"

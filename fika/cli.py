@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from fika.common import FikaError, log, read_json
+from fika.common import FikaError, exclusive_folder, log, read_json
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,7 +87,7 @@ def time_estimate(config_path: str | None, max_steps: int) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fika.config import load_config
-    from fika.trial import check_output_dir, clear_outputs, format_result
+    from fika.trial import check_output_dir, format_result
 
     if args.resume:
         if args.config or args.overrides:
@@ -116,8 +116,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from fika.trial import run_trial
 
-    if args.overwrite:
-        clear_outputs(out)
     bar = tqdm(total=None, unit="step", disable=None)
     started: dict = {}
 
@@ -143,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             line += f", eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
             bar.write(line, file=sys.stderr)
 
-    result = run_trial(config, report, resume=bool(args.resume), on_start=on_start)
+    result = run_trial(config, report, resume=bool(args.resume), on_start=on_start, overwrite=args.overwrite)
     bar.close()
     print(format_result(result))
     return 0 if result.status == "completed" else 1
@@ -283,12 +281,13 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     spec, runs = plan_confirm(run, args.top, args.seeds, args.steps, args.trials)
     out = Path(args.out).expanduser() if args.out else default_report_dir(spec.name)
     claim_folder(out, run, (read_json(run / "run.json") or {}).get("id", ""))
-    names = {confirm_name(r) for r in runs}
-    refresh = ReportRefresher(run, out)
-    progress = SearchProgress(run, len(runs), spec.metric, args.steps or spec.max_steps,
-                              on_trial_end=refresh, only=names)  # fmt: skip
-    run_confirm(run, spec, runs, address=args.address, callbacks=[progress], on_done=refresh.final)
-    refresh.finish()
+    with exclusive_folder(run, "", "fika confirm"):  # one driver at a time writes into a search's folder
+        names = {confirm_name(r) for r in runs}
+        refresh = ReportRefresher(run, out)
+        progress = SearchProgress(run, len(runs), spec.metric, args.steps or spec.max_steps,
+                                  on_trial_end=refresh, only=names)  # fmt: skip
+        run_confirm(run, spec, runs, address=args.address, callbacks=[progress], on_done=refresh.final)
+        refresh.finish()
     print(f"report: {out / 'index.html'} (seeds and horizon sections added)")
     return 0
 

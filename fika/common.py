@@ -1,16 +1,19 @@
 """What every part of fika shares: the user-facing error, the cache root, progress lines, what a process keeps
-loaded, atomic writes, tolerant JSON reads, the hub probe, and the masking of credentials in everything fika
-writes."""
+loaded, atomic writes, one writer per run folder, tolerant JSON reads, the hub probe, and the masking of
+credentials in everything fika writes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import reprlib
+import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +94,64 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+LOCK_FILE = ".fika.lock"  # held by the one process that writes into a run folder; says which process that is
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: Path, key: str, holder: str) -> Iterator[None]:
+    """Creates `folder` and holds its lock file while the block runs, so that no second fika process writes into
+    it meanwhile: that one is refused with one line, `key: folder is in use by holder (pid, host, start)`.
+
+    The kernel drops the lock when its process ends, however it ends (kill -9 included), so a folder is never
+    left locked. On a filesystem without locks (some FUSE mounts) the block runs unguarded. When the block added
+    no file (a run refused before it wrote anything), the folder is left as it was: a new lock file and the
+    folders this call made are removed, an earlier lock file gets its content back.
+    """
+    import fcntl
+
+    folder, prefix = Path(folder), f"{key}: " if key else ""
+    path = folder / LOCK_FILE
+    created = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
+    try:
+        before = set() if created else set(os.listdir(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise FikaError(f"{prefix}cannot write into {folder}: {err.strerror}") from None
+    held, previous = False, None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            other = read_json(path) or {}
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.get("since", 0)))
+            who = (f"{other.get('holder')} (pid {other.get('pid')} on {other.get('host')}, since {since})"
+                   if other.get("pid") else "another fika process")  # fmt: skip
+            raise FikaError(
+                f"{prefix}{folder} is in use by {who}; wait for it to end, or stop it, then run this again"
+            ) from None
+        except OSError:  # no locks on this filesystem
+            held = True
+        else:
+            previous = os.pread(fd, 1 << 16, 0)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.time()}).encode(), 0)  # fmt: skip
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if held and set(os.listdir(folder)) == before | {LOCK_FILE}:  # the block added no file
+                if LOCK_FILE not in before:
+                    path.unlink()
+                    for empty in created:
+                        empty.rmdir()
+                elif previous is not None:  # the lock file says again who held it last
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, previous, 0)
+        os.close(fd)
+
+
 def read_json(path: Path) -> Any | None:
     """A JSON file's content, or None when it is missing or cut short (a writer killed mid-write)."""
     try:
@@ -148,7 +209,6 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     if hub_offline():
         return False
     if _HUB_REACHABLE is None:
-        import socket
         from urllib.parse import urlparse
 
         url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))

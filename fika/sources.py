@@ -97,17 +97,21 @@ def local_path(path: str) -> Path | None:
 
 
 def check_local_paths(data: DataConfig, prefix: str = "data.") -> None:
-    """Fails with one line naming the key when a source names a local file or folder that does not exist."""
+    """Fails with one line naming the key when a source names a local file or folder that does not exist, or a
+    file of a type fika cannot read."""
     for key, sources in (("sources", data.sources), ("eval_sources", data.eval_sources or [])):
         for i, source in enumerate(sources):
             if source.path == BUILTIN_SHAREGPT:
                 continue
             try:
-                local_path(source.path)
+                path = local_path(source.path)
             except DataError:
                 raise DataError(
                     f"{prefix}{key}.{i}.path: {source.path!r} not found (a local file or folder; a hub id is owner/name)"
                 ) from None
+            if path is not None and path.is_file() and not file_suffix(path):
+                raise DataError(f"{prefix}{key}.{i}.path: {source.path!r} is not allowed: unknown file type "
+                                f"{path.suffix!r} (allowed: {', '.join(FILE_BUILDERS)})")  # fmt: skip
 
 
 def file_suffix(path: Path) -> str:

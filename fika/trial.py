@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fika.common import FikaError, kept, read_json, read_jsonl, write_atomic
+from fika.common import FikaError, exclusive_folder, kept, read_json, read_jsonl, write_atomic
 from fika.config import TrialConfig, dump_config
 
 SMOOTHING_WINDOW = 10
@@ -465,6 +465,7 @@ def run_trial(
     resume: bool = False,
     quick_evals: tuple[list[int], int] | None = None,
     on_start: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> TrialResult:
     """Trains one LoRA run and returns its result; the tokenized mix is loaded from the cache (or built).
 
@@ -473,8 +474,27 @@ def run_trial(
     the LoRA layers are removed again when the run ends, leaving the base weights as they were. `resume=True`
     continues from the last complete checkpoint in the output dir. `quick_evals` = (steps, size): cheaper evals
     on a stratified subset of the eval set, for a scheduler's rungs. `on_start(max_steps)` is called before the
-    first step.
+    first step. `overwrite=True` first removes what an earlier run wrote there. While it runs, the output dir is
+    locked: a second run into it is refused (it would overwrite or interleave this one's files).
     """
+    out = Path(config.output.dir).expanduser()
+    with exclusive_folder(out, "output.dir", "a training run"):
+        if overwrite:
+            clear_outputs(out)
+        return train_in_folder(config, out, report, base_model, keep_loaded, resume, quick_evals, on_start)
+
+
+def train_in_folder(
+    config: TrialConfig,
+    out: Path,
+    report: Report | None,
+    base_model,
+    keep_loaded: bool,
+    resume: bool,
+    quick_evals: tuple[list[int], int] | None,
+    on_start: Callable[[int], None] | None,
+) -> TrialResult:
+    """The body of `run_trial`, in its locked output dir `out`."""
     import_trial_libraries()
     import torch
     from peft import get_peft_model
@@ -485,7 +505,6 @@ def run_trial(
     from fika.data import prepare_data
     from fika.model import device_kind, load_base_model, load_tokenizer, lora_config, wants_4bit
 
-    out = Path(config.output.dir).expanduser()
     keep = kept if keep_loaded else lambda _kind, _key, load: load()
     model_key = config.model.model_dump_json()
     tokenizer = keep("tokenizer", model_key, lambda: load_tokenizer(config.model))
@@ -495,7 +514,6 @@ def run_trial(
     if resume:
         steps = complete_checkpoints(out / "checkpoints")
         checkpoint = out / "checkpoints" / f"checkpoint-{steps[-1]}" if steps else None
-    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", dump_config(config))
     write_atomic(out / "data.json", json.dumps(mix.summary(), indent=1))
     trial = TrialRun(config, report, out, quick_evals)

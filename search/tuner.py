@@ -3,8 +3,8 @@
 A search lives in `<storage>/<name>/`: `spec.yaml` (resolved), `run.json` (its id; each Tune fit's start, end
 and trials at a time; when it finished), `optuna.journal` (the Optuna study, readable with `optuna.load_study`
 and optuna-dashboard), `draws.jsonl` (how each trial's params were drawn), `tune/` (Ray's experiment state,
-for --resume) and `trials/<trial_id>/` (each trial's config, data, metrics, evals and result, written as
-they arrive).
+for --resume), `trials/<trial_id>/` (each trial's config, data, metrics, evals and result, written as
+they arrive) and `.fika.lock` (held by the one driver that runs the search, or re-runs its trials).
 
 Everything a bad spec can get wrong is checked before Ray starts: the run folder (a finished search of the
 same spec is reported, another spec under the same name refused), the Optuna storage, the cluster address,
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from fika.common import mask_secrets, read_json, say, write_atomic
+from fika.common import LOCK_FILE, exclusive_folder, mask_secrets, read_json, say, write_atomic
 from fika.config import ConfigError
 from fika.search.spec import SearchSpec, baseline_params, data_needs, encode_choice
 
@@ -76,7 +76,7 @@ def folder_state(spec: SearchSpec, directory: Path, resume: bool) -> str:
         raise ConfigError(f"storage: {directory} is a file; give a folder for the search")
     saved = directory / "spec.yaml"
     if not saved.exists():
-        if directory.exists() and any(p.name != "report" for p in directory.iterdir()):
+        if directory.exists() and any(p.name not in ("report", LOCK_FILE) for p in directory.iterdir()):
             raise ConfigError(f"name: {directory} exists and is not a fika search; pick another name or storage")
         if resume:
             raise ConfigError(f"--resume: there is no search to resume in {directory}")
@@ -359,8 +359,21 @@ def prepare_search_data(spec: SearchSpec, log: Callable[[str], None]) -> dict:
     return summary
 
 
-def preflight(spec: SearchSpec, directory: Path, resume: bool) -> str:
-    """Every check that needs no Ray: run folder, storage, Optuna storage, local GPU, memory estimate."""
+def unfinished_search(directory: Path) -> bool:
+    """Whether `directory` holds a search that has not finished (False where it cannot be read: `run_state` then
+    says why)."""
+    try:
+        return (directory / "spec.yaml").exists() and not (read_json(directory / "run.json") or {}).get("finished_at")
+    except OSError:
+        return False
+
+
+def preflight(spec: SearchSpec, directory: Path, resume: bool, hold: contextlib.ExitStack) -> str:
+    """Every check that needs no Ray: run folder, storage, Optuna storage, local GPU, memory estimate. From the
+    first look at an unfinished search's folder on, `hold` keeps it locked: a second driver is refused."""
+    locked = unfinished_search(directory)
+    if locked:
+        hold.enter_context(exclusive_folder(directory, "name", f"fika search {spec.name}"))
     state = run_state(spec, resume)
     if state == "finished":
         return state
@@ -384,6 +397,9 @@ def preflight(spec: SearchSpec, directory: Path, resume: bool) -> str:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"storage: cannot create {directory}: {err.strerror}") from None
+    if not locked:  # a new search: another driver of the same spec may have started it since the first look
+        hold.enter_context(exclusive_folder(directory, "name", f"fika search {spec.name}"))
+        state = run_state(spec, resume)
     return state
 
 
@@ -403,23 +419,24 @@ def run_search(
     directory = run_dir(spec)
     if address is not None:
         spec = spec.model_copy(update={"address": address})
-    state = preflight(spec, directory, resume)
-    if state == "finished":
-        return state
-    log(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
-    if state == "new":
-        write_atomic(directory / "spec.yaml", spec_yaml(spec))
-        write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
-    prepare_search_data(spec, log)
-    connected = connect_ray(spec, spec.address)
-    started = time.time()
-    tuner = build_tuner(spec, directory, callbacks or [], resume=state == "resume")
-    with recorded_fit(directory, spec):
-        tuner.fit()
-    settle(spec, directory)
-    write_run_json(directory, finished_at=time.time())
-    log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
-    end_ray(connected, on_done)
+    with contextlib.ExitStack() as hold:
+        state = preflight(spec, directory, resume, hold)
+        if state == "finished":
+            return state
+        log(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
+        if state == "new":
+            write_atomic(directory / "spec.yaml", spec_yaml(spec))
+            write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
+        prepare_search_data(spec, log)
+        connected = connect_ray(spec, spec.address)
+        started = time.time()
+        tuner = build_tuner(spec, directory, callbacks or [], resume=state == "resume")
+        with recorded_fit(directory, spec):
+            tuner.fit()
+        settle(spec, directory)
+        write_run_json(directory, finished_at=time.time())
+        log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
+        end_ray(connected, on_done)
     return "done"
 
 

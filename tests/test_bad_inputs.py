@@ -151,7 +151,16 @@ CASES: list[tuple[str, str, bool]] = [
         False,
     ),
     ("train data.eval_sources=[{path: gone.parquet}]", r"^data.eval_sources.0.path: 'gone.parquet' not found", False),
-    ("train data.sources.0.path=notes.txt", r"unknown file type '.txt'", False),
+    (
+        "train data.sources.0.path=notes.txt",
+        r"^data.sources.0.path: 'notes.txt' is not allowed: unknown file type '.txt'",
+        False,
+    ),
+    (
+        "search smoke --dry-run base.data.sources.0.path=notes.txt",
+        r"^base.data.sources.0.path: 'notes.txt' is not allowed: unknown file type '.txt' \(allowed: .json, .jsonl",
+        False,
+    ),
     (
         "train data.sources.0.path=builtin:imagenet",
         r"^data.sources.0.path: 'builtin:imagenet' is not allowed: unknown",

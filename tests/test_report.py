@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from fika.cli import main
-from fika.common import FikaError
+from fika.common import FikaError, read_json
 from fika.search.analysis import edge_values, paired_bootstrap, ranks, spearman
 from fika.search.report import TrialRow, build_report, compute_lines
 from fika.search.spec import Param
@@ -312,3 +312,38 @@ def test_report_lists_failed_trials_last_with_their_reason(smoke_report, tmp_pat
     table = pd.read_csv(build_report(copy, tmp_path / "report") / "trials.csv")
     assert table.iloc[-1]["trial"] == victim.name and table.iloc[-1]["status"] == "failed"
     assert "CUDA out of memory" in table.iloc[-1]["error"]
+
+
+def test_a_second_driver_of_a_search_being_confirmed_is_refused(smoke_report, tmp_path, capsys):
+    """While `fika confirm` holds a search's folder, a second `fika confirm` of it is refused with one line naming
+    the first (its pid), starts no Ray and changes nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    run, _ = smoke_report
+    copy = tmp_path / "smoke"
+    shutil.copytree(run, copy)
+    first = subprocess.Popen([sys.executable, "-m", "fika.cli", "confirm", str(copy), "--top", "1", "--seeds", "1",
+                              "--out", str(tmp_path / "first")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)  # fmt: skip
+    deadline = time.time() + 120
+    while (read_json(copy / ".fika.lock") or {}).get("pid") != first.pid:
+        assert first.poll() is None, first.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "the first confirm never took the folder"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGSTOP)  # it holds the folder and does nothing more
+    try:
+        files = {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()}
+        assert main(["confirm", str(copy), "--top", "2", "--seeds", "1", "--out", str(tmp_path / "second")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{copy} is in use by fika confirm (pid {first.pid} on " in err[0], err
+        assert {p: p.read_bytes() for p in sorted(copy.rglob("*")) if p.is_file()} == files
+        assert not ray.is_initialized() and not (tmp_path / "second").exists()
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()

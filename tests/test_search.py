@@ -266,13 +266,28 @@ KILL_POINTS = {  # when to kill the driver, and how often to look (a report file
 }
 
 
+def driver_files(run: Path) -> dict[str, bytes]:
+    """What a search's driver writes: everything in its folder but the trials' own (the workers write those)."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.relative_to(run).parts[0] != "trials"}  # fmt: skip
+
+
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point):
+def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point, capsys):
+    import ray
+
     extra = ["base.train.max_steps=60", "scheduler.grace_period=20"]
     args, process = spawn_search(tmp_path, *extra)
     run = tmp_path / "smoke"
     when, every_s = KILL_POINTS[point]
     wait_for(lambda: when(run), process, every_s=every_s)
+    if point != "while the report is written":  # (that may be the final report, after the driver let go)
+        os.killpg(process.pid, signal.SIGSTOP)  # the driver holds still, and holds its lock
+        files = driver_files(run)
+        assert main(["search", *args[4:], "--resume"]) == 2  # a second driver of a running search is refused
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{run} is in use by fika search smoke (pid {process.pid} on " in err[0], err
+        assert driver_files(run) == files and not ray.is_initialized()
     os.killpg(process.pid, signal.SIGKILL)  # driver, Ray and workers: nothing gets to save anything more
     process.wait()
     before = trial_results(run)

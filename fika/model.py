@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fika.common import cache_root, hub_offline, hub_reachable, log, package_dir
+from fika.common import cache_dir, cache_root, hub_offline, hub_reachable, log, package_dir
 from fika.config import ConfigError, LoraConfig, ModelConfig
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -59,7 +59,7 @@ def builtin_smollm2_dir(weights: bool = True) -> Path:
         return out
     from filelock import FileLock
 
-    out.mkdir(parents=True, exist_ok=True)
+    cache_dir("models", "smollm2-135m-instruct")
     with FileLock(str(out.parent / "smollm2-135m-instruct.lock")):
         if not ready.exists():
             convert_smollm2(out, weights)
@@ -242,7 +242,7 @@ def tiny_model_dir() -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_llama_config(len(build_tiny_tokenizer())))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    cache_dir("models")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         model.save_pretrained(tmp)
         out.mkdir(exist_ok=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from fika.common import LOCK_FILE, exclusive_folder, mask_secrets, read_json, say, write_atomic
+from fika.common import LOCK_FILE, cache_dir, exclusive_folder, mask_secrets, read_json, say, write_atomic
 from fika.config import ConfigError
 from fika.search.spec import SearchSpec, baseline_params, data_needs, encode_choice
 
@@ -393,6 +393,7 @@ def preflight(spec: SearchSpec, directory: Path, resume: bool, hold: contextlib.
     from fika.search.plan import check_memory
 
     check_memory(spec)
+    cache_dir()  # the driver tokenizes into it
     try:  # created last: a refused search leaves nothing behind
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -424,10 +425,10 @@ def run_search(
         if state == "finished":
             return state
         log(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
+        prepare_search_data(spec, log)  # first: a source that cannot be used leaves no search behind
         if state == "new":
             write_atomic(directory / "spec.yaml", spec_yaml(spec))
             write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
-        prepare_search_data(spec, log)
         connected = connect_ray(spec, spec.address)
         started = time.time()
         tuner = build_tuner(spec, directory, callbacks or [], resume=state == "resume")

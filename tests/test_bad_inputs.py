@@ -517,3 +517,22 @@ def test_there_are_more_than_a_hundred_cases_over_every_command():
     commands = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001
     assert len(CASES) >= 100
     assert commands <= {c[0].split(" ")[0] for c in CASES}
+
+
+@pytest.mark.parametrize("command", ["data", "train", "search smoke storage=fresh"])
+def test_a_cache_that_cannot_be_written_is_one_line(workspace, monkeypatch, capsys, command):
+    """FIKA_CACHE naming a file: one line naming it, exit 2, nothing left behind (no run folder, no search)."""
+    import ray
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("FIKA_CACHE", str(workspace / "notes.txt"))
+    args = command.split()
+    if args[0] in ("train", "data"):
+        args = [args[0], *TINY, "output.dir=cacheless"] if args[0] == "train" else [args[0], *TINY]
+    before = workspace_files(workspace)
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(err) == 1 and re.search(r"FIKA_CACHE: cannot write fika's cache in .*notes.txt \(.*is a file\)", err[0])
+    assert workspace_files(workspace) == before
+    assert not (workspace / "cacheless").exists() and not (workspace / "fresh").exists()
+    assert not ray.is_initialized()

@@ -36,6 +36,9 @@ DRIVER_ENV = {
     # Save the experiment state every second (Ray's default starts at 10 s), so that after a killed driver
     # `--resume` knows nearly every trial that had started; fika settles the rest (searcher.reconcile).
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    # Ctrl-C ends the driver as a kill does (`--resume` continues). Tune's own handler would end the fit as if it
+    # had run to its end, and the search would be recorded finished with trials never run.
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 # Trials keep the driver's working folder (Tune would move each into its own), so that relative data paths
 # mean the same to every trial as to the driver that validated them. A local Ray's workers inherit the
@@ -432,8 +435,13 @@ def run_search(
         connected = connect_ray(spec, spec.address)
         started = time.time()
         tuner = build_tuner(spec, directory, callbacks or [], resume=state == "resume")
-        with recorded_fit(directory, spec):
-            tuner.fit()
+        try:
+            with recorded_fit(directory, spec):
+                tuner.fit()
+        except KeyboardInterrupt:
+            log(f"search {spec.name}: interrupted; the trials that ended are kept, and `fika search ... --resume` "
+                "continues the search")  # fmt: skip
+            raise
         settle(spec, directory)
         write_run_json(directory, finished_at=time.time())
         log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")

@@ -213,8 +213,12 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, ray_shutdo
 def spawn_search(tmp_path: Path, *extra: str, env: dict | None = None) -> tuple[list[str], subprocess.Popen]:
     args = [sys.executable, "-m", "fika.cli", "search", str(SMOKE), f"storage={tmp_path}",
             f"report_dir={tmp_path / 'report'}", *extra]  # fmt: skip
-    process = subprocess.Popen(args, env=env or dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)  # fmt: skip
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, whatever ran the tests:
+    try:  # a driver started while Ctrl-C is ignored would ignore it too
+        process = subprocess.Popen(args, env=env or dict(os.environ), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, before)
     return args, process
 
 
@@ -263,6 +267,7 @@ KILL_POINTS = {  # when to kill the driver, and how often to look (a report file
     "during a trial": (a_trial_is_midway, 0.05),
     "between trials": (lambda run: len(trial_results(run)) >= 3, 0.01),
     "while the report is written": (lambda run: any((run.parent / "report").glob(".*.tmp")), 0.001),
+    "by Ctrl-C during a trial": (a_trial_is_midway, 0.05),  # SIGINT to the driver, Ray and the workers
 }
 
 
@@ -288,8 +293,16 @@ def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{run} is in use by fika search smoke (pid {process.pid} on " in err[0], err
         assert driver_files(run) == files and not ray.is_initialized()
-    os.killpg(process.pid, signal.SIGKILL)  # driver, Ray and workers: nothing gets to save anything more
-    process.wait()
+        os.killpg(process.pid, signal.SIGCONT)
+    if point.startswith("by Ctrl-C"):  # the driver ends as a killed one would, and says how to go on
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 130, output[-3000:]
+        assert "search smoke: interrupted; the trials that ended are kept, and `fika search ... --resume`" in output
+        assert "finished_at" not in json.loads((run / "run.json").read_text())
+    else:
+        os.killpg(process.pid, signal.SIGKILL)  # driver, Ray and workers: nothing gets to save anything more
+        process.wait()
     before = trial_results(run)
     folders_before = {p.name for p in (run / "trials").glob("*/")}
     for state in (run / "tune").glob("*_state-*.json"):  # as if the kill cut Ray's copy of its state short

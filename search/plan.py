@@ -99,9 +99,11 @@ def describe_search(spec: SearchSpec) -> str:
     t = spec.base.train
     tokens = spec.max_steps * t.batch_size * t.gradient_accumulation * spec.base.model.max_seq_length
     drawn = f", {spec.startup()} drawn at random before TPE" if spec.searcher == "optuna" else ""
+    capped = (f" (num_samples {spec.num_samples}, but the space holds {spec.num_trials()} configurations and none runs "
+              "twice)" if spec.num_trials() < spec.num_samples else "")  # fmt: skip
     lines = [
-        f"search {spec.name}: {spec.searcher} searcher, {spec.num_trials()} trials{drawn}, ranked by {spec.metric} at "
-        f"step {spec.max_steps}",
+        f"search {spec.name}: {spec.searcher} searcher, {spec.num_trials()} trials{capped}{drawn}, ranked by "
+        f"{spec.metric} at step {spec.max_steps}",
         f"space: {', '.join(f'{k} {v.model_dump(exclude_none=True)}' for k, v in spec.space.items())}",
         f"each trial: {spec.max_steps} steps of {t.batch_size} x {t.gradient_accumulation} conversations, "
         f"at most {tokens:,} tokens (base settings); full eval at steps {spec.eval_steps()} on "

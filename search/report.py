@@ -384,8 +384,10 @@ def warnings_lines(r: Report) -> list[str]:
     if r.spec.searcher == "optuna" and draws and "tpe" not in draws:
         lines.append(
             f"Every trial was drawn at random ({draws.count('random')} random, {draws.count('baseline')} baseline): "
-            f"TPE starts modelling after {r.spec.startup()} finished trials; raise num_samples or lower startup_trials."
-        )
+            f"TPE starts modelling after {r.spec.startup()} finished trials; "
+            + (f"the space holds only {r.spec.num_trials()} configurations: widen it."
+               if r.spec.num_trials() < r.spec.num_samples else "raise num_samples or lower startup_trials.")
+        )  # fmt: skip
     return lines
 
 

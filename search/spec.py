@@ -245,9 +245,19 @@ class SearchSpec(Section):
         return min(10, max(3, self.num_samples // 3))
 
     def num_trials(self) -> int:
+        """The trials the search runs: num_samples, times the grid for grid; optuna runs no configuration twice,
+        so a space of choices only caps it at its number of configurations."""
         if self.searcher == "grid":
             return self.num_samples * math.prod(len(p.choice) for p in self.space.values())
+        if self.searcher == "optuna" and self.configurations() is not None:
+            return min(self.num_samples, self.configurations())
         return self.num_samples
+
+    def configurations(self) -> int | None:
+        """How many distinct configurations the space holds; None when a key has a range."""
+        if any(p.choice is None for p in self.space.values()):
+            return None
+        return math.prod(len(p.choice) for p in self.space.values())
 
 
 def split_key(key: str) -> list[str]:

@@ -371,6 +371,9 @@ def test_dry_run_counts_the_grid_and_estimates_memory(capsys):
     out = capsys.readouterr().out
     assert "grid searcher, 108 trials" in out and "rungs at steps [6] on train_loss_smooth" in out
     assert "memory of the largest trial (r 16, batch 2) on cuda" in out and "such trials per GPU" in out
+    space = "space={train.learning_rate: {choice: [1.0e-3, 5.0e-3]}, lora.dropout: {choice: [0.0, 0.1]}}"
+    assert main(["search", str(SMOKE), space, "num_samples=5", "--dry-run"]) == 0  # optuna runs no config twice
+    assert "optuna searcher, 4 trials (num_samples 5, but the space holds 4 configurations" in capsys.readouterr().out
 
 
 def llama_1b_config(folder: Path) -> Path:

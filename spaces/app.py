@@ -36,7 +36,7 @@ if (HERE / "fika").is_dir():  # an exported Space carries its own copy of fika, 
 import gradio as gr  # noqa: E402
 import yaml  # noqa: E402
 
-from fika.common import FikaError  # noqa: E402
+from fika.common import FikaError, not_an_adapter  # noqa: E402
 from fika.config import ModelConfig  # noqa: E402
 from fika.model import END_OF_TURN, load_base_model, load_tokenizer, template_kind  # noqa: E402
 
@@ -79,8 +79,7 @@ def check_adapter(label: str, path: str | None) -> None:
         return
     if Path(path).expanduser().is_dir():
         if not (Path(path).expanduser() / "adapter_config.json").exists():
-            raise FikaError(f"--{'adapter' if label == TUNED else 'compare'}: {path} is not a LoRA adapter folder "
-                            "(no adapter_config.json)")  # fmt: skip
+            raise FikaError(f"--{'adapter' if label == TUNED else 'compare'}: {not_an_adapter(path)}")
         return
     if (
         Path(path).expanduser().exists()

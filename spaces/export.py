@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from fika.common import FikaError, mask_secrets, package_dir
+from fika.common import FikaError, mask_secrets, not_an_adapter, package_dir
 from fika.model import BUILTIN_SMOLLM2, SMOLLM2_GGUF
 
 FIKA_MODULES = ("__init__.py", "common.py", "config.py", "model.py", "default.yaml")
@@ -28,7 +28,7 @@ def copy_adapter(adapter: str | None, out: Path, name: str) -> str | None:
     path = Path(adapter)
     if path.is_dir():
         if not (path / "adapter_config.json").exists():
-            raise FikaError(f"--adapter: {adapter} is not a LoRA adapter folder (no adapter_config.json)")
+            raise FikaError(f"--adapter: {not_an_adapter(adapter)}")
         shutil.copytree(path, out / name)
         return name
     if path.exists() or adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
@@ -48,7 +48,7 @@ def export_space(out: Path, adapter: str | None, compare: str | None, report: st
         raise FikaError(f"--report: {report} is not a search report folder (no trials.csv)")
     for path in (adapter, compare):
         if path and Path(path).is_dir() and not (Path(path) / "adapter_config.json").exists():
-            raise FikaError(f"--adapter: {path} is not a LoRA adapter folder (no adapter_config.json)")
+            raise FikaError(f"--adapter: {not_an_adapter(path)}")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("app.py", "requirements.txt", "README.md"):
         shutil.copy2(APP_DIR / name, out / name)

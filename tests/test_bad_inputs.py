@@ -383,6 +383,11 @@ CASES: list[tuple[str, str, bool]] = [
     ("space --port 0", r"argument --port: 0 is not allowed", False),
     ("space --adapter no-such-adapter", r"^--adapter: no-such-adapter not found", False),
     ("space --adapter afolder", r"^--adapter: afolder is not a LoRA adapter folder", False),
+    (
+        "space --adapter finished",
+        r"^--adapter: finished is not a LoRA .*; the run's adapter is finished/adapter$",
+        False,
+    ),
     ("space --adapter nosection", r"^--adapter: nosection/fika.yaml cannot be read: it has no `model` section", False),
     ("space --adapter adapter --report afolder", r"^--report: afolder is not a search report folder", False),
     ("space --report afolder", r"^--report: afolder is not a search report folder", False),
@@ -401,7 +406,8 @@ CASES: list[tuple[str, str, bool]] = [
         False,
     ),
     ("push adapter --repo not/a/repo", r"^--repo: 'not/a/repo' is not allowed: give USER/NAME", False),
-    ("push afolder --repo me/model", r"afolder: not a LoRA adapter folder", False),
+    ("push afolder --repo me/model", r"^afolder is not a LoRA adapter folder \(no adapter_config.json\)$", False),
+    ("push finished --repo me/model", r"^finished is not a LoRA .*; the run's adapter is finished/adapter$", False),
     ("push adapter --repo me/model", r"no Hugging Face token: set HF_TOKEN or run `hf auth login`", False),
     (
         "push adapter --repo me/model --report afolder --dry-run",

@@ -247,10 +247,11 @@ class SearchSpec(Section):
     def num_trials(self) -> int:
         """The trials the search runs: num_samples, times the grid for grid; optuna runs no configuration twice,
         so a space of choices only caps it at its number of configurations."""
-        if self.searcher == "grid":
-            return self.num_samples * math.prod(len(p.choice) for p in self.space.values())
-        if self.searcher == "optuna" and self.configurations() is not None:
-            return min(self.num_samples, self.configurations())
+        configurations = self.configurations()
+        if self.searcher == "grid":  # a grid space is choices only (checked above)
+            return self.num_samples * configurations
+        if self.searcher == "optuna" and configurations is not None:
+            return min(self.num_samples, configurations)
         return self.num_samples
 
     def configurations(self) -> int | None:

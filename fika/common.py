@@ -143,7 +143,6 @@ def exclusive_folder(folder: Path, key: str, holder: str) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held = True
         except BlockingIOError:
             other = read_json(path) or {}
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.get("since", 0)))
@@ -152,13 +151,12 @@ def exclusive_folder(folder: Path, key: str, holder: str) -> Iterator[None]:
             raise FikaError(
                 f"{prefix}{folder} is in use by {who}; wait for it to end, or stop it, then run this again"
             ) from None
-        except OSError:  # no locks on this filesystem
-            held = True
-        else:
-            previous = os.pread(fd, 1 << 16, 0)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
-                                      "since": time.time()}).encode(), 0)  # fmt: skip
+        except OSError:  # no locks on this filesystem: the block runs unguarded, and the record says who runs it
+            pass
+        held, previous = True, os.pread(fd, 1 << 16, 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.time()}).encode(), 0)  # fmt: skip
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -171,6 +169,24 @@ def exclusive_folder(folder: Path, key: str, holder: str) -> Iterator[None]:
                     os.ftruncate(fd, 0)
                     os.pwrite(fd, previous, 0)
         os.close(fd)
+
+
+def folder_holder(folder: Path) -> dict | None:
+    """The process that holds `folder` (its lock file's record: holder, pid, host, since), or None when none does:
+    no lock file, or the process it names on this host has ended. One on another host counts as holding it (it
+    cannot be checked from here). Reads the file only, so it never competes with a writer for the lock."""
+    info = read_json(Path(folder) / LOCK_FILE)
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or info["pid"] <= 0:
+        return None
+    if info.get("host") != socket.gethostname():
+        return info
+    try:
+        os.kill(info["pid"], 0)
+    except (ProcessLookupError, OverflowError):
+        return None
+    except PermissionError:  # alive, under another user
+        return info
+    return info
 
 
 def read_json(path: Path) -> Any | None:

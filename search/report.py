@@ -2,7 +2,8 @@
 
 Reads only the run folder (`spec.yaml`, `run.json`, `draws.jsonl`, `trials/*/{config.yaml, data.json,
 metrics.jsonl, evals.jsonl, result.json}`), tolerating files cut short by a killed process, so it works on a
-running search, a killed one, and one with failed trials. Ranking ("60-step loss"): the spec's metric at the
+running search, a killed one (its trials without a result are `interrupted` once no process holds the run folder),
+and one with failed trials. Ranking ("60-step loss"): the spec's metric at the
 last step for completed trials; pruned trials rank below them (deeper rung first); diverged and failed
 trials are listed last with their reason. Markdown and HTML are rendered from one list of sections; every
 file is replaced atomically. A report folder belongs to one search: another search's report is not replaced
@@ -25,13 +26,13 @@ from typing import Any
 
 import yaml
 
-from fika.common import log, mask_secrets, public_status, read_json, read_jsonl, write_atomic
+from fika.common import folder_holder, log, mask_secrets, public_status, read_json, read_jsonl, write_atomic
 from fika.config import ConfigError, get_dotted
 from fika.search import analysis, plots
 from fika.search.confirm import load_run_spec
 from fika.search.spec import SearchSpec, baseline_params, encode_choice, split_key
 
-STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "diverged": 3, "failed": 4}
+STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "interrupted": 3, "diverged": 4, "failed": 5}
 HARD_FLOOR = {"dropout": 0, "weight": 0, "limit": 0, "min_tokens": 0, "warmup_steps": 0, "weight_decay": 0}
 REPORT_FILES = ("index.md", "index.html", "trials.csv", "best.yaml", "report.json")
 
@@ -84,8 +85,18 @@ def param_value(spec: SearchSpec, config: dict, key: str) -> Any:
     return choices[choices.index(value)] if choices and value in choices else value
 
 
-def load_rows(run: Path, spec: SearchSpec) -> list[TrialRow]:
-    """Every trial folder of a run as a TrialRow (running and failed ones included)."""
+def search_state(run: Path) -> tuple[str, dict | None]:
+    """`finished`, `running` (with the lock record of the process that runs it) or `interrupted` (not finished,
+    and no process holds its folder any more: a killed or crashed driver)."""
+    if (read_json(run / "run.json") or {}).get("finished_at"):
+        return "finished", None
+    holder = folder_holder(run)
+    return ("running", holder) if holder else ("interrupted", None)
+
+
+def load_rows(run: Path, spec: SearchSpec, running: bool = True) -> list[TrialRow]:
+    """Every trial folder of a run as a TrialRow (running and failed ones included); `running=False`: nothing runs
+    the search any more, so a trial without a result was interrupted."""
     rows = []
     baseline = baseline_params(spec) if spec.baseline else None
     draws = {d.get("trial"): d.get("drawn", "") for d in read_jsonl(run / "draws.jsonl")}
@@ -102,7 +113,7 @@ def load_rows(run: Path, spec: SearchSpec) -> list[TrialRow]:
         records = read_jsonl(directory / "metrics.jsonl")
         result = read_json(directory / "result.json") or {}
         confirm = read_json(directory / "confirm.json") or {}
-        status = public_status(result.get("status") or "running")
+        status = public_status(result.get("status") or ("running" if running else "interrupted"))
         last = records[-1] if records else {}
         evals = {int(k): v for k, v in (result.get("eval_losses") or {}).items()} or {
             r["step"]: r["eval_loss"] for r in records if "eval_loss" in r
@@ -158,7 +169,7 @@ def load_rows(run: Path, spec: SearchSpec) -> list[TrialRow]:
 
 
 def rank(rows: list[TrialRow]) -> list[TrialRow]:
-    """Completed by metric, then pruned (deeper rung first), running, diverged, failed."""
+    """Completed by metric, then pruned (deeper rung first), running, interrupted, diverged, failed."""
 
     def key(row: TrialRow) -> tuple:
         finite = row.metric is not None and math.isfinite(row.metric)
@@ -288,6 +299,8 @@ class Report:
     out: Path
     ranked: list[TrialRow]
     confirms: list[TrialRow]
+    state: str = "finished"  # see search_state
+    holder: dict | None = None
 
     @property
     def completed(self) -> list[TrialRow]:
@@ -339,10 +352,23 @@ def ranking_table(r: Report) -> Table:
         vs_base = paired_against(row, r.baseline) if row.status == "completed" else None
         rows.append([str(i) if ranked else "", row.trial_id, *(plots.fmt_param(v) for v in row.params.values()),
                      fmt(row.metric) + at, vs_best.text() if vs_best else "", f"{vs_base.diff:+.4f}" if vs_base else "",
-                     fmt(train_loss_at(row, step)), str(row.steps), f"{row.tokens_seen:,}", f"{row.trainable_params:,}",
-                     f"{row.wall_time_s:.0f}", f"{row.peak_memory_mb:,.0f}", status])  # fmt: skip
+                     fmt(train_loss_at(row, step)), str(row.steps), f"{row.tokens_seen:,}", f"{row.trainable_params:,}" if row.trainable_params else "",
+                     f"{row.wall_time_s:.0f}", f"{row.peak_memory_mb:,.0f}" if row.peak_memory_mb else "", status])  # fmt: skip
         classes.append(row.status + (" baseline" if row.baseline else "") + (" best" if row is r.best else ""))
     return Table(headers, rows, classes)
+
+
+def state_lines(r: Report) -> list[str]:
+    """What a ranking of a search that has not finished stands for: the trials so far, and how to go on."""
+    ended = sum(1 for row in r.ranked if row.status not in ("running", "interrupted"))
+    if r.state == "running":
+        return [f"The search is still running: {ended} of {r.spec.num_trials()} trials have ended, so this ranking is "
+                "provisional."]  # fmt: skip
+    if r.state == "interrupted":
+        return [f"The search was interrupted: {ended} of {r.spec.num_trials()} trials ended, and no fika process runs "
+                f"it any more (its driver was killed or crashed), so this ranking is provisional. `fika search "
+                f"{relative(r.run / 'spec.yaml')} --resume` continues it and keeps every trial that ended."]  # fmt: skip
+    return []
 
 
 def decision_lines(r: Report) -> list[str]:
@@ -493,8 +519,9 @@ def build_sections(r: Report, images: dict[str, bytes], live: bool = False) -> l
     counts = {s: sum(1 for row in r.ranked if row.status == s) for s in STATUS_ORDER}
     draws = [row.drawn for row in r.ranked if row.drawn]
     drawn = ", ".join(f"{draws.count(k)} {k}" for k in ("baseline", "random", "tpe") if draws.count(k))
+    so_far = f" of {spec.num_trials()}" if r.state != "finished" else ""
     summary = [
-        f"- {len(r.ranked)} trials: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        f"- {len(r.ranked)}{so_far} trials{' so far' if so_far else ''}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
         + (f"; drawn: {drawn}" if drawn else "") + (f"; {len(r.confirms)} re-runs" if r.confirms else ""),
         *compute_lines(r.ranked + r.confirms, (read_json(r.run / "run.json") or {}).get("fits", [])),
         f"- ranked by {spec.metric} at step {spec.max_steps} on the same {spec.base.data.eval_size} held-out "
@@ -503,7 +530,8 @@ def build_sections(r: Report, images: dict[str, bytes], live: bool = False) -> l
         f"- ranked by {spec.metric} at step {spec.max_steps} on the same {spec.base.data.eval_size} held-out "
         "conversations for every trial.",
     ]  # fmt: skip
-    sections = [Section("", summary), Section("", decision_lines(r) + warnings_lines(r), note=True)]
+    notes = state_lines(r) + decision_lines(r) + warnings_lines(r)
+    sections = [Section("", summary), Section("", notes, note=True)]
     pruned_note = (f"* a pruned trial's {spec.rung_key()} at the rung where ASHA stopped it; vs best and vs baseline: "
                    f"the difference in {spec.metric} paired over the held-out conversations, with its 95% interval; "
                    f"train loss avg10: the mean train loss of the 10 steps up to step {r.shared_step}, the last step "
@@ -665,10 +693,10 @@ def build_report(run: str | Path, out: str | Path | None = None, claimed: bool =
     run_id = (read_json(run / "run.json") or {}).get("id", "")
     if not claimed:
         claim_folder(out, run, run_id)
-    rows = load_rows(run, spec)
-    r = Report(
-        spec, run, out, rank([row for row in rows if not row.confirm_of]), [row for row in rows if row.confirm_of]
-    )
+    state, holder = search_state(run)
+    rows = load_rows(run, spec, running=state == "running")
+    r = Report(spec, run, out, rank([row for row in rows if not row.confirm_of]), [row for row in rows if row.confirm_of],
+               state, holder)  # fmt: skip
     images: dict[str, bytes] = {}
     if any(row.records for row in r.ranked):
         images["curves.png"] = plots.plot_curves(spec, r.ranked)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import socket
+import subprocess
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest
 import yaml
 
 from fika.cli import main
-from fika.common import FikaError, read_json
+from fika.common import LOCK_FILE, FikaError, read_json
 from fika.search.analysis import edge_values, paired_bootstrap, ranks, spearman
 from fika.search.report import TrialRow, build_report, compute_lines
 from fika.search.spec import Param
@@ -181,9 +185,14 @@ def test_best_yaml_reproduces_the_best_trial(smoke_report, tmp_path):
 
 
 def test_report_of_a_running_and_of_a_killed_search(smoke_report, tmp_path):
+    """A search whose driver still holds its folder is running; one whose driver is gone was interrupted, and its
+    trials without a result say so (not `running`), with the command that continues it."""
     run, _ = smoke_report
     partial = tmp_path / "smoke"
     shutil.copytree(run, partial)
+    info = json.loads((partial / "run.json").read_text())
+    del info["finished_at"]
+    (partial / "run.json").write_text(json.dumps(info))
     trials = sorted(p for p in (partial / "trials").iterdir() if not (p / "confirm.json").exists())
     running, cut = trials[0], trials[1]
     (running / "result.json").unlink()  # as while the trial still trains
@@ -193,12 +202,34 @@ def test_report_of_a_running_and_of_a_killed_search(smoke_report, tmp_path):
     (cut / "metrics.jsonl").write_text(text[: len(text) - 17])
     (cut / "result.json").write_text((cut / "result.json").read_text()[:40])
     (cut / "evals.jsonl").write_text((cut / "evals.jsonl").read_text()[:-30])
+    ended = len(trials) - 2
+
+    def lock(pid: int) -> None:
+        record = {"holder": "fika search smoke", "pid": pid, "host": socket.gethostname(), "since": time.time()}
+        (partial / LOCK_FILE).write_text(json.dumps(record))
+
+    lock(os.getpid())  # this process stands for the driver: alive
     out = build_report(partial, tmp_path / "report")
     table = pd.read_csv(out / "trials.csv")
     row = table[table["trial"] == running.name].iloc[0]
     assert row["status"] == "running" and row["steps"] == 3
     assert table[table["trial"] == cut.name].iloc[0]["status"] == "running"  # its result could not be read
-    assert "2 running" in (out / "index.md").read_text()
+    text = (out / "index.md").read_text()
+    assert f"- {len(trials)} of 8 trials so far: " in text and "2 running" in text
+    assert f"The search is still running: {ended} of 8 trials have ended, so this ranking is provisional." in text
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock(gone.pid)  # a driver killed with its trials: nothing runs the search any more
+    out = build_report(partial, tmp_path / "report")
+    table = pd.read_csv(out / "trials.csv")
+    assert set(table[table["trial"].isin([running.name, cut.name])]["status"]) == {"interrupted"}
+    text = (out / "index.md").read_text()
+    assert "2 interrupted" in text and "running" not in text.split("## Ranking")[0].replace(str(tmp_path), "")
+    assert f"The search was interrupted: {ended} of 8 trials ended" in text
+    assert f"`fika search {partial / 'spec.yaml'} --resume` continues it" in text
+    (partial / LOCK_FILE).unlink()  # no record of a driver at all
+    assert "The search was interrupted" in (build_report(partial, tmp_path / "report") / "index.md").read_text()
 
 
 def test_the_refresher_rebuilds_only_when_the_run_changed(smoke_report, tmp_path):

@@ -196,6 +196,7 @@ class ReportRefresher:
         self.lock, self.thread = threading.Lock(), None
         self.wanted: str | None = None  # the next build: None, "live" or "final"
         self.built_from: tuple[list, bool] | None = None  # the files of the last build, and whether it was final
+        self.error: str | None = None  # why the last build failed
 
     def files_read(self) -> list[tuple[str, int, int]]:
         """(path, size, mtime) of what a report is built from: the spec, run.json (the fits' ends), the draws,
@@ -216,9 +217,10 @@ class ReportRefresher:
             return
         try:
             build_report(self.run, self.out, claimed=True, live=not final)
-            self.built_from = (files, final)
+            self.built_from, self.error = (files, final), None
         except Exception as err:
-            log(f"report: not updated ({type(err).__name__}: {str(err)[:300]})")
+            self.error = f"{type(err).__name__}: {str(err)[:300]}"
+            log(f"report: not updated ({self.error})")
 
     def build_until_current(self) -> None:
         while True:
@@ -274,9 +276,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"search {spec.name}: already finished in {directory} with this spec; nothing to run")
         refresh.final()
     refresh.finish()
+    if refresh.error or not (report_dir / "report.json").exists():
+        raise FikaError(f"report: {report_dir} could not be written ({refresh.error or 'no build finished'}); the "
+                        f"search's results are kept in {directory}, and `fika report {directory}` builds it again")  # fmt: skip
     print(f"report: {report_dir / 'index.html'} (also index.md, trials.csv, best.yaml)")
-    if not (report_dir / "report.json").exists():
-        raise FikaError(f"report: {report_dir} could not be written; run `fika report {directory}` to see why")
     return 0
 
 

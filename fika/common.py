@@ -93,12 +93,81 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
+        raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def folder_written_whole(folder: Path) -> Iterator[Path]:
+    """Yields a temporary folder beside `folder` to write into; when the block ends it becomes `folder` (replacing
+    one there), and when the block fails it is removed: a reader never finds a half-written folder. The caller
+    holds the parent folder (`exclusive_folder`), so a temporary folder left by a killed writer is removed too."""
+    import shutil
+
+    folder = Path(folder)
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    fsync_dir(folder.parent)
+
+
+def disk_full(err: BaseException) -> str | None:
+    """Why `err` is a full disk or an exhausted quota, or None when it is not (or is already a FikaError that says
+    so). safetensors and datasets report a full disk as text, not as an OSError."""
+    import errno
+
+    if isinstance(err, FikaError):
+        return None
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return err.strerror
+    return next((text for text in ("No space left on device", "Disk quota exceeded") if text in str(err)), None)
+
+
+def cache_full(why: str) -> FikaError:
+    """The error for a cache that cannot be written because its disk is full."""
+    key = "FIKA_CACHE" if os.environ.get("FIKA_CACHE") else "cache"
+    return FikaError(f"{key}: cannot write fika's cache in {cache_root()} ({why}); free space there or set FIKA_CACHE "
+                     "to a folder on another disk")  # fmt: skip
+
+
+@contextlib.contextmanager
+def writing_cache() -> Iterator[None]:
+    """Turns a full disk met inside the block (which writes into fika's cache) into one clear error."""
+    try:
+        yield
+    except Exception as err:
+        why = disk_full(err)
+        if why is None:
+            raise
+        raise cache_full(why) from None
+
+
+def out_of_space(err: BaseException, folder: Path, key: str, then: str) -> FikaError | None:
+    """One clear error (`key: cannot write into folder (why); ...; then`) for a full disk or an exhausted quota met
+    while writing into `folder` or into fika's cache; None for any other error."""
+    why = disk_full(err)
+    if why is None:
+        return None
+    path = Path(getattr(err, "filename", None) or folder)
+    if path.is_relative_to(cache_root()) and not path.is_relative_to(folder):
+        return cache_full(why)
+    return FikaError(f"{key}: cannot write into {folder} ({why}); what was written before is kept there; {then}")
 
 
 def fsync_dir(path: Path) -> None:

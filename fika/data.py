@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fika.common import cache_dir, log, write_atomic
+from fika.common import cache_dir, log, write_atomic, writing_cache
 from fika.config import DataConfig, DataSource
 from fika.sources import (
     STANDARDIZERS,
@@ -242,8 +242,13 @@ def source_cache(
                 raise DataError(f"data source {source.path!r}: no usable conversations ({meta['rows_read']:,} rows "
                                 f"read; dropped: {reasons or 'none'})")  # fmt: skip
             tmp = root / f".{fingerprint}.{random.getrandbits(32):08x}.tmp"
-            datasets.Dataset.from_list(rows, features=row_features()).save_to_disk(str(tmp / "rows"))
-            write_atomic(tmp / "meta.json", json.dumps(meta))
+            try:
+                with writing_cache():
+                    datasets.Dataset.from_list(rows, features=row_features()).save_to_disk(str(tmp / "rows"))
+                    write_atomic(tmp / "meta.json", json.dumps(meta))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if path.exists():
                 old = root / f".{fingerprint}.{random.getrandbits(32):08x}.old"
                 path.rename(old)

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fika.common import cache_dir, cache_root, hub_offline, hub_reachable, log, package_dir
+from fika.common import cache_dir, cache_root, hub_offline, hub_reachable, log, package_dir, writing_cache
 from fika.config import ConfigError, LoraConfig, ModelConfig
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
@@ -62,7 +62,8 @@ def builtin_smollm2_dir(weights: bool = True) -> Path:
     cache_dir("models", "smollm2-135m-instruct")
     with FileLock(str(out.parent / "smollm2-135m-instruct.lock")):
         if not ready.exists():
-            convert_smollm2(out, weights)
+            with writing_cache():
+                convert_smollm2(out, weights)
     return out
 
 
@@ -243,7 +244,7 @@ def tiny_model_dir() -> Path:
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_llama_config(len(build_tiny_tokenizer())))
     cache_dir("models")
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with writing_cache(), tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         model.save_pretrained(tmp)
         out.mkdir(exist_ok=True)
         for item in sorted(Path(tmp).iterdir(), key=lambda p: p.name == "model.safetensors"):

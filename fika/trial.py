@@ -28,7 +28,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fika.common import FikaError, exclusive_folder, kept, read_json, read_jsonl, write_atomic
+from fika.common import (
+    FikaError,
+    exclusive_folder,
+    folder_written_whole,
+    kept,
+    out_of_space,
+    read_json,
+    read_jsonl,
+    write_atomic,
+)
 from fika.config import TrialConfig, dump_config
 
 SMOOTHING_WINDOW = 10
@@ -481,7 +490,14 @@ def run_trial(
     with exclusive_folder(out, "output.dir", "a training run"):
         if overwrite:
             clear_outputs(out)
-        return train_in_folder(config, out, report, base_model, keep_loaded, resume, quick_evals, on_start)
+        try:
+            return train_in_folder(config, out, report, base_model, keep_loaded, resume, quick_evals, on_start)
+        except Exception as err:
+            then = "free space or pick another output.dir, then run it again (--overwrite replaces it)"
+            full = out_of_space(err, out, "output.dir", then)
+            if full is None:
+                raise
+            raise full from None
 
 
 def train_in_folder(
@@ -554,14 +570,16 @@ def train_in_folder(
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if trial.result.status == "running" and config.output.save_adapter:
             adapter_dir = out / "adapter"
-            model.save_pretrained(adapter_dir)
-            tokenizer.save_pretrained(adapter_dir)
-            write_atomic(adapter_dir / "fika.yaml", dump_config(config))  # the base model and template, for serving
+            with folder_written_whole(adapter_dir) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                write_atomic(tmp / "fika.yaml", dump_config(config))  # the base model and template, for serving
             trial.result.adapter_dir = str(adapter_dir)
             if config.output.save_merged:
                 trial.result.merged_dir = str(save_merged(config, adapter_dir, out / "merged"))
     except Exception as err:
-        trial.finish("failed", f"{type(err).__name__}: {str(err)[:500]}")
+        with contextlib.suppress(OSError):  # a full disk may refuse the result too: the error raised says why
+            trial.finish("failed", f"{type(err).__name__}: {str(err)[:500]}")
         raise
     finally:
         if model is not None:
@@ -580,8 +598,9 @@ def save_merged(config: TrialConfig, adapter_dir: Path, out: Path) -> Path:
     tokenizer = load_tokenizer(config.model)
     base = load_base_model(config.model, tokenizer, quantize=False)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with folder_written_whole(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -108,11 +108,14 @@ class FikaTrainable(tune.Trainable):
             result = run_trial(config, self._report, keep_loaded=True, quick_evals=self.spec.quick_evals())
             self.records.put(("done", result))
         except BaseException as err:  # handed to step(), which raises it in Tune's thread
-            if load_result(self.out) is None:  # failed before run_trial could record it
-                self.out.mkdir(parents=True, exist_ok=True)
-                if config is not None:
-                    write_atomic(self.out / "config.yaml", dump_config(config))
-                write_failed_result(self.out, f"{type(err).__name__}: {str(err)[:500]}")
+            try:
+                if load_result(self.out) is None:  # failed before run_trial could record it
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    if config is not None:
+                        write_atomic(self.out / "config.yaml", dump_config(config))
+                    write_failed_result(self.out, f"{type(err).__name__}: {str(err)[:500]}")
+            except OSError:  # a full disk: the error itself still reaches Tune, so no step() waits forever
+                pass
             self.records.put(("error", err))
 
     def _report(self, record: dict) -> bool:

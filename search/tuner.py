@@ -25,7 +25,16 @@ from typing import Any
 
 import yaml
 
-from fika.common import LOCK_FILE, cache_dir, exclusive_folder, mask_secrets, read_json, say, write_atomic
+from fika.common import (
+    LOCK_FILE,
+    cache_dir,
+    exclusive_folder,
+    mask_secrets,
+    out_of_space,
+    read_json,
+    say,
+    write_atomic,
+)
 from fika.config import ConfigError
 from fika.search.spec import SearchSpec, baseline_params, data_needs, encode_choice
 
@@ -428,25 +437,38 @@ def run_search(
         if state == "finished":
             return state
         log(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
-        prepare_search_data(spec, log)  # first: a source that cannot be used leaves no search behind
-        if state == "new":
-            write_atomic(directory / "spec.yaml", spec_yaml(spec))
-            write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
-        connected = connect_ray(spec, spec.address)
-        started = time.time()
-        tuner = build_tuner(spec, directory, callbacks or [], resume=state == "resume")
         try:
-            with recorded_fit(directory, spec):
-                tuner.fit()
+            search_to_its_end(spec, directory, state, callbacks or [], log, on_done)
         except KeyboardInterrupt:
-            log(f"search {spec.name}: interrupted; the trials that ended are kept, and `fika search ... --resume` "
-                "continues the search")  # fmt: skip
+            if (directory / "spec.yaml").exists():
+                log(f"search {spec.name}: interrupted; the trials that ended are kept, and `fika search ... --resume` "
+                    "continues the search")  # fmt: skip
             raise
-        settle(spec, directory)
-        write_run_json(directory, finished_at=time.time())
-        log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
-        end_ray(connected, on_done)
+        except Exception as err:
+            full = out_of_space(err, directory, "storage", "free space, then `fika search ... --resume` continues "
+                                "the search")  # fmt: skip
+            if full is None:
+                raise
+            raise full from None
     return "done"
+
+
+def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: list, log: Callable[[str], None],
+                      on_done: Callable[[], None] | None) -> None:  # fmt: skip
+    """The body of `run_search` once its folder is held: data, Ray, the fit, the settling of what it left."""
+    prepare_search_data(spec, log)  # first: a source that cannot be used leaves no search behind
+    if state == "new":
+        write_atomic(directory / "spec.yaml", spec_yaml(spec))
+        write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
+    connected = connect_ray(spec, spec.address)
+    started = time.time()
+    tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
+    with recorded_fit(directory, spec):
+        tuner.fit()
+    settle(spec, directory)
+    write_run_json(directory, finished_at=time.time())
+    log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
+    end_ray(connected, on_done)
 
 
 @contextlib.contextmanager

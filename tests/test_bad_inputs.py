@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -542,3 +543,76 @@ def test_a_cache_that_cannot_be_written_is_one_line(workspace, monkeypatch, caps
     assert workspace_files(workspace) == before
     assert not (workspace / "cacheless").exists() and not (workspace / "fresh").exists()
     assert not ray.is_initialized()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of a given size (tmpfs), resizable: `disk, resize = small_disk; resize("300k")`."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def resize(size: str) -> None:
+        mounted = os.path.ismount(disk)
+        options = f"remount,size={size}" if mounted else f"size={size}"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True)
+        if done.returncode != 0 and not mounted:
+            pytest.skip(f"cannot mount a small filesystem here: {done.stderr.decode().strip()}")
+        assert done.returncode == 0, done.stderr.decode()
+
+    yield disk, resize
+    if os.path.ismount(disk):
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_the_run_goes_on_after_it(small_disk, monkeypatch, capsys, fika_cache):
+    """A disk that fills up while a run or a search writes: one line naming the key and the folder (no traceback,
+    exit 2), no half-written adapter; with space again, --overwrite reruns the run and --resume ends the search."""
+    disk, resize = small_disk
+    resize("300k")  # the data and the steps fit; an adapter of rank 64 (512 KB) does not
+    run = ["train", *TINY, "train.max_steps=6", "train.warmup_steps=1", "lora.r=64", f"output.dir={disk / 'run'}"]
+    assert main(run) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if ": error: " in line]
+    assert errors == [f"fika train: error: output.dir: cannot write into {disk / 'run'} (No space left on device); "
+                      "what was written before is kept there; free space or pick another output.dir, then run it "
+                      "again (--overwrite replaces it)"]  # fmt: skip
+    assert "Traceback" not in captured.err
+    assert json.loads((disk / "run" / "result.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in (disk / "run").iterdir()) == [
+        ".fika.lock", "config.yaml", "data.json", "evals.jsonl", "metrics.jsonl", "result.json"
+    ]  # fmt: skip
+    resize("8M")
+    assert main([*run, "--overwrite"]) == 0
+    assert (disk / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert not list((disk / "run").glob(".adapter.*"))
+
+    shutil.rmtree(disk / "run")
+    resize("250k")  # a search whose storage fills up: while its trials write, or while its report does
+    search = ["search", str(SMOKE), "num_samples=4", f"storage={disk}", f"report_dir={disk / 'report'}"]
+    assert main(search) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and re.match(
+        rf"fika search: error: (storage: cannot write into {re.escape(str(disk / 'smoke'))} \(No space left on "
+        rf"device\)|report: {re.escape(str(disk / 'report'))} could not be written)",
+        errors[0],
+    ), errors
+    resize("16M")
+    assert main([*search, "--resume"]) == 0
+    results = [json.loads(p.read_text()) for p in (disk / "smoke" / "trials").glob("*/result.json")]
+    assert len(results) == 4 and {r["status"] for r in results} <= {"completed", "stopped", "failed"}
+    for result in results:  # a trial that failed (when the search itself got to its end) says why
+        assert result["status"] != "failed" or "No space left on device" in result["error"], result["error"]
+    assert (disk / "report" / "report.json").exists()
+
+    monkeypatch.setenv("FIKA_CACHE", str(disk / "cache"))  # a cache whose disk is full: tokenizing, converting
+    shutil.rmtree(disk / "smoke")
+    shutil.rmtree(disk / "report")
+    resize("100k")
+    for command in (["data", *TINY], ["train", *TINY, f"output.dir={disk / 'cacheless'}"]):
+        assert main(command) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert errors == [f"fika {command[0]}: error: FIKA_CACHE: cannot write fika's cache in {disk / 'cache'} (No "
+                          "space left on device); free space there or set FIKA_CACHE to a folder on another disk"]  # fmt: skip
+        assert not list((disk / "cache").rglob("*.tmp")) and not (disk / "cacheless").exists()

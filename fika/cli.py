@@ -414,7 +414,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, `kill`): handled as Ctrl-C is, so that a run or a search ends the
+    same way, resumable, with one line."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return run_command(argv)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return run_command(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may also follow the flags
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
@@ -431,9 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines():
             print(f"fika {args.command}: error: {mask_secrets(line)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"fika {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(f"fika {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     return code
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -335,6 +337,7 @@ def connect_ray(spec: SearchSpec, address: str | None) -> bool:
         os.environ.setdefault(key, value)
     address = address or spec.address
     connected = not ray.is_initialized()
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if connected:
         if address is None:
             os.environ.update(WORKER_ENV_VARS)
@@ -347,6 +350,8 @@ def connect_ray(spec: SearchSpec, address: str | None) -> bool:
                 raise ConfigError(
                     f"address: cannot join the Ray cluster at {address!r}: {str(err).splitlines()[0]}"
                 ) from None
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)  # Ray's own handler dumps a stack and dies; keep the caller's
     gpus = ray.cluster_resources().get("GPU", 0)
     if spec.resources.gpu > gpus:
         raise ConfigError(

@@ -268,6 +268,7 @@ KILL_POINTS = {  # when to kill the driver, and how often to look (a report file
     "between trials": (lambda run: len(trial_results(run)) >= 3, 0.01),
     "while the report is written": (lambda run: any((run.parent / "report").glob(".*.tmp")), 0.001),
     "by Ctrl-C during a trial": (a_trial_is_midway, 0.05),  # SIGINT to the driver, Ray and the workers
+    "by SIGTERM during a trial": (a_trial_is_midway, 0.05),  # to the driver alone (`kill`, a preempting scheduler)
 }
 
 
@@ -294,10 +295,13 @@ def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point, capsy
         assert len(err) == 1 and f"{run} is in use by fika search smoke (pid {process.pid} on " in err[0], err
         assert driver_files(run) == files and not ray.is_initialized()
         os.killpg(process.pid, signal.SIGCONT)
-    if point.startswith("by Ctrl-C"):  # the driver ends as a killed one would, and says how to go on
-        os.killpg(process.pid, signal.SIGINT)
+    if point.startswith("by "):  # the driver ends as a killed one would, and says how to go on
+        if point.startswith("by Ctrl-C"):
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            os.kill(process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
-        assert process.returncode == 130, output[-3000:]
+        assert process.returncode == (130 if point.startswith("by Ctrl-C") else 143), output[-3000:]
         assert "search smoke: interrupted; the trials that ended are kept, and `fika search ... --resume`" in output
         assert "finished_at" not in json.loads((run / "run.json").read_text())
     else:

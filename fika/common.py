@@ -223,9 +223,12 @@ def exclusive_folder(folder: Path, key: str, holder: str) -> Iterator[None]:
         except OSError:  # no locks on this filesystem: the block runs unguarded, and the record says who runs it
             pass
         held, previous = True, os.pread(fd, 1 << 16, 0)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.time()}).encode(), 0)  # fmt: skip
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"holder": holder, "pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.time()}).encode(), 0)  # fmt: skip
+        except OSError as err:  # a full disk
+            raise FikaError(f"{prefix}cannot write into {folder}: {err.strerror}") from None
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -375,7 +375,9 @@ def decision_lines(r: Report) -> list[str]:
     """Whether the winner beats #2 and the baseline beyond the eval noise, in numbers."""
     done, best = r.completed, r.best
     if best is None:
-        return ["No trial has completed yet."]
+        if r.state != "finished":
+            return ["No trial has completed yet."]
+        return ["No trial completed, so there is no best config: the ranking says how each trial ended, and why."]
     lines = []
     second = done[1] if len(done) > 1 else None
     for other, name in ((second, "#2 (the baseline)" if second is r.baseline else "#2"), (r.baseline, "the baseline")):
@@ -723,6 +725,8 @@ def build_report(run: str | Path, out: str | Path | None = None, claimed: bool =
     write_atomic(out / "trials.csv", csv_text(r))
     if r.best is not None:
         write_atomic(out / "best.yaml", best_yaml(r))
+    else:  # an earlier build's best config no longer holds
+        (out / "best.yaml").unlink(missing_ok=True)
     title = f"Search report: {spec.name}"
     write_atomic(out / "index.md", render_markdown(title, sections))
     write_atomic(out / "index.html", render_html(title, sections, images))

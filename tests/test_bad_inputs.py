@@ -602,8 +602,8 @@ def test_a_full_disk_is_one_line_and_the_run_goes_on_after_it(small_disk, monkey
     assert main([*search, "--resume"]) == 0
     results = [json.loads(p.read_text()) for p in (disk / "smoke" / "trials").glob("*/result.json")]
     assert len(results) == 4 and {r["status"] for r in results} <= {"completed", "stopped", "failed"}
-    for result in results:  # a trial that failed (when the search itself got to its end) says why
-        assert result["status"] != "failed" or "No space left on device" in result["error"], result["error"]
+    for result in results:  # a trial that failed says why: the full disk, or the driver's end before Ray recorded it
+        assert result["status"] != "failed" or re.search("No space left on device|^interrupted: ", result["error"])
     assert (disk / "report" / "report.json").exists()
 
     monkeypatch.setenv("FIKA_CACHE", str(disk / "cache"))  # a cache whose disk is full: tokenizing, converting

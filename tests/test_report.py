@@ -343,6 +343,13 @@ def test_report_lists_failed_trials_last_with_their_reason(smoke_report, tmp_pat
     table = pd.read_csv(build_report(copy, tmp_path / "report") / "trials.csv")
     assert table.iloc[-1]["trial"] == victim.name and table.iloc[-1]["status"] == "failed"
     assert "CUDA out of memory" in table.iloc[-1]["error"]
+    assert (tmp_path / "report" / "best.yaml").exists()
+    for trial in (copy / "trials").iterdir():  # a finished search in which no trial completed
+        result = json.loads((trial / "result.json").read_text())
+        (trial / "result.json").write_text(json.dumps({**result, "status": "failed", "error": "RuntimeError: no"}))
+    text = (build_report(copy, tmp_path / "report") / "index.md").read_text()
+    assert "No trial completed, so there is no best config" in text and "completed yet" not in text
+    assert not (tmp_path / "report" / "best.yaml").exists()  # the earlier build's best config is gone
 
 
 def test_a_second_driver_of_a_search_being_confirmed_is_refused(smoke_report, tmp_path, capsys):

@@ -42,9 +42,16 @@ def plan_confirm(
 ) -> tuple[SearchSpec, list[dict]]:
     """The re-runs to do: the `top` best completed trials (or the `trials` named), each with `seeds` other seeds
     and/or once at `steps`."""
-    from fika.search.report import load_rows, rank
+    from fika.search.report import load_rows, rank, relative, search_state
 
     spec = load_run_spec(run)
+    state, _ = search_state(run)
+    if state == "running":
+        raise ConfigError(f"{run}: the search is still running; confirm re-runs the trials of a finished search, so "
+                          "wait for it to end")  # fmt: skip
+    if state == "interrupted":
+        raise ConfigError(f"{run}: the search was interrupted; confirm re-runs the trials of a finished search: "
+                          f"`fika search {relative(Path(run) / 'spec.yaml')} --resume` finishes it first")  # fmt: skip
     if steps is not None and steps <= spec.max_steps:
         raise ConfigError(f"--steps: {steps} is not allowed: give more than the search's {spec.max_steps} steps")
     if not seeds and not steps:
@@ -94,6 +101,7 @@ def run_confirm(
         trainable_for,
     )
 
+    run = Path(run).expanduser().resolve()  # Tune's storage and the workers need it absolute
     if address is not None:
         spec = spec.model_copy(update={"address": address})
     if spec.address:

@@ -199,6 +199,8 @@ def smoke_report(tmp_path_factory):
     from fika.cli import main
 
     tmp = tmp_path_factory.mktemp("report")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # as a user runs it: the report prints paths relative to here, and its commands run from here
     try:
         assert main(["search", str(SMOKE_SPEC), f"storage={tmp}", f"report_dir={tmp / 'report'}"]) == 0
         assert not ray.is_initialized()  # the search shut down the Ray it started
@@ -206,6 +208,7 @@ def smoke_report(tmp_path_factory):
         assert len(printed) == 2
         for command in printed:  # as printed, only made smaller: 2 trials, 2 seeds, 24 steps
             args = shlex.split(command)[1:]
+            assert args[1] == "smoke"  # relative to where the search ran
             for flag, value in (("--top", "3"), ("--steps", "24")):
                 if flag in args:
                     args[args.index(flag) + 1] = value
@@ -214,6 +217,7 @@ def smoke_report(tmp_path_factory):
             assert main(args) == 0
     finally:
         ray.shutdown()
+        os.chdir(cwd)
     return tmp / "smoke", tmp / "report"
 
 

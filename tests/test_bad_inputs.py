@@ -373,6 +373,11 @@ CASES: list[tuple[str, str, bool]] = [
     ("confirm runs/smoke --top -1", r"argument --top: -1 is not allowed", False),
     ("confirm runs/smoke --steps 5", r"^--steps: 5 is not allowed: give more than the search's 12 steps", False),
     ("confirm runs/smoke --seeds 0", r"^--seeds: 0 is not allowed without --steps", False),
+    (
+        "confirm runs/cut --top 1 --seeds 1",
+        r"^runs/cut: the search was interrupted; .*`fika search runs/cut/spec.yaml --resume` finishes it first",
+        False,
+    ),
     ("confirm nowhere", r"nowhere: not a search folder", False),
     (
         "confirm runs/smoke --trials nosuch --seeds 1",
@@ -462,6 +467,10 @@ def workspace(tmp_path_factory, smoke_report, tiny_adapter):
     (root / "twosources.yaml").write_text(yaml.safe_dump(two))
     run, report = smoke_report
     shutil.copytree(run, root / "runs" / "smoke", ignore=shutil.ignore_patterns("tune", "tune-confirm"))
+    shutil.copytree(run, root / "runs" / "cut", ignore=shutil.ignore_patterns("tune", "tune-confirm"))
+    info = json.loads((root / "runs" / "cut" / "run.json").read_text())  # a search whose driver was killed
+    (root / "runs" / "cut" / "run.json").write_text(json.dumps({k: v for k, v in info.items() if k != "finished_at"}))
+    (root / "runs" / "cut" / ".fika.lock").unlink()  # it names this process (the fixture's confirm ran in it)
     (root / "corrupt").mkdir()
     (root / "corrupt" / "spec.yaml").write_text("name: [unclosed\n")
     shutil.copytree(tiny_adapter, root / "adapter")

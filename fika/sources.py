@@ -169,16 +169,20 @@ def load_source(source: DataSource) -> tuple[Sequence[dict], list[str], str]:
 
 
 def first_bad_json_line(path: Path) -> str | None:
-    """`line N is not valid JSON (why)` for the first line of a JSON-lines file that is not JSON, or None."""
+    """`line N is not valid JSON (why)` for the first line of a JSON-lines file that is not JSON, or not a JSON
+    object; None when every line is one."""
     import gzip
 
+    kinds = {list: "a JSON array", str: "a JSON string", bool: "true or false", type(None): "null"}
     with (gzip.open if path.suffix == ".gz" else open)(path, "rt", errors="replace") as lines:
         for number, line in enumerate(lines, 1):
             try:
-                if line.strip():
-                    json.loads(line.rstrip("\r\n"))
+                value = json.loads(line) if line.strip() else {}
             except json.JSONDecodeError as err:
                 return f"line {number} is not valid JSON ({err.msg} at column {err.colno})"
+            if not isinstance(value, dict):
+                return (f"line {number} is {kinds.get(type(value), 'a number')}, not a JSON object (one conversation "
+                        "per line)")  # fmt: skip
     return None
 
 

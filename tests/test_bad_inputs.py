@@ -173,6 +173,11 @@ CASES: list[tuple[str, str, bool]] = [
         r"data source 'cut.jsonl': cannot load it: line 2 is not valid JSON \(Unterminated string .* at column 16\)",
         True,
     ),
+    (
+        "train data.sources.0.path=array.jsonl",
+        r"data source 'array.jsonl': cannot load it: line 2 is a JSON array, not a JSON object \(one conversation",
+        True,
+    ),
     ("train data.sources.0.path=empty.jsonl", r"data source 'empty.jsonl': the file is empty", True),
     ("train data.sources.0.path=plain.jsonl", r"unknown schema, columns \['text'\]", True),
     ("train data.sources.0.path=useless.jsonl", r"no usable conversations .* no_assistant 1", True),
@@ -450,6 +455,7 @@ def workspace(tmp_path_factory, smoke_report, tiny_adapter):
     (root / "notes.txt").write_text("notes\n")
     (root / "cut.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"ro\n')
     (root / "empty.jsonl").write_text("")
+    (root / "array.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n[1, 2]\n")
     (root / "plain.jsonl").write_text(json.dumps({"text": "just text"}) + "\n")
     (root / "useless.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hm"}]}) + "\n")
     (root / "withbase.yaml").write_text(yaml.safe_dump({**yaml.safe_load(SMOKE.read_text()), "base": "trial.yaml"}))

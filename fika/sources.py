@@ -177,7 +177,7 @@ def first_bad_json_line(path: Path) -> str | None:
     with (gzip.open if path.suffix == ".gz" else open)(path, "rt", errors="replace") as lines:
         for number, line in enumerate(lines, 1):
             try:
-                value = json.loads(line) if line.strip() else {}
+                value = json.loads(line.rstrip("\r\n")) if line.strip() else {}
             except json.JSONDecodeError as err:
                 return f"line {number} is not valid JSON ({err.msg} at column {err.colno})"
             if not isinstance(value, dict):

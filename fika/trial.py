@@ -411,6 +411,17 @@ def score_labelled_positions_only() -> None:
     trl_utils._use_triton = compact_on_cpu
 
 
+def holds_a_run(out: Path) -> bool:
+    """Whether `out` is the folder of a fika run: its config.yaml is a run's resolved config (every section)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(config, dict) and {"model", "lora", "train", "data", "output"} <= config.keys()
+
+
 def check_output_dir(out: Path, overwrite: bool = False, resume: bool = False) -> None:
     """Refuses to write into a file, or into the folder of an earlier run unless asked to (`--overwrite`)."""
     if out.exists() and not out.is_dir():
@@ -420,6 +431,11 @@ def check_output_dir(out: Path, overwrite: bool = False, resume: bool = False) -
         if not (out / "config.yaml").exists():
             raise FikaError(f"--resume: {str(out)!r} holds no run to resume (no config.yaml)")
         return
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if others and not holds_a_run(out):  # --overwrite would delete files that are not a run's
+        listed = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise FikaError(f"output.dir: {str(out)!r} is not empty and holds no fika run (it holds {listed}); give a new "
+                        "or empty folder")  # fmt: skip
     if earlier and not overwrite:
         result = load_result(out)
         what = f"a {result.status} run" if result else "an unfinished run"

@@ -184,6 +184,16 @@ CASES: list[tuple[str, str, bool]] = [
     ("train data.eval_size=5000", r"^data.eval_size: 5000 is not allowed: source 'sharegpt' has only", True),
     # fika train: outputs and flags
     ("train output.dir=notes.txt", r"^output.dir: 'notes.txt' is a file", False),
+    (
+        "train output.dir=afolder-with-notes --overwrite",
+        r"^output.dir: 'afolder-with-notes' is not empty and holds no fika run \(it holds notes.md\); give a new",
+        False,
+    ),
+    (
+        "train output.dir=runs/smoke",
+        r"^output.dir: 'runs/smoke' is not empty and holds no fika run \(it holds d",
+        False,
+    ),
     ("train output.dir=finished", r"^output.dir: 'finished' already holds a completed run; pass --overwrite", False),
     ("train output.save_adapter=maybe", r"^output.save_adapter: 'maybe' is not allowed", False),
     ("train --resume afolder", r"^--resume: 'afolder' holds no run to resume", False),

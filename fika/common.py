@@ -243,6 +243,24 @@ def exclusive_folder(folder: Path, key: str, holder: str) -> Iterator[None]:
         os.close(fd)
 
 
+def check_wandb(key: str) -> None:
+    """Refuses W&B reporting that would stop at a login prompt, or fail, once the run has started: no API key on
+    this machine (WANDB_API_KEY, or the W&B host in ~/.netrc, which `wandb login` writes) and not offline."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host or ""):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise FikaError(f"{key}: wandb has no API key on this machine; run `wandb login`, set WANDB_API_KEY, or set "
+                    "WANDB_MODE=offline to log locally")  # fmt: skip
+
+
 def folder_holder(folder: Path) -> dict | None:
     """The process that holds `folder` (its lock file's record: holder, pid, host, since), or None when none does:
     no lock file, or the process it names on this host has ended. One on another host counts as holding it (it

@@ -90,6 +90,7 @@ CASES: list[tuple[str, str, bool]] = [
         False,
     ),
     ("train train.logging_steps=60", r"^train.logging_steps: 60 is not allowed: it must be below max_steps 60", False),
+    ("train train.report_to=[wandb]", r"^train.report_to: wandb has no API key .* set WANDB_MODE=offline", False),
     ("train train.report_to=[neptune]", r"^train.report_to.0: 'neptune' is not allowed", False),
     ("train train.keep_checkpoints=0", r"^train.keep_checkpoints: 0 is not allowed", False),
     ("train train.lr=1e-4", r"^train.lr: unknown key \(allowed here: learning_rate, lr_scheduler", False),
@@ -306,6 +307,11 @@ CASES: list[tuple[str, str, bool]] = [
         False,
     ),
     ("search smoke storage=fresh name=bad!name", r"^name: 'bad!name' is not allowed", False),
+    (
+        "search smoke storage=fresh trackers=[wandb]",
+        r"^trackers: wandb has no API key on this machine; run `wandb",
+        False,
+    ),
     ("search smoke storage=fresh trackers=[neptune]", r"^trackers.0: 'neptune' is not allowed", False),
     ("search smoke storage=fresh base.train.max_steps=-1", r"base.train.max_steps: must be > 0 in a search", False),
     ("search smoke storage=fresh base.lora.r=0", r"^base.lora.r: 0 is not allowed", False),
@@ -505,6 +511,9 @@ def test_bad_input_is_one_clear_line(workspace, monkeypatch, capsys, fika_cache,
     monkeypatch.chdir(workspace)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(workspace.parent / "hf-home"))
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):  # a machine without a W&B login
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(workspace / "no-netrc"))
     args = split_keeping_yaml(command)
     if args[0] in ("train", "data") and not any(a.startswith(("--config", "--resume")) for a in args):
         args = [args[0], *TINY, *args[1:]]  # the tiny model and a little data; the case's own keys come last

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from fika.common import FikaError, check_wandb, exclusive_folder, log, read_json
+from fika.common import FikaError, check_reporting, exclusive_folder, log, read_json
 
 
 class Parser(argparse.ArgumentParser):
@@ -114,8 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if problem:
         raise FikaError(f"lora.target_modules: {problem}")
     check_local_paths(config.data)
-    if "wandb" in config.train.report_to:
-        check_wandb("train.report_to")
+    check_reporting("train.report_to", config.train.report_to)
     if args.dry_run:
         from fika.memory import estimate_memory
         from fika.model import device_kind
@@ -258,9 +257,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.overrides)
     check_local_paths(spec.base.data, prefix="base.data.")
-    for key, reports in (("trackers", spec.trackers), ("base.train.report_to", spec.base.train.report_to)):
-        if "wandb" in reports:
-            check_wandb(key)
+    check_reporting("trackers", spec.trackers)
+    check_reporting("base.train.report_to", spec.base.train.report_to)
     if args.dry_run:
         from fika.search.plan import describe_search
 

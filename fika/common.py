@@ -243,6 +243,34 @@ def exclusive_folder(folder: Path, key: str, holder: str) -> Iterator[None]:
         os.close(fd)
 
 
+def check_reporting(key: str, trackers: list[str]) -> None:
+    """Refuses, before any compute, a tracker that would fail once the run has started: one that is not
+    installed, W&B without a login, an MLflow server that cannot be reached."""
+    for tracker in trackers:
+        if tracker != "tensorboard" and importlib.util.find_spec(tracker) is None:
+            raise FikaError(f"{key}: {tracker} is not installed; pip install 'fika[{tracker}]'")
+    if "wandb" in trackers:
+        check_wandb(key)
+    if "mlflow" in trackers:
+        check_mlflow(key)
+
+
+def check_mlflow(key: str) -> None:
+    """Refuses an MLflow tracking server (MLFLOW_TRACKING_URI, http or https) that does not answer: MLflow would
+    retry for minutes once the run has started, then fail it. Local stores (a folder, SQLite) need no check."""
+    from urllib.parse import urlparse
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)), 5).close()
+    except OSError as err:
+        raise FikaError(f"{key}: the MLflow server at MLFLOW_TRACKING_URI={mask_secrets(uri)} cannot be reached "
+                        f"({err.strerror or err}); start it, or unset MLFLOW_TRACKING_URI to log locally") from None  # fmt: skip
+
+
 def check_wandb(key: str) -> None:
     """Refuses W&B reporting that would stop at a login prompt, or fail, once the run has started: no API key on
     this machine (WANDB_API_KEY, or the W&B host in ~/.netrc, which `wandb login` writes) and not offline."""

@@ -237,10 +237,6 @@ def tracker_callbacks(spec: SearchSpec, directory: Path) -> list:
 
             callbacks.append(TBXLoggerCallback())
             continue
-        try:
-            __import__(tracker)
-        except ImportError:
-            raise ConfigError(f"trackers: {tracker} is not installed; pip install 'fika[{tracker}]'") from None
         if tracker == "mlflow":
             from fika.search.searcher import mlflow_callback
 

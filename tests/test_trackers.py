@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,22 +55,18 @@ def test_a_search_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch)
 
 
 def test_a_missing_tracker_is_one_clear_line(tmp_path, monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_mlflow(name, *args, **kwargs):
-        if name == "mlflow" or name.startswith("mlflow."):
-            raise ImportError("No module named 'mlflow'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_mlflow)
-    from fika.search.spec import load_spec
-    from fika.search.tuner import tracker_callbacks
-
-    spec = load_spec(SMOKE, ["trackers=[mlflow]"])
-    with pytest.raises(Exception, match=r"trackers: mlflow is not installed; pip install 'fika\[mlflow\]'"):
-        tracker_callbacks(spec, tmp_path)
+    """A tracker that is not installed (here hidden, as `sys.modules[name] = None` makes Python see it) is refused
+    before any compute, for a search and for one run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    assert main(["search", str(SMOKE), "trackers=[mlflow]"]) == 2
+    assert main(["train", "model.name=tiny", "train.report_to=[tensorboard, mlflow]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "fika search: error: trackers: mlflow is not installed; pip install 'fika[mlflow]'",
+        "fika train: error: train.report_to: mlflow is not installed; pip install 'fika[mlflow]'",
+    ]
+    assert not list(tmp_path.iterdir())
 
 
 def test_fika_train_reports_to_tensorboard_and_mlflow(tmp_path, monkeypatch):
@@ -87,3 +84,26 @@ def test_fika_train_reports_to_tensorboard_and_mlflow(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["full-run"])
     assert len(runs) == 1 and runs["metrics.loss"].notna().all()
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_a_tracker_that_would_fail_mid_run_is_refused_before_any_compute(tmp_path, monkeypatch, capsys, command):
+    """An MLflow server that does not answer (MLflow retries for minutes, then fails the run), and W&B without a
+    login: one line naming the key, the password masked, nothing created, no Ray started."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://fika:s3cret@127.0.0.1:1")
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    key = "train.report_to" if command == "train" else "trackers"
+    for tracker, message in (("mlflow", "the MLflow server at MLFLOW_TRACKING_URI=http://fika:***@127.0.0.1:1 cannot "
+                              "be reached (Connection refused)"), ("wandb", "wandb has no API key on this machine")):  # fmt: skip
+        args = (["train", "model.name=tiny", f"train.report_to=[{tracker}]"] if command == "train"
+                else ["search", str(SMOKE), f"trackers=[{tracker}]"])  # fmt: skip
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fika {command}: error: {key}: {message}"), err
+        assert "s3cret" not in err[0]
+    assert not list(tmp_path.iterdir()) and not ray.is_initialized()

@@ -294,10 +294,12 @@ def load_base_model(config: ModelConfig, tokenizer, quantize: bool | None = None
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(),
         )
+    from safetensors import SafetensorError
+
     path = resolve_model_path(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # a weights file cut short is a SafetensorError
         raise load_error(config, "the model", err) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))

@@ -650,3 +650,24 @@ def test_a_full_disk_is_one_line_and_the_run_goes_on_after_it(small_disk, monkey
         assert errors == [f"fika {command[0]}: error: FIKA_CACHE: cannot write fika's cache in {disk / 'cache'} (No "
                           "space left on device); free space there or set FIKA_CACHE to a folder on another disk"]  # fmt: skip
         assert not list((disk / "cache").rglob("*.tmp")) and not (disk / "cacheless").exists()
+
+
+def test_a_model_whose_weights_are_cut_short_is_one_line(tmp_path, monkeypatch, capsys, fika_cache):
+    """A local model folder whose weights file was cut short (an interrupted copy): one line naming model.name
+    and the file's problem, exit 2, the run recorded as failed."""
+    from fika.model import build_tiny_tokenizer, tiny_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), model)
+    build_tiny_tokenizer().save_pretrained(model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "run"
+    assert main(["train", f"model.name={model}", *TINY[1:], "train.max_steps=2", "train.warmup_steps=0",
+                 f"output.dir={out}"]) == 2  # fmt: skip
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if ": error: " in line]
+    assert errors == [f"fika train: error: model.name: cannot load the model of {str(model)!r}: Error while "
+                      "deserializing header: incomplete metadata, file not fully covered"], errors  # fmt: skip
+    assert "Traceback" not in captured.err
+    assert json.loads((out / "result.json").read_text())["status"] == "failed"

@@ -259,10 +259,11 @@ def check_mlflow(key: str) -> None:
     """Refuses an MLflow tracking server (MLFLOW_TRACKING_URI, http or https) that does not answer: MLflow would
     retry for minutes once the run has started, then fail it. Local stores (a folder, SQLite) need no check."""
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or getproxies():  # behind a proxy: cannot tell
         return
     try:
         socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)), 5).close()
@@ -283,7 +284,9 @@ def check_wandb(key: str) -> None:
     try:
         if netrc.netrc(os.environ.get("NETRC")).authenticators(host or ""):
             return
-    except (OSError, netrc.NetrcParseError):
+    except netrc.NetrcParseError:  # a file this check cannot read (say, too open to Python) may still serve W&B
+        return
+    except OSError:
         pass
     raise FikaError(f"{key}: wandb has no API key on this machine; run `wandb login`, set WANDB_API_KEY, or set "
                     "WANDB_MODE=offline to log locally")  # fmt: skip

@@ -94,8 +94,9 @@ def test_a_tracker_that_would_fail_mid_run_is_refused_before_any_compute(tmp_pat
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://fika:s3cret@127.0.0.1:1")
-    for name in ("WANDB_API_KEY", "WANDB_MODE"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("WANDB_API_KEY", "WANDB_MODE", *(f"{p}_proxy" for p in ("http", "https", "all"))):
+        monkeypatch.delenv(name, raising=False)  # a machine without a W&B login, reaching MLflow directly
+        monkeypatch.delenv(name.upper(), raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     key = "train.report_to" if command == "train" else "trackers"
     for tracker, message in (("mlflow", "the MLflow server at MLFLOW_TRACKING_URI=http://fika:***@127.0.0.1:1 cannot "

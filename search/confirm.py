@@ -45,7 +45,7 @@ def plan_confirm(
     from fika.search.report import load_rows, rank, relative, search_state
 
     spec = load_run_spec(run)
-    state, _ = search_state(run)
+    state = search_state(run)
     if state == "running":
         raise ConfigError(f"{run}: the search is still running; confirm re-runs the trials of a finished search, so "
                           "wait for it to end")  # fmt: skip

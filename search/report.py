@@ -85,13 +85,12 @@ def param_value(spec: SearchSpec, config: dict, key: str) -> Any:
     return choices[choices.index(value)] if choices and value in choices else value
 
 
-def search_state(run: Path) -> tuple[str, dict | None]:
-    """`finished`, `running` (with the lock record of the process that runs it) or `interrupted` (not finished,
-    and no process holds its folder any more: a killed or crashed driver)."""
+def search_state(run: Path) -> str:
+    """`finished`, `running` (a process holds its folder) or `interrupted` (not finished, and no process holds its
+    folder any more: a killed or crashed driver)."""
     if (read_json(run / "run.json") or {}).get("finished_at"):
-        return "finished", None
-    holder = folder_holder(run)
-    return ("running", holder) if holder else ("interrupted", None)
+        return "finished"
+    return "running" if folder_holder(run) else "interrupted"
 
 
 def load_rows(run: Path, spec: SearchSpec, running: bool = True) -> list[TrialRow]:
@@ -300,7 +299,6 @@ class Report:
     ranked: list[TrialRow]
     confirms: list[TrialRow]
     state: str = "finished"  # see search_state
-    holder: dict | None = None
 
     @property
     def completed(self) -> list[TrialRow]:
@@ -695,10 +693,10 @@ def build_report(run: str | Path, out: str | Path | None = None, claimed: bool =
     run_id = (read_json(run / "run.json") or {}).get("id", "")
     if not claimed:
         claim_folder(out, run, run_id)
-    state, holder = search_state(run)
+    state = search_state(run)
     rows = load_rows(run, spec, running=state == "running")
     r = Report(spec, run, out, rank([row for row in rows if not row.confirm_of]), [row for row in rows if row.confirm_of],
-               state, holder)  # fmt: skip
+               state)  # fmt: skip
     images: dict[str, bytes] = {}
     if any(row.records for row in r.ranked):
         images["curves.png"] = plots.plot_curves(spec, r.ranked)

@@ -60,10 +60,12 @@ def unused_libraries(spec: SearchSpec) -> list[str]:
 class FikaTrainable(tune.Trainable):
     """Runs one fika trial per Tune trial; see the module docstring."""
 
-    def setup(self, config: dict, spec: dict, run_dir: str) -> None:
+    def setup(self, config: dict, spec: dict, run_dir: str, cwd: str | None = None) -> None:
         self.spec = SearchSpec.model_validate(spec)
         self.run_dir = Path(run_dir)
         if ray.get_runtime_context().get_actor_id() is not None:  # a worker that runs only this search's trials
+            if cwd and os.path.isdir(cwd):  # the driver's folder (on a node that has it): relative data paths hold
+                os.chdir(cwd)
             from fika.model import hide_libraries
 
             hide_libraries(unused_libraries(self.spec))

@@ -51,9 +51,10 @@ DRIVER_ENV = {
     # had run to its end, and the search would be recorded finished with trials never run.
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
-# Trials keep the driver's working folder (Tune would move each into its own), so that relative data paths
-# mean the same to every trial as to the driver that validated them. A local Ray's workers inherit the
-# driver's environment; a cluster's get it as a runtime env (which costs each new worker a second or two).
+# Trials work in the driver's working folder (Tune would move each into its own; a cluster's worker starts
+# wherever its node's Ray runs; `FikaTrainable.setup` moves it there), so that relative data paths mean the same
+# to every trial as to the driver that validated them. A local Ray's workers inherit the driver's environment; a
+# cluster's get it as a runtime env (which costs each new worker a second or two).
 # A trial that tokenizes (a node without the driver's data cache) keeps to its CPU share.
 WORKER_ENV_VARS = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "TOKENIZERS_PARALLELISM": "false"}
 # Settings that change where and how fast a search runs, not its results: a resume may change them.
@@ -256,9 +257,9 @@ def trainable_for(spec: SearchSpec, directory: Path):
     from fika.search.trainable import FikaTrainable
 
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    return tune.with_resources(
-        tune.with_parameters(FikaTrainable, spec=spec.model_dump(mode="json"), run_dir=str(directory)), resources
-    )
+    trainable = tune.with_parameters(FikaTrainable, spec=spec.model_dump(mode="json"), run_dir=str(directory),
+                                     cwd=os.getcwd())  # fmt: skip
+    return tune.with_resources(trainable, resources)
 
 
 def build_tuner(spec: SearchSpec, directory: Path, callbacks: list, resume: bool):

@@ -434,3 +434,28 @@ def test_the_rung_subset_defaults_to_16_or_the_whole_eval_set():
     from fika.search.tuner import spec_yaml
 
     assert "rung_eval_size: 8" in spec_yaml(load_spec("demo"))  # the run folder records the size it used
+
+
+def test_trials_read_a_relative_data_path_from_the_drivers_folder(tmp_path, monkeypatch):
+    """A worker that starts in another folder (a cluster node's Ray; here a Ray started from elsewhere) reads a
+    spec's relative data path as the driver that validated it did."""
+    import ray
+
+    elsewhere, project = tmp_path / "ray-started-here", tmp_path / "project"
+    elsewhere.mkdir()
+    project.mkdir()
+    turns = [
+        [{"from": "human", "value": f"What is {i} + {i}?"}, {"from": "gpt", "value": f"{2 * i}."}] for i in range(80)
+    ]
+    (project / "chats.jsonl").write_text("".join(json.dumps({"conversations": t}) + "\n" for t in turns))
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        monkeypatch.chdir(project)
+        assert main(["search", str(SMOKE), "num_samples=2", "base.data={sources: [{path: chats.jsonl}], eval_size: 4}",
+                     f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0  # fmt: skip
+    finally:
+        ray.shutdown()
+    results = trial_results(tmp_path / "smoke")
+    assert len(results) == 2 and {r["status"] for r in results.values()} <= {"completed", "stopped"}, results

@@ -100,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{out / 'config.yaml'} --overwrite` runs it again)")  # fmt: skip
             print(format_result(ended))
             return 0 if ended.status == "completed" else 1
-        config = load_config(out / "config.yaml")
+        config = load_config(out / "config.yaml")  # its output.dir may be relative to where the run started
+        config = config.model_copy(update={"output": config.output.model_copy(update={"dir": str(out)})})
         if not args.dry_run and not complete_checkpoints(out / "checkpoints"):
             log(f"train: {out} has no complete checkpoint: the run starts again from step 0")
     else:

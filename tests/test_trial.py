@@ -354,7 +354,8 @@ def test_a_killed_full_run_resumes_where_it_stopped(tmp_path, capsys):
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "fika.cli", "train", *FULL_RUN]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, f"output.dir={killed}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*cmd, "output.dir=killed"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         done = [p for p in (killed / "checkpoints").glob("checkpoint-*") if (p / "fika_state.json").exists()]
@@ -372,9 +373,12 @@ def test_a_killed_full_run_resumes_where_it_stopped(tmp_path, capsys):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "result.json").exists()
+    elsewhere = tmp_path / "elsewhere"  # a requeued job that starts in another folder: its output.dir is relative
+    elsewhere.mkdir()
     resumed = subprocess.run([sys.executable, "-m", "fika.cli", "train", "--resume", str(killed)], env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+                             cwd=elsewhere, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list(elsewhere.iterdir())  # it resumed the folder it was given, and wrote nothing where it ran
     full = subprocess.run(
         [*cmd, f"output.dir={tmp_path / 'full'}"], env=env, capture_output=True, text=True, timeout=300
     )

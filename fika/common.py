@@ -46,12 +46,15 @@ def cache_dir(*parts: str) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        key = "FIKA_CACHE" if os.environ.get("FIKA_CACHE") else "cache"
         blocker = next((p for p in [*reversed(folder.parents), folder] if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is a file" if blocker else f"{err.strerror}: {err.filename}"
-        raise FikaError(f"{key}: cannot write fika's cache in {cache_root()} ({why}); set FIKA_CACHE to a writable "
-                        "folder") from None  # fmt: skip
+        raise cache_error(f"{blocker} is a file" if blocker else f"{err.strerror}: {err.filename}") from None
     return folder
+
+
+def cache_error(why: str, then: str = "set FIKA_CACHE to a writable folder") -> FikaError:
+    """The one line for a cache that cannot be written: `FIKA_CACHE: cannot write fika's cache in ... (why); then`."""
+    key = "FIKA_CACHE" if os.environ.get("FIKA_CACHE") else "cache"
+    return FikaError(f"{key}: cannot write fika's cache in {cache_root()} ({why}); {then}")
 
 
 def not_an_adapter(path: Path | str) -> str:
@@ -139,11 +142,7 @@ def disk_full(err: BaseException) -> str | None:
     return next((text for text in ("No space left on device", "Disk quota exceeded") if text in str(err)), None)
 
 
-def cache_full(why: str) -> FikaError:
-    """The error for a cache that cannot be written because its disk is full."""
-    key = "FIKA_CACHE" if os.environ.get("FIKA_CACHE") else "cache"
-    return FikaError(f"{key}: cannot write fika's cache in {cache_root()} ({why}); free space there or set FIKA_CACHE "
-                     "to a folder on another disk")  # fmt: skip
+CACHE_FULL = "free space there or set FIKA_CACHE to a folder on another disk"
 
 
 @contextlib.contextmanager
@@ -155,7 +154,7 @@ def writing_cache() -> Iterator[None]:
         why = disk_full(err)
         if why is None:
             raise
-        raise cache_full(why) from None
+        raise cache_error(why, CACHE_FULL) from None
 
 
 def out_of_space(err: BaseException, folder: Path, key: str, then: str) -> FikaError | None:
@@ -166,7 +165,7 @@ def out_of_space(err: BaseException, folder: Path, key: str, then: str) -> FikaE
         return None
     path = Path(getattr(err, "filename", None) or folder)
     if path.is_relative_to(cache_root()) and not path.is_relative_to(folder):
-        return cache_full(why)
+        return cache_error(why, CACHE_FULL)
     return FikaError(f"{key}: cannot write into {folder} ({why}); what was written before is kept there; {then}")
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from fika.common import FikaError, check_reporting, exclusive_folder, log, read_json
@@ -128,10 +130,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     bar = tqdm(total=None, unit="step", disable=None)
     started: dict = {}
+    stop = StopAfterStep()
 
     def on_start(max_steps: int) -> None:
         import time
 
+        stop.training = True
         bar.total = max_steps
         started["at"] = time.perf_counter()
         log(f"train: {max_steps:,} steps of {config.train.batch_size} x {config.train.gradient_accumulation} "
@@ -151,9 +155,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             line += f", eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
             bar.write(line, file=sys.stderr)
 
-    result = run_trial(config, report, resume=bool(args.resume), on_start=on_start, overwrite=args.overwrite)
+    with stop.installed():
+        result = run_trial(config, report, resume=bool(args.resume), on_start=on_start, overwrite=args.overwrite,
+                           interrupted=stop.requested)  # fmt: skip
     bar.close()
     print(format_result(result))
+    if result.status == "interrupted":
+        if config.train.checkpoints:
+            then = f"its checkpoint of step {result.steps} is saved, and `fika train --resume {out}` continues it"
+        else:
+            then = "train.checkpoints is off, so `fika train --resume` would start it again from step 0"
+        log(f"train: stopped after step {result.steps} of {result.max_steps}; {then}")
+        return stop.exit_code()
     return 0 if result.status == "completed" else 1
 
 
@@ -427,8 +440,47 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+class StopAfterStep:
+    """`fika train`'s Ctrl-C and SIGTERM: the first one during training ends the run after the step it is on
+    (with a checkpoint of that step when `train.checkpoints` is on: a preempted job loses no step); a second
+    one, or one before training has started, stops at once."""
+
+    def __init__(self):
+        self.training = False
+        self.signal: int | None = None
+        self.told = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.signal is not None or not self.training:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        self.signal = signum
+
+    def requested(self) -> bool:
+        """Asked by the run after each step; says once, outside the handler, that the run is stopping."""
+        if self.signal is not None and not self.told:
+            self.told = True
+            log(f"train: {signal.Signals(self.signal).name}: stopping after this step (again to stop at once)")
+        return self.signal is not None
+
+    def exit_code(self) -> int:
+        return 143 if self.signal == signal.SIGTERM else 130
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():

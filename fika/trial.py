@@ -4,7 +4,9 @@
 its mean over the last 10 steps, learning rate, grad norm, tokens seen, the step's own time and elapsed
 seconds; at each eval step the record also holds `eval_loss`, the per-token loss on the fixed held-out set
 (fika.evaluate). A non-finite loss stops the run as `diverged`; a `report` that returns True stops it as
-`stopped` (an early-stopping scheduler's decision, made by the caller).
+`stopped` (an early-stopping scheduler's decision, made by the caller); an `interrupted` callable that returns
+True (the user's Ctrl-C or a scheduler's SIGTERM, seen by the caller) ends it after the current step as
+`interrupted`, with a checkpoint of that step when checkpoints are on, so `resume=True` loses nothing.
 
 The output dir is created only once the tokenizer and the data are ready, and receives `config.yaml`
 (resolved), `data.json` (rows and tokens per source), `metrics.jsonl` and `evals.jsonl` (each eval's loss
@@ -51,7 +53,7 @@ Report = Callable[[dict], bool | None]
 class TrialResult:
     """What one trial produced; written to `result.json`."""
 
-    status: str = "running"  # completed | diverged | stopped | failed
+    status: str = "running"  # completed | diverged | stopped | interrupted | failed
     steps: int = 0
     max_steps: int = 0
     train_loss: float | None = None
@@ -158,9 +160,14 @@ class TrialRun:
     """The state of one running trial: result, loss window, evals, timings, metrics files, checkpoints."""
 
     def __init__(
-        self, config: TrialConfig, report: Report | None, out: Path, quick_evals: tuple[list[int], int] | None
+        self,
+        config: TrialConfig,
+        report: Report | None,
+        out: Path,
+        quick_evals: tuple[list[int], int] | None,
+        interrupted: Callable[[], bool] | None = None,
     ):
-        self.config, self.report, self.out = config, report, out
+        self.config, self.report, self.out, self.interrupted = config, report, out, interrupted
         self.result = TrialResult(output_dir=str(out), started_at=time.time())
         self.started = time.perf_counter()
         self.losses: list[float] = []
@@ -320,6 +327,10 @@ def make_callback(trial: TrialRun, on_start: Callable[[int], None] | None):
             if state.global_step in trial.eval_steps:
                 control.should_log = True
                 control.should_save = trial.config.train.checkpoints
+            if state.global_step < state.max_steps and trial.interrupted is not None and trial.interrupted():
+                trial.result.status = "interrupted"
+                control.should_log = control.should_training_stop = True
+                control.should_save = trial.config.train.checkpoints
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and trial.observe(state.global_step, logs, state.num_input_tokens_seen):
@@ -438,7 +449,7 @@ def check_output_dir(out: Path, overwrite: bool = False, resume: bool = False) -
                         "or empty folder")  # fmt: skip
     if earlier and not overwrite:
         result = load_result(out)
-        what = f"a {result.status} run" if result else "an unfinished run"
+        what = f"{'an' if result.status[0] in 'aeiou' else 'a'} {result.status} run" if result else "an unfinished run"
         raise FikaError(
             f"output.dir: {str(out)!r} already holds {what}; pass --overwrite to replace it, --resume to continue "
             "it, or choose another output.dir"
@@ -491,6 +502,7 @@ def run_trial(
     quick_evals: tuple[list[int], int] | None = None,
     on_start: Callable[[int], None] | None = None,
     overwrite: bool = False,
+    interrupted: Callable[[], bool] | None = None,
 ) -> TrialResult:
     """Trains one LoRA run and returns its result; the tokenized mix is loaded from the cache (or built).
 
@@ -499,15 +511,18 @@ def run_trial(
     the LoRA layers are removed again when the run ends, leaving the base weights as they were. `resume=True`
     continues from the last complete checkpoint in the output dir. `quick_evals` = (steps, size): cheaper evals
     on a stratified subset of the eval set, for a scheduler's rungs. `on_start(max_steps)` is called before the
-    first step. `overwrite=True` first removes what an earlier run wrote there. While it runs, the output dir is
-    locked: a second run into it is refused (it would overwrite or interleave this one's files).
+    first step. `overwrite=True` first removes what an earlier run wrote there. `interrupted()` is asked after
+    every step (see the module docstring). While it runs, the output dir is locked: a second run into it is
+    refused (it would overwrite or interleave this one's files).
     """
     out = Path(config.output.dir).expanduser()
     with exclusive_folder(out, "output.dir", "a training run"):
         if overwrite:
             clear_outputs(out)
         try:
-            return train_in_folder(config, out, report, base_model, keep_loaded, resume, quick_evals, on_start)
+            return train_in_folder(
+                config, out, report, base_model, keep_loaded, resume, quick_evals, on_start, interrupted
+            )
         except Exception as err:
             then = "free space or pick another output.dir, then run it again (--overwrite replaces it)"
             full = out_of_space(err, out, "output.dir", then)
@@ -525,6 +540,7 @@ def train_in_folder(
     resume: bool,
     quick_evals: tuple[list[int], int] | None,
     on_start: Callable[[int], None] | None,
+    interrupted: Callable[[], bool] | None,
 ) -> TrialResult:
     """The body of `run_trial`, in its locked output dir `out`."""
     import_trial_libraries()
@@ -548,7 +564,7 @@ def train_in_folder(
         checkpoint = out / "checkpoints" / f"checkpoint-{steps[-1]}" if steps else None
     write_atomic(out / "config.yaml", dump_config(config))
     write_atomic(out / "data.json", json.dumps(mix.summary(), indent=1))
-    trial = TrialRun(config, report, out, quick_evals)
+    trial = TrialRun(config, report, out, quick_evals, interrupted)
     trial.open_files(int(checkpoint.name.split("-")[1]) if checkpoint else 0 if resume else None)
     if checkpoint is not None:
         trial.restore(int(checkpoint.name.split("-")[1]))

@@ -399,6 +399,62 @@ def test_a_killed_full_run_resumes_where_it_stopped(tmp_path, capsys):
     assert {p: p.read_bytes() for p in sorted(killed.rglob("*")) if p.is_file()} == files
 
 
+def test_a_terminated_full_run_saves_the_step_it_was_on_and_resumes_from_it(tmp_path):
+    """SIGTERM (a scheduler preempting the job) between two checkpoints: the run ends after its current step with
+    a checkpoint of that step, exit 143, and `--resume` ends as the uninterrupted run does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "fika.cli", "train", *FULL_RUN]
+    run = tmp_path / "preempted"
+    proc = subprocess.Popen([*cmd, f"output.dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "interrupted" and 5 <= result["steps"] < result["max_steps"]
+    assert (run / "checkpoints" / f"checkpoint-{result['steps']}" / "fika_state.json").exists()
+    assert not (run / "adapter").exists()
+    assert "status      interrupted" in out
+    assert f"stopped after step {result['steps']} of {result['max_steps']}; its checkpoint of step" in err
+    assert f"`fika train --resume {run}` continues it" in err
+    resumed = subprocess.run([*cmd[:4], "--resume", str(run)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = subprocess.run([*cmd, f"output.dir={tmp_path / 'full'}"], capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-3000:]
+    a = json.loads((run / "result.json").read_text())
+    b = json.loads((tmp_path / "full" / "result.json").read_text())
+    assert a["resumed_from"] == result["steps"] and a["status"] == "completed" and a["steps"] == b["steps"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, a["steps"] + 1))
+    assert a["tokens_seen"] == b["tokens_seen"]
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], abs=2e-3 if a["device"] == "cpu" else 1e-2)
+
+
+def test_a_second_signal_or_one_before_training_stops_at_once():
+    """`fika train`'s handler: the first signal during training only asks for a stop after the step."""
+    import signal
+
+    from fika.cli import StopAfterStep, Terminated
+
+    stop = StopAfterStep()
+    with pytest.raises(KeyboardInterrupt):  # still loading: nothing to save
+        stop(signal.SIGINT, None)
+    stop.training = True
+    stop(signal.SIGTERM, None)
+    assert stop.requested() and stop.exit_code() == 143
+    with pytest.raises(Terminated):
+        stop(signal.SIGTERM, None)
+
+
 @pytest.mark.slow
 def test_builtin_smollm2_trains_offline_on_builtin_sharegpt(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -397,10 +397,11 @@ def prepare_data(
                 eval_ids.add(ids[pos])
             pos += 1
         if len(picked) < share:
-            raise DataError(
-                f"data.eval_size: {config.eval_size} is not allowed: source {eval_names[i]!r} has only "
-                f"{len(ids):,} usable conversations for its {share} eval rows"
-            )
+            found = f"{len(ids):,} usable conversations"
+            if len(picked) < len(ids):  # the others repeat a conversation already in the eval set
+                found = f"{len(picked):,} distinct usable conversations ({len(ids):,} with repeats)"
+            raise DataError(f"data.eval_size: {config.eval_size} is not allowed: source {eval_names[i]!r} has only "
+                            f"{found} for its {share} eval rows")  # fmt: skip
         if not eval_caches:
             held[i], repeats[i] = pos, pos - len(picked)
         eval_counts[eval_names[i]] = len(picked)

@@ -189,6 +189,12 @@ def first_bad_json_line(path: Path) -> str | None:
 def detect_format(columns: list[str], rows: Sequence[dict], path: str) -> str:
     """Tells the format from the columns (and the keys of the first turn for `conversations`)."""
     if "messages" in columns:
+        other = rows_with_only(rows, "conversations", "messages") if "conversations" in columns else 0
+        if other:  # two schemas in one file: the `conversations` rows would all count as empty
+            raise DataError(
+                f"data source {path!r}: {other:,} of {len(rows):,} rows have `conversations` and no `messages` (two "
+                "formats in one source); give each format as its own source, or set `format` to read one of them"
+            )
         return "messages"
     if "conversations" in columns:
         for i in range(min(len(rows), 100)):
@@ -207,6 +213,17 @@ def detect_format(columns: list[str], rows: Sequence[dict], path: str) -> str:
         f"data source {path!r}: unknown schema, columns {columns[:12]} (known formats: sharegpt and "
         "sharegpt_english with a `conversations` column, messages with a `messages` column)"
     )
+
+
+def rows_with_only(rows: Sequence[dict], column: str, other: str) -> int:
+    """How many rows have a value in `column` and none in `other`."""
+    if hasattr(rows, "data") and hasattr(rows.data, "column"):  # a datasets.Dataset: counted in Arrow, no copy
+        import pyarrow.compute as pc
+
+        table = rows.data
+        only = pc.and_(pc.is_valid(table.column(column)), pc.is_null(table.column(other)))
+        return int(pc.sum(pc.cast(only, "int64")).as_py() or 0)
+    return sum(1 for row in rows if row.get(column) is not None and row.get(other) is None)
 
 
 # --- standardizing ----------------------------------------------------------------------------------

@@ -183,6 +183,16 @@ CASES: list[tuple[str, str, bool]] = [
     ("train data.sources.0.path=plain.jsonl", r"unknown schema, columns \['text'\]", True),
     ("train data.sources.0.path=useless.jsonl", r"no usable conversations .* no_assistant 1", True),
     ("train data.eval_size=5000", r"^data.eval_size: 5000 is not allowed: source 'sharegpt' has only", True),
+    (
+        "train data.sources.0.path=two-formats.jsonl",
+        r"'two-formats.jsonl': 1 of 3 rows have `conversations` and no `messages` \(two formats in one source\)",
+        True,
+    ),
+    (
+        "train data.sources.0.path=repeats.jsonl data.eval_size=2",
+        r"source 'repeats' has only 1 distinct usable conversations \(3 with repeats\) for its 2 eval rows",
+        True,
+    ),
     # fika train: outputs and flags
     ("train output.dir=notes.txt", r"^output.dir: 'notes.txt' is a file", False),
     (
@@ -473,6 +483,12 @@ def workspace(tmp_path_factory, smoke_report, tiny_adapter):
     (root / "empty.jsonl").write_text("")
     (root / "array.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n[1, 2]\n")
     (root / "plain.jsonl").write_text(json.dumps({"text": "just text"}) + "\n")
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (root / "repeats.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps(chat) + "\n" + json.dumps(chat) + "\n")
+    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hey"}]}
+    (root / "two-formats.jsonl").write_text(
+        json.dumps(chat) + "\n" + json.dumps(sharegpt) + "\n" + json.dumps(chat) + "\n"
+    )
     (root / "useless.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hm"}]}) + "\n")
     (root / "withbase.yaml").write_text(yaml.safe_dump({**yaml.safe_load(SMOKE.read_text()), "base": "trial.yaml"}))
     (root / "trial.yaml").write_text(

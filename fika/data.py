@@ -238,9 +238,15 @@ def source_cache(
         if built:
             rows, meta = read_source(source, tokenizer, max_length, overlong, seed, need)
             if not rows:  # a source that yields nothing is an error, never a silent loss
-                reasons = ", ".join(f"{r} {n}" for r, n in Counter(reason for _, reason in meta["drops"]).items())
+                counts = Counter(reason for _, reason in meta["drops"])
+                reasons = ", ".join(f"{r} {n}" for r, n in counts.items())
+                hint = ""
+                if counts["too_long"]:
+                    hint = (f"; too_long: longer than model.max_seq_length {max_length} tokens, "
+                            + ("and data.overlong is drop" if overlong == "drop" else "with no answer in the first "
+                               f"{max_length} tokens to train on"))  # fmt: skip
                 raise DataError(f"data source {source.path!r}: no usable conversations ({meta['rows_read']:,} rows "
-                                f"read; dropped: {reasons or 'none'})")  # fmt: skip
+                                f"read; dropped: {reasons or 'none'}){hint}")  # fmt: skip
             tmp = root / f".{fingerprint}.{random.getrandbits(32):08x}.tmp"
             try:
                 with writing_cache():

@@ -189,6 +189,11 @@ CASES: list[tuple[str, str, bool]] = [
         True,
     ),
     (
+        "train data.sources.0.path=long-questions.jsonl model.max_seq_length=32",
+        r"dropped: too_long 2\); too_long: longer than model.max_seq_length 32 tokens, with no answer in the first 32",
+        True,
+    ),
+    (
         "train data.sources.0.path=repeats.jsonl data.eval_size=2",
         r"source 'repeats' has only 1 distinct usable conversations \(3 with repeats\) for its 2 eval rows",
         True,
@@ -489,6 +494,8 @@ def workspace(tmp_path_factory, smoke_report, tiny_adapter):
     (root / "two-formats.jsonl").write_text(
         json.dumps(chat) + "\n" + json.dumps(sharegpt) + "\n" + json.dumps(chat) + "\n"
     )
+    long = {"messages": [{"role": "user", "content": "why " * 40}, {"role": "assistant", "content": "because"}]}
+    (root / "long-questions.jsonl").write_text(json.dumps(long) + "\n" + json.dumps(long) + "\n")
     (root / "useless.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hm"}]}) + "\n")
     (root / "withbase.yaml").write_text(yaml.safe_dump({**yaml.safe_load(SMOKE.read_text()), "base": "trial.yaml"}))
     (root / "trial.yaml").write_text(

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from fika.common import FikaError, check_reporting, exclusive_folder, log, read_json
+from fika.common import FikaError, Terminated, check_reporting, exclusive_folder, interruption, log, read_json
 
 
 class Parser(argparse.ArgumentParser):
@@ -431,11 +431,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler preempting the job, `kill`): handled as Ctrl-C is, so that a run or a search ends the
-    same way, resumable, with one line."""
-
-
 def raise_terminated(signum, frame) -> None:
     raise Terminated()
 
@@ -452,7 +447,7 @@ class StopAfterStep:
 
     def __call__(self, signum, frame) -> None:
         if self.signal is not None or not self.training:
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            raise interruption(signum)
         self.signal = signum
 
     def requested(self) -> bool:

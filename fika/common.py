@@ -24,6 +24,18 @@ class FikaError(Exception):
     """A user-facing error: the CLI prints its message (one line per problem) and exits with code 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, `kill`): handled as Ctrl-C is, so that a run or a search ends the
+    same way, resumable, with one line."""
+
+
+def interruption(signum: int) -> KeyboardInterrupt:
+    """What a signal that stops fika raises: Terminated for SIGTERM, KeyboardInterrupt for Ctrl-C."""
+    import signal
+
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def log(message: str) -> None:
     """Progress for long steps, on stderr so that `--json` output stays clean."""
     print(message, file=sys.stderr, flush=True)

@@ -268,9 +268,15 @@ class TrialRun:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         stop = self.report is not None and bool(self.report(record))
-        if stop and not diverged:
+        if self.result.status == "running" and self.interrupted_at(step):  # asked to end, not a decision on it
+            self.result.status = "interrupted"
+        elif stop and self.result.status == "running":
             self.result.status = "stopped"
-        return diverged or stop
+        return self.result.status != "running"
+
+    def interrupted_at(self, step: int) -> bool:
+        """Whether the run is asked to end after `step` (never after its last: it completes)."""
+        return self.interrupted is not None and step < self.result.max_steps and self.interrupted()
 
     def saved(self, checkpoint: Path, step: int) -> None:
         """Marks a checkpoint complete (fika_state.json is written last) and keeps the last K and the best."""
@@ -327,14 +333,15 @@ def make_callback(trial: TrialRun, on_start: Callable[[int], None] | None):
             if state.global_step in trial.eval_steps:
                 control.should_log = True
                 control.should_save = trial.config.train.checkpoints
-            if state.global_step < state.max_steps and trial.interrupted is not None and trial.interrupted():
+            if trial.result.status == "running" and trial.interrupted_at(state.global_step):
                 trial.result.status = "interrupted"
                 control.should_log = control.should_training_stop = True
-                control.should_save = trial.config.train.checkpoints
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and trial.observe(state.global_step, logs, state.num_input_tokens_seen):
                 control.should_training_stop = True
+                if trial.result.status == "interrupted":  # a whole step: its state is saved as is
+                    control.should_save = trial.config.train.checkpoints
 
         def on_save(self, args, state, control, **kwargs):
             trial.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)

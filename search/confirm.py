@@ -98,6 +98,7 @@ def run_confirm(
         end_ray,
         prepare_search_data,
         recorded_fit,
+        stopping_gracefully,
         trainable_for,
     )
 
@@ -121,6 +122,6 @@ def run_confirm(
             verbose=0,
         ),
     )
-    with recorded_fit(run, spec):
+    with recorded_fit(run, spec), stopping_gracefully(run):
         tuner.fit()
     end_ray(connected, on_done)

@@ -364,7 +364,7 @@ def state_lines(r: Report) -> list[str]:
                 "provisional."]  # fmt: skip
     if r.state == "interrupted":
         return [f"The search was interrupted: {ended} of {r.spec.num_trials()} trials ended, and no fika process runs "
-                f"it any more (its driver was killed or crashed), so this ranking is provisional. `fika search "
+                f"it any more (its driver was stopped, killed or crashed), so this ranking is provisional. `fika search "
                 f"{relative(r.run / 'spec.yaml')} --resume` continues it and keeps every trial that ended."]  # fmt: skip
     return []
 

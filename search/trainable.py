@@ -8,6 +8,10 @@ would write into the trial's folder beside the real run). `step()` hands Tune on
 ASHA stop is passed back to `run_trial` through its `report` return value, so a pruned trial ends cleanly as
 `stopped`, at its rung.
 
+When the driver is asked to stop (Ctrl-C, SIGTERM), it marks the run folder (`INTERRUPTED`) before Tune saves
+its state and stops the live trials: a trial stopped then ends as `interrupted`, not as `stopped` (which is an
+ASHA decision), and `--resume` runs it again.
+
 A trial's folder is `trials/<trial id>`; a confirmation run (`fika confirm`) has its own deterministic
 folder, `trials/<trial id>-seed<S>[-steps<N>]`, so that running the same confirm command again replays
 what already ran instead of running it twice.
@@ -31,6 +35,8 @@ from fika.config import dump_config
 from fika.search.confirm import confirm_name
 from fika.search.spec import SearchSpec, split_key, trial_config
 from fika.trial import TrialResult, load_result, run_trial, write_failed_result
+
+INTERRUPTED = ".interrupted"  # in the run folder while its driver stops the search (see the module docstring)
 
 
 def finished_trial(directory: Path) -> tuple[dict, TrialResult] | None:
@@ -90,6 +96,7 @@ class FikaTrainable(tune.Trainable):
         self.sent = self.asked = 0
         self.turn = threading.Condition()
         self.stop_requested = threading.Event()
+        self.interrupted = threading.Event()
         self.last: dict = {}
         self.thread = threading.Thread(target=self._run, args=(params, confirm), daemon=True)
         finished = finished_trial(out)
@@ -97,6 +104,7 @@ class FikaTrainable(tune.Trainable):
             self.last, result = finished
             self.records.put_nowait(("done", result))
         else:
+            (out / "result.json").unlink(missing_ok=True)  # an interrupted run's: this one replaces it
             self.thread.start()
 
     def _run(self, params: dict, confirm: dict | None) -> None:
@@ -107,7 +115,8 @@ class FikaTrainable(tune.Trainable):
             if confirm is not None:
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_atomic(self.out / "confirm.json", json.dumps(confirm))
-            result = run_trial(config, self._report, keep_loaded=True, quick_evals=self.spec.quick_evals())
+            result = run_trial(config, self._report, keep_loaded=True, quick_evals=self.spec.quick_evals(),
+                               interrupted=self.interrupted.is_set)  # fmt: skip
             self.records.put(("done", result))
         except BaseException as err:  # handed to step(), which raises it in Tune's thread
             try:
@@ -174,6 +183,8 @@ class FikaTrainable(tune.Trainable):
         return True
 
     def cleanup(self) -> None:
+        if self.thread is not None and (self.run_dir / INTERRUPTED).exists():  # the driver is stopping the search
+            self.interrupted.set()
         self._stop_thread()
 
     # 60-step trials keep no checkpoints; Tune still needs these two to reuse a worker between trials.

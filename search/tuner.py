@@ -31,6 +31,7 @@ from fika.common import (
     LOCK_FILE,
     cache_dir,
     exclusive_folder,
+    interruption,
     mask_secrets,
     out_of_space,
     read_json,
@@ -47,8 +48,8 @@ DRIVER_ENV = {
     # Save the experiment state every second (Ray's default starts at 10 s), so that after a killed driver
     # `--resume` knows nearly every trial that had started; fika settles the rest (searcher.reconcile).
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
-    # Ctrl-C ends the driver as a kill does (`--resume` continues). Tune's own handler would end the fit as if it
-    # had run to its end, and the search would be recorded finished with trials never run.
+    # Ctrl-C is fika's (`stopping_gracefully`): Tune's own handler would end the fit as if it had run to its end,
+    # and the search would be recorded finished with trials never run.
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 # Trials work in the driver's working folder (Tune would move each into its own; a cluster's worker starts
@@ -465,7 +466,7 @@ def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: 
     connected = connect_ray(spec, spec.address)
     started = time.time()
     tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
-    with recorded_fit(directory, spec):
+    with recorded_fit(directory, spec), stopping_gracefully(directory):
         tuner.fit()
     settle(spec, directory)
     write_run_json(directory, finished_at=time.time())
@@ -489,6 +490,44 @@ def recorded_fit(directory: Path, spec: SearchSpec):
     finally:
         fit["ended_at"] = time.time()
         write_run_json(directory, fits=[*fits, fit])
+
+
+@contextlib.contextmanager
+def stopping_gracefully(directory: Path):
+    """Around a Tune fit: the first Ctrl-C or SIGTERM has Tune save its state with every live trial and stop
+    them, marked interrupted (`INTERRUPTED`: `--resume` runs them again, none is recorded failed), then raises
+    KeyboardInterrupt (`fika.common.Terminated` for SIGTERM); a second one, or one before Tune's loop runs, raises
+    at once. Off the main thread it changes nothing."""
+    from fika.search.trainable import INTERRUPTED
+
+    marker = directory / INTERRUPTED
+    marker.unlink(missing_ok=True)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        tune_stop = signal.getsignal(signal.SIGUSR1)  # Tune's loop ends on it, after saving its state
+        if received or getattr(tune_stop, "__name__", "") != "signal_interrupt_tune_run":
+            raise interruption(signum)
+        received.append(signum)
+        marker.touch()
+        tune_stop(signum, frame)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # not a handler of an earlier fit
+    try:
+        yield
+    except Exception as err:
+        if received:  # the signal reached Ray's own processes too: the fit ended on their loss
+            raise interruption(received[0]) from err
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise interruption(received[0])
 
 
 def write_run_json(directory: Path, **values) -> None:

@@ -443,7 +443,8 @@ def test_a_second_signal_or_one_before_training_stops_at_once():
     """`fika train`'s handler: the first signal during training only asks for a stop after the step."""
     import signal
 
-    from fika.cli import StopAfterStep, Terminated
+    from fika.cli import StopAfterStep
+    from fika.common import Terminated
 
     stop = StopAfterStep()
     with pytest.raises(KeyboardInterrupt):  # still loading: nothing to save

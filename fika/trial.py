@@ -270,7 +270,7 @@ class TrialRun:
         stop = self.report is not None and bool(self.report(record))
         if self.result.status == "running" and self.interrupted_at(step):  # asked to end, not a decision on it
             self.result.status = "interrupted"
-        elif stop and self.result.status == "running":
+        elif stop and self.result.status == "running" and step < self.result.max_steps:  # after its last: completed
             self.result.status = "stopped"
         return self.result.status != "running"
 

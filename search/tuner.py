@@ -465,9 +465,17 @@ def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: 
         write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
     connected = connect_ray(spec, spec.address)
     started = time.time()
-    tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
-    with recorded_fit(directory, spec), stopping_gracefully(directory):
-        tuner.fit()
+    try:
+        tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
+        with recorded_fit(directory, spec), stopping_gracefully(directory):
+            tuner.fit()
+    except Exception:
+        if connected:  # a Ray this call started ends with it (a later search in this process starts its own)
+            import ray
+
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        raise
     settle(spec, directory)
     write_run_json(directory, finished_at=time.time())
     log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")

@@ -325,7 +325,8 @@ def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point, capsy
     assert all(r["status"] in ("completed", "stopped", "failed") for r in results.values())
     if point.startswith("by "):  # a driver that could stop its trials loses none of them
         assert all(r["status"] in ("completed", "stopped") for r in results.values()), results
-    assert all(r["steps"] in (20, 40) for r in results.values() if r["status"] == "stopped")  # by ASHA, at a rung
+    stopped = {k: r["steps"] for k, r in results.items() if r["status"] == "stopped"}
+    assert set(stopped.values()) <= {20, 40}, stopped  # by ASHA, at a rung
     assert len(results) == 8, sorted(results)
     ran = [r for r in results.values() if r["status"] != "failed"]
     configs = []

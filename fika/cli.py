@@ -20,10 +20,18 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-from fika.common import FikaError, Terminated, check_reporting, exclusive_folder, interruption, log, read_json
+from fika.common import (
+    FikaError,
+    Terminated,
+    check_reporting,
+    exclusive_folder,
+    interruption,
+    log,
+    read_json,
+    stop_signals_handled,
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -155,7 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             line += f", eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
             bar.write(line, file=sys.stderr)
 
-    with stop.installed():
+    with stop_signals_handled(stop):
         result = run_trial(config, report, resume=bool(args.resume), on_start=on_start, overwrite=args.overwrite,
                            interrupted=stop.requested)  # fmt: skip
     bar.close()
@@ -459,20 +467,6 @@ class StopAfterStep:
 
     def exit_code(self) -> int:
         return 143 if self.signal == signal.SIGTERM else 130
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

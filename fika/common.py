@@ -36,6 +36,24 @@ def interruption(signum: int) -> KeyboardInterrupt:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+@contextlib.contextmanager
+def stop_signals_handled(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Within it, Ctrl-C and SIGTERM call `handler(signum, frame)`; the handlers before it come back after. Signals
+    are only the main thread's: elsewhere it changes nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def log(message: str) -> None:
     """Progress for long steps, on stderr so that `--json` output stays clean."""
     print(message, file=sys.stderr, flush=True)

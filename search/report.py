@@ -87,7 +87,7 @@ def param_value(spec: SearchSpec, config: dict, key: str) -> Any:
 
 def search_state(run: Path) -> str:
     """`finished`, `running` (a process holds its folder) or `interrupted` (not finished, and no process holds its
-    folder any more: a killed or crashed driver)."""
+    folder any more: a stopped, killed or crashed driver)."""
     if (read_json(run / "run.json") or {}).get("finished_at"):
         return "finished"
     return "running" if folder_holder(run) else "interrupted"

@@ -36,6 +36,7 @@ from fika.common import (
     out_of_space,
     read_json,
     say,
+    stop_signals_handled,
     write_atomic,
 )
 from fika.config import ConfigError
@@ -470,11 +471,10 @@ def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: 
         with recorded_fit(directory, spec), stopping_gracefully(directory):
             tuner.fit()
     except Exception:
-        if connected:  # a Ray this call started ends with it (a later search in this process starts its own)
-            import ray
-
-            with contextlib.suppress(Exception):
-                ray.shutdown()
+        with contextlib.suppress(
+            Exception
+        ):  # a Ray this call started ends with it (a later search here starts its own)
+            end_ray(connected, None)
         raise
     settle(spec, directory)
     write_run_json(directory, finished_at=time.time())
@@ -510,9 +510,6 @@ def stopping_gracefully(directory: Path):
 
     marker = directory / INTERRUPTED
     marker.unlink(missing_ok=True)
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received: list[int] = []
 
     def on_signal(signum, frame) -> None:
@@ -523,17 +520,18 @@ def stopping_gracefully(directory: Path):
         marker.touch()
         tune_stop(signum, frame)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # not a handler of an earlier fit
+    main = threading.current_thread() is threading.main_thread()
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_DFL) if main else None  # not a handler of an earlier fit
     try:
-        yield
+        with stop_signals_handled(on_signal):
+            yield
     except Exception as err:
         if received:  # the signal reached Ray's own processes too: the fit ended on their loss
             raise interruption(received[0]) from err
         raise
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        if main:
+            signal.signal(signal.SIGUSR1, usr1)
     if received:
         raise interruption(received[0])
 

@@ -61,10 +61,10 @@ def cmd_data(args: argparse.Namespace) -> None:
     from fika.config import load_config
     from fika.data import format_sources_table, prepare_data, render_masked
     from fika.model import load_tokenizer
-    from fika.sources import check_local_paths
+    from fika.sources import resolve_local_paths
 
     config = load_config(args.config, args.overrides)
-    check_local_paths(config.data)
+    config = config.model_copy(update={"data": resolve_local_paths(config.data)})
     tokenizer = load_tokenizer(config.model)
     mix = prepare_data(config.data, tokenizer, config.model.max_seq_length, rebuild=args.rebuild)
     summary = mix.summary()
@@ -119,12 +119,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(config.output.dir).expanduser()
         check_output_dir(out, overwrite=args.overwrite)
     from fika.model import check_target_modules, empty_model
-    from fika.sources import check_local_paths
+    from fika.sources import resolve_local_paths
 
     problem = check_target_modules(empty_model(config.model), config.lora.target_modules)
     if problem:
         raise FikaError(f"lora.target_modules: {problem}")
-    check_local_paths(config.data)
+    config = config.model_copy(update={"data": resolve_local_paths(config.data)})
     check_reporting("train.report_to", config.train.report_to)
     if args.dry_run:
         from fika.memory import estimate_memory
@@ -275,10 +275,11 @@ class ReportRefresher:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from fika.search.spec import load_spec
-    from fika.sources import check_local_paths
+    from fika.sources import resolve_local_paths
 
     spec = load_spec(args.spec, args.overrides)
-    check_local_paths(spec.base.data, prefix="base.data.")
+    base = spec.base.model_copy(update={"data": resolve_local_paths(spec.base.data, prefix="base.data.")})
+    spec = spec.model_copy(update={"base": base})
     check_reporting("trackers", spec.trackers)
     check_reporting("base.train.report_to", spec.base.train.report_to)
     if args.dry_run:

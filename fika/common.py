@@ -347,6 +347,19 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
+def cut_partial_line(path: Path) -> None:
+    """Cuts a half-written last line (a killed writer, a full disk) off a file of lines, so that the next append
+    starts a line of its own instead of running into it (which breaks both)."""
+    try:
+        content = Path(path).read_bytes()
+    except FileNotFoundError:
+        return
+    if content and not content.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(content.rfind(b"\n") + 1)
+            os.fsync(f.fileno())
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The complete records of a JSON-lines file; a half-written last line (a killed writer) is skipped."""
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,22 +97,29 @@ def local_path(path: str) -> Path | None:
     return None
 
 
-def check_local_paths(data: DataConfig, prefix: str = "data.") -> None:
-    """Fails with one line naming the key when a source names a local file or folder that does not exist, or a
-    file of a type fika cannot read."""
+def resolve_local_paths(data: DataConfig, prefix: str = "data.") -> DataConfig:
+    """`data` with every local source path made absolute (against the current folder), so that the config a run
+    writes, and a search's best.yaml, name the same files from any folder. Fails with one line naming the key
+    when a source names a local file or folder that does not exist, or a file of a type fika cannot read."""
+    resolved = {}
     for key, sources in (("sources", data.sources), ("eval_sources", data.eval_sources or [])):
+        resolved[key] = []
         for i, source in enumerate(sources):
-            if source.path == BUILTIN_SHAREGPT:
-                continue
-            try:
-                path = local_path(source.path)
-            except DataError:
-                raise DataError(
-                    f"{prefix}{key}.{i}.path: {source.path!r} not found (a local file or folder; a hub id is owner/name)"
-                ) from None
+            path = None
+            if source.path != BUILTIN_SHAREGPT:
+                try:
+                    path = local_path(source.path)
+                except DataError:
+                    where = "" if Path(source.path).expanduser().is_absolute() else f" in {Path.cwd()}"
+                    raise DataError(
+                        f"{prefix}{key}.{i}.path: {source.path!r} not found{where} (a local file or folder; "
+                        "a hub id is owner/name)"
+                    ) from None
             if path is not None and path.is_file() and not file_suffix(path):
                 raise DataError(f"{prefix}{key}.{i}.path: {source.path!r} is not allowed: unknown file type "
                                 f"{path.suffix!r} (allowed: {', '.join(FILE_BUILDERS)})")  # fmt: skip
+            resolved[key].append(source if path is None else source.model_copy(update={"path": os.path.abspath(path)}))
+    return data.model_copy(update={"sources": resolved["sources"], "eval_sources": resolved["eval_sources"] or None})
 
 
 def file_suffix(path: Path) -> str:

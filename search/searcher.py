@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fika.common import read_json, write_atomic
+from fika.common import cut_partial_line, read_json, write_atomic
 from fika.trial import write_failed_result
 
 
@@ -131,17 +131,23 @@ class FikaOptunaSearch(OptunaSearch):
         """After a killed driver: settles the study trials that Tune never recorded (asked after its last save).
 
         A trial whose folder holds a final result is told that result; one that was cut short is told FAIL and
-        its folder is marked failed (interrupted); both count toward the budget. One that never started is
-        told FAIL. None of their params are drawn again. Returns the ids of the interrupted trials.
+        its folder is marked failed (interrupted). One that never started is told FAIL. Every one of them that
+        ran counts toward the budget, also one the study was told of before the kill (Tune's save had failed, on
+        a full disk), and none of their params are drawn again. Returns the ids of the interrupted trials.
         """
         interrupted = []
+        self.adopted = 0  # counted again from the study: a second resume sees the first one's adopted trials too
         for frozen in self._ot_study.get_trials(deepcopy=False):
             key = json.dumps(frozen.params, sort_keys=True, default=str)
             self.seen.setdefault(key, frozen.number)
             trial_id = frozen.user_attrs.get("tune_trial_id")
-            if frozen.state.name != "RUNNING" or trial_id is None or trial_id in self._ot_trials:
+            if trial_id is None or trial_id in self._ot_trials:
                 continue
             folder = Path(self.run_dir) / "trials" / trial_id
+            ran = (folder / "config.yaml").exists() or (folder / "result.json").exists()
+            self.adopted += int(ran)
+            if frozen.state.name != "RUNNING":
+                continue
             result = read_json(folder / "result.json") or {}
             status = result.get("status")
             storage, tid = self._ot_study._storage, frozen._trial_id
@@ -151,15 +157,16 @@ class FikaOptunaSearch(OptunaSearch):
                     if math.isfinite(value):
                         storage.set_trial_intermediate_value(tid, step, value)
                 tell_final(self._ot_study, frozen, status, result.get(self.metric), False)
-                self.adopted += 1
             else:
                 storage.set_trial_user_attr(tid, "fika_status", "failed")
                 storage.set_trial_user_attr(tid, "fika_interrupted", "the driver was killed before Ray recorded it")
                 self._ot_study.tell(frozen.number, state=TrialState.FAIL)
-                if (folder / "config.yaml").exists():  # it ran: a trial of this search, ended as failed
+                if ran:  # a trial of this search, ended as failed
                     write_failed_result(folder, "interrupted: the driver was killed before Ray recorded this trial")
                     interrupted.append(trial_id)
-                    self.adopted += 1
+                else:  # never started: an empty folder (made just before the disk filled) goes
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
         return interrupted
 
     def save(self, checkpoint_path: str) -> None:
@@ -188,13 +195,23 @@ class ResumableConcurrencyLimiter(ConcurrencyLimiter):
 
     Tune saves only the wrapped searcher, so after a resume the limiter knows none of the trials restored from
     the interrupted run, and would drop their completions: the study would keep them RUNNING (and fika's
-    settling would then tell a completed trial FAIL)."""
+    settling would then tell a completed trial FAIL).
+
+    And a trial frees its place even when the searcher fails to take its completion (its storage failed: a full
+    disk, a lost database connection). Tune logs that error and fails the trial; with the place kept, the
+    limiter would hand out no trial once its places were gone, and Tune would wait for one forever.
+    """
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.live_trials:
-            super().on_trial_complete(trial_id, result=result, error=error)
-        else:
+        if trial_id not in self.live_trials:
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        try:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        finally:
+            if trial_id in self.live_trials:
+                self.live_trials.remove(trial_id)
+                self.num_unfinished_live_trials -= 1
 
 
 def restore_tune_state(run_dir: Path) -> None:
@@ -243,6 +260,7 @@ def tell_final(study, trial, status: str, value: float | None, error: bool) -> N
 
 def append_line(path: Path, record: dict) -> None:
     """Appends one JSON line and makes it durable (the searcher's log must survive a killed driver)."""
+    cut_partial_line(path)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()

@@ -30,6 +30,7 @@ import yaml
 from fika.common import (
     LOCK_FILE,
     cache_dir,
+    cut_partial_line,
     exclusive_folder,
     interruption,
     mask_secrets,
@@ -461,6 +462,7 @@ def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: 
                       on_done: Callable[[], None] | None) -> None:  # fmt: skip
     """The body of `run_search` once its folder is held: data, Ray, the fit, the settling of what it left."""
     prepare_search_data(spec, log)  # first: a source that cannot be used leaves no search behind
+    cut_partial_line(directory / "optuna.journal")  # half a line, from a driver that died mid-append (a full disk)
     if state == "new":
         write_atomic(directory / "spec.yaml", spec_yaml(spec))
         write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))

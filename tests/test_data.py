@@ -24,6 +24,7 @@ from fika.sources import (
     load_source,
     read_sharegpt_v3,
     repair,
+    resolve_local_paths,
     standardize_messages,
     standardize_sharegpt,
     standardize_sharegpt_english,
@@ -434,3 +435,24 @@ def test_bad_sources_are_clear_errors(data_files, tmp_path, tiny_tokenizer):
     folder.mkdir()
     with pytest.raises(DataError, match="cannot load it"):
         prepare_data(mix_config(folder), tiny_tokenizer, 256)
+
+
+def test_local_paths_are_made_absolute_and_others_kept(data_files, tmp_path, monkeypatch):
+    """A run records its local sources as absolute paths (its config and a search's best.yaml then name the same
+    files from any folder); the built-in data and hub ids stay as written."""
+    monkeypatch.chdir(data_files["finetome"].parent)
+    data = DataConfig(sources=[DataSource(path=data_files["finetome"].name), DataSource(path="builtin:sharegpt"),
+                               DataSource(path="HuggingFaceH4/ultrachat_200k")],
+                      eval_sources=[DataSource(path=f"./{data_files['ultrachat'].name}")])  # fmt: skip
+    resolved = resolve_local_paths(data)
+    assert [s.path for s in resolved.sources] == [
+        str(data_files["finetome"]),
+        "builtin:sharegpt",
+        "HuggingFaceH4/ultrachat_200k",
+    ]
+    assert [s.path for s in resolved.eval_sources] == [str(data_files["ultrachat"])]
+    assert [s.label(i) for i, s in enumerate(resolved.sources)] == [s.label(i) for i, s in enumerate(data.sources)]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=rf"^data.sources.0.path: 'finetome.parquet' not found in {tmp_path}/elsewhere"):
+        resolve_local_paths(data)

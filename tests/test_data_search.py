@@ -18,7 +18,7 @@ SPEC = REPO / "tests" / "data" / "data-mix-cpu.yaml"
 def test_a_data_mix_search_scores_every_trial_on_one_eval_set(tmp_path, monkeypatch):
     import ray
 
-    monkeypatch.chdir(REPO)  # the spec's data paths are relative to the repository
+    monkeypatch.chdir(REPO)  # the spec's data paths are relative to the repository; the run records them absolute
     monkeypatch.setenv("FIKA_CACHE", str(tmp_path / "cache"))  # a fresh cache: count what is tokenized
     try:
         # FIFO: every trial runs to its final eval (which trials ASHA keeps depends on the order they reach the rung)
@@ -44,7 +44,7 @@ def test_a_data_mix_search_scores_every_trial_on_one_eval_set(tmp_path, monkeypa
         json.loads(line)["path"] for line in (tmp_path / "cache" / "data" / "builds.log").read_text().splitlines()
     ]
     assert sorted(builds) == sorted(
-        f"tests/data/{n}.jsonl" for n in ("finetome", "sharegpt_english", "ultrachat_train_sft")
+        str(REPO / "tests" / "data" / f"{n}.jsonl") for n in ("finetome", "sharegpt_english", "ultrachat_train_sft")
     )
 
     data = {t.name: json.loads((t / "data.json").read_text()) for t in (run / "trials").iterdir()}
@@ -61,6 +61,11 @@ def test_a_data_mix_search_scores_every_trial_on_one_eval_set(tmp_path, monkeypa
     best = yaml.safe_load((report / "best.yaml").read_text())
     winner = pd.read_csv(report / "trials.csv").iloc[0]
     assert best["data"]["sources"][2]["weight"] == json.loads(winner["config"])["data"]["sources"][2]["weight"]
+    monkeypatch.chdir(tmp_path)  # best.yaml names the same files from any folder
+    assert [s["path"] for s in best["data"]["sources"]] == [
+        str(REPO / "tests" / "data" / f"{n}.jsonl") for n in ("finetome", "sharegpt_english", "ultrachat_train_sft")
+    ]
+    assert main(["train", "--config", str(report / "best.yaml"), "--dry-run"]) == 0
 
 
 def test_the_data_mix_spec_validates_and_shows_the_rows_each_extreme_would_use(capsys):

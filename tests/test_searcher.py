@@ -48,6 +48,22 @@ def test_a_trial_restored_by_a_resume_reaches_the_study_through_the_concurrency_
     assert states == {"restored": "COMPLETE", "new": "PRUNED"} and limiter.live_trials == set()
 
 
+def test_a_trial_whose_completion_the_searcher_fails_to_take_frees_its_place(tmp_path):
+    """The study's storage fails as a trial ends (a full disk): Tune logs the error and fails the trial; the place
+    is free again, so the search does not wait forever for a trial the limiter will not hand out."""
+    search = searcher(tmp_path)
+    limiter = ResumableConcurrencyLimiter(search, max_concurrent=1)
+    assert limiter.suggest("a") is not None and limiter.suggest("b") is None  # the one place is taken
+
+    def storage_fails(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    search.on_trial_complete = storage_fails
+    with pytest.raises(OSError):
+        limiter.on_trial_complete("a", {"step": 12, "eval_loss": 2.0})
+    assert limiter.live_trials == set() and limiter.suggest("b") is not None
+
+
 def test_the_study_gets_what_happened_to_each_trial(tmp_path):
     search = searcher(tmp_path, points=[{"train.learning_rate": 2e-4, "lora.r": 8}])
     configs = {t: search.suggest(t) for t in ("a", "b", "c")}
@@ -91,9 +107,10 @@ def test_no_combination_runs_twice_and_the_budget_holds(tmp_path):
 
 def test_after_a_killed_driver_the_study_trials_tune_never_saw_are_settled(tmp_path):
     search = searcher(tmp_path)
-    for trial_id in ("known", "finished", "cut"):
+    for trial_id in ("known", "finished", "cut", "told"):
         search.suggest(trial_id)
-    for trial_id, status in (("finished", "stopped"), ("cut", None)):  # asked after Tune's last save
+    search.on_trial_complete("told", {"step": 12, "eval_loss": 2.5})  # told the study, then Tune's save failed
+    for trial_id, status in (("finished", "stopped"), ("cut", None), ("told", "completed")):  # after Tune's last save
         folder = tmp_path / "trials" / trial_id
         folder.mkdir()
         (folder / "config.yaml").write_text("{}")
@@ -101,12 +118,24 @@ def test_after_a_killed_driver_the_study_trials_tune_never_saw_are_settled(tmp_p
             (folder / "result.json").write_text(json.dumps({"status": status, "eval_losses": {"4": 2.7}}))
         search._ot_trials.pop(trial_id)  # the restored searcher does not know them
     interrupted = search.reconcile()
-    trials = {t.user_attrs["tune_trial_id"]: t for t in search._ot_study.trials}
-    assert interrupted == ["cut"] and search.adopted == 2
+    trials = {t.user_attrs["tune_trial_id"]: t for t in search._ot_study.trials if "fika_repeat_of" not in t.user_attrs}
+    assert interrupted == ["cut"] and search.adopted == 3  # every one that ran counts toward the budget
     assert trials["finished"].state.name == "PRUNED" and trials["cut"].state.name == "FAIL"
+    assert trials["told"].state.name == "COMPLETE"
     assert trials["known"].state.name == "RUNNING"  # Tune will finish it
     assert json.loads((tmp_path / "trials" / "cut" / "result.json").read_text())["status"] == "failed"
     assert {json.dumps(t.params, sort_keys=True) for t in trials.values()} <= set(search.seen)  # never drawn again
+    assert search.reconcile() == [] and search.adopted == 3  # a second resume counts them once
+
+
+def test_a_trial_the_disk_filled_before_it_started_leaves_no_folder_and_no_count(tmp_path):
+    search = searcher(tmp_path)
+    search.suggest("empty")
+    (tmp_path / "trials" / "empty").mkdir()  # made, then the disk was full: not even its config.yaml
+    search._ot_trials.pop("empty")
+    assert search.reconcile() == [] and search.adopted == 0  # another trial takes its place in the budget
+    assert not (tmp_path / "trials" / "empty").exists()
+    assert [t.state.name for t in search._ot_study.trials] == ["FAIL"]
 
 
 @pytest.fixture
@@ -179,3 +208,31 @@ def test_a_local_optuna_search_creates_its_first_trials_together(tmp_path, ray_l
         (tmp_path / name).mkdir()
         pending[name] = _get_max_pending_trials(SearchGenerator(build_searcher(spec, tmp_path / name)))
     assert pending == {"local": 2, "cluster": 1, "capped": 1}  # ray_local: 1 CPU, 1-CPU trials
+
+
+def test_a_journal_cut_mid_line_is_repaired_before_the_study_writes_again(tmp_path):
+    """A full disk (or a kill) mid-append leaves half a line at the journal's end; the next append would run into
+    it and Optuna could read the journal no more. The half line is cut before a resume opens the study."""
+    from optuna.storages.journal import JournalFileBackend
+
+    from fika.common import cut_partial_line
+
+    journal = tmp_path / "optuna.journal"
+
+    def study():
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+        return optuna.create_study(study_name="s", storage=storage, load_if_exists=True)
+
+    study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 6, "worker_id": "w", "trial_id": 2, "sta')  # the disk filled here
+    cut_partial_line(journal)
+    assert journal.read_bytes() == whole
+    cut_partial_line(journal)  # a whole file stays as it is
+    assert journal.read_bytes() == whole
+    study().optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    assert [t.state.name for t in study().trials] == ["COMPLETE"] * 3
+    (tmp_path / "none").write_bytes(b"no newline at all")
+    cut_partial_line(tmp_path / "none")
+    assert (tmp_path / "none").read_bytes() == b""
+    cut_partial_line(tmp_path / "missing")  # nothing to cut

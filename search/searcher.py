@@ -170,16 +170,23 @@ class FikaOptunaSearch(OptunaSearch):
         return interrupted
 
     def save(self, checkpoint_path: str) -> None:
-        """Ray's save, plus one consistent copy of this moment's Tune state files in the run folder."""
+        """Ray's save, plus a copy of Tune's state files in the run folder, written whole (see `restore_tune_state`).
+
+        Ray writes the search generator's state after the searcher's, so the copy holds the previous save's: its
+        counts are behind, which is harmless (the searcher's budget decides how many trials run, and the limiter
+        drops its live trials on restore). A fit's first save has none yet: no copy is written then (a resume
+        without the generator's state would create no trial), and Ray's own files stand until the next save.
+        """
         super().save(checkpoint_path)
         staging, saved = Path(checkpoint_path).parent, Path(checkpoint_path)
         if "-tmp-searcher-state-" not in saved.name:  # not Tune's own save (`.<uuid>-tmp-searcher-state-<session>.pkl`)
             return
         session = saved.name.split("-tmp-searcher-state-", 1)[1].removesuffix(".pkl")
+        names = (f"experiment_state-{session}.json", f"search_gen_state-{session}.json")
+        if not all((staging / name).exists() for name in names):
+            return
         files = {f"searcher-state-{session}.pkl": saved.read_bytes()}
-        for name in (f"experiment_state-{session}.json", f"search_gen_state-{session}.json"):
-            if (staging / name).exists():  # the search generator's state is the previous save's: harmless
-                files[name] = (staging / name).read_bytes()
+        files.update({name: (staging / name).read_bytes() for name in names})
         write_atomic(Path(self.run_dir) / TUNE_STATE, pickle.dumps(files))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -193,14 +200,19 @@ TUNE_STATE = "tune-state.pkl"
 class ResumableConcurrencyLimiter(ConcurrencyLimiter):
     """Tune's ConcurrencyLimiter, except that the completion of a trial it did not suggest reaches the searcher.
 
-    Tune saves only the wrapped searcher, so after a resume the limiter knows none of the trials restored from
-    the interrupted run, and would drop their completions: the study would keep them RUNNING (and fika's
-    settling would then tell a completed trial FAIL).
+    After a resume the limiter knows none of the trials restored from the interrupted run (`set_state`), and
+    Tune's own limiter would drop their completions: the study would keep them RUNNING (and fika's settling
+    would then tell a completed trial FAIL).
 
     And a trial frees its place even when the searcher fails to take its completion (its storage failed: a full
     disk, a lost database connection). Tune logs that error and fails the trial; with the place kept, the
     limiter would hand out no trial once its places were gone, and Tune would wait for one forever.
     """
+
+    def set_state(self, state: dict) -> None:
+        """Restores the limiter, without its live trials: they are the ones of Tune's save before last (see
+        `FikaOptunaSearch.save`), and one that has ended since would hold its place forever."""
+        super().set_state({**state, "live_trials": set(), "num_unfinished_live_trials": 0})
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self.live_trials:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import optuna
@@ -62,6 +63,33 @@ def test_a_trial_whose_completion_the_searcher_fails_to_take_frees_its_place(tmp
     with pytest.raises(OSError):
         limiter.on_trial_complete("a", {"step": 12, "eval_loss": 2.0})
     assert limiter.live_trials == set() and limiter.suggest("b") is not None
+
+
+def test_a_resume_restores_the_limiter_without_the_live_trials_of_an_old_save(tmp_path):
+    """The limiter's state comes from Tune's save before last: a trial live then may have ended since, and would
+    hold its place forever (with every place held, Tune waits for a trial that never comes)."""
+    limiter = ResumableConcurrencyLimiter(searcher(tmp_path), max_concurrent=1)
+    assert limiter.suggest("a") is not None
+    state = limiter.get_state()
+    restored = ResumableConcurrencyLimiter(searcher(tmp_path / "b"), max_concurrent=1)
+    restored.set_state(state)
+    assert restored.live_trials == set() and restored.suggest("b") is not None
+
+
+def test_the_copy_of_tunes_state_is_written_only_with_the_search_generators(tmp_path):
+    """Ray writes the search generator's state after the searcher's; at a fit's first save it does not exist yet,
+    and a copy without it would resume into a search that creates no more trials."""
+    from fika.search.searcher import TUNE_STATE
+
+    search, staging = searcher(tmp_path), tmp_path / "staging"
+    staging.mkdir()
+    (staging / "experiment_state-s1.json").write_text("{}")
+    search.save(str(staging / ".u1-tmp-searcher-state-s1.pkl"))
+    assert not (tmp_path / TUNE_STATE).exists()  # the first save: Ray's own files stand
+    (staging / "search_gen_state-s1.json").write_bytes(b"gen")
+    search.save(str(staging / ".u2-tmp-searcher-state-s1.pkl"))
+    files = pickle.loads((tmp_path / TUNE_STATE).read_bytes())
+    assert sorted(files) == ["experiment_state-s1.json", "search_gen_state-s1.json", "searcher-state-s1.pkl"]
 
 
 def test_the_study_gets_what_happened_to_each_trial(tmp_path):

@@ -74,6 +74,18 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
+def with_absolute_data_paths(saved: dict) -> dict:
+    """A saved spec with its local data paths made absolute against the current folder, as `fika search` now records
+    them (a search saved by an earlier fika holds them as written), so that such a search can still be resumed."""
+    data = (saved.get("base") or {}).get("data") if isinstance(saved, dict) else None
+    for key in ("sources", "eval_sources"):
+        for source in (data.get(key) or []) if isinstance(data, dict) else []:
+            path = source.get("path") if isinstance(source, dict) else None
+            if isinstance(path, str) and not path.startswith("builtin:") and os.path.exists(os.path.expanduser(path)):
+                source["path"] = os.path.abspath(os.path.expanduser(path))
+    return saved
+
+
 def spec_differences(old: dict, new: dict) -> list[str]:
     """The keys whose values differ between two resolved specs (settings that do not change results ignored)."""
     a, b = flatten(old), flatten(new)
@@ -103,7 +115,7 @@ def folder_state(spec: SearchSpec, directory: Path, resume: bool) -> str:
         old = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError):
         old = None
-    differences = spec_differences(old or {}, spec_dict(spec))
+    differences = spec_differences(with_absolute_data_paths(old or {}), spec_dict(spec))
     if differences:
         raise ConfigError(
             f"name: {spec.name!r} already has a search in {directory} with another spec ({'; '.join(differences[:6])}"

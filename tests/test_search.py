@@ -465,3 +465,29 @@ def test_trials_read_a_relative_data_path_from_the_drivers_folder(tmp_path, monk
         ray.shutdown()
     results = trial_results(tmp_path / "smoke")
     assert len(results) == 2 and {r["status"] for r in results.values()} <= {"completed", "stopped"}, results
+
+
+def test_a_search_saved_with_relative_data_paths_still_resumes(tmp_path, monkeypatch):
+    """A search saved by an earlier fika holds its local data paths as written; `fika search` now records them
+    absolute, and the saved spec still matches from the folder it ran in (and only there)."""
+    from fika.config import ConfigError
+    from fika.search.tuner import folder_state, spec_yaml
+    from fika.sources import resolve_local_paths
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(REPO / "tests" / "data" / "finetome.jsonl", tmp_path / "data" / "chat.jsonl")
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(str(SMOKE), ["base.data.sources=[{path: data/chat.jsonl}]", f"storage={tmp_path}"])
+    run = tmp_path / "smoke"
+    run.mkdir()
+    (run / "spec.yaml").write_text(spec_yaml(spec))  # as an earlier fika saved it: the path as written
+    (run / "run.json").write_text("{}")
+    resolved = spec.model_copy(
+        update={"base": spec.base.model_copy(update={"data": resolve_local_paths(spec.base.data)})}
+    )
+    assert resolved.base.data.sources[0].path == str(tmp_path / "data" / "chat.jsonl")
+    assert folder_state(resolved, run, resume=True) == "new"  # the same spec (no Tune state to restore here)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # from another folder, the saved path names another file
+    with pytest.raises(ConfigError, match="with another spec"):
+        folder_state(resolved, run, resume=True)

@@ -10,8 +10,10 @@ Ray internals used (checked by tests/test_searcher.py against the installed Ray)
   writes them in a driver staging folder and copies them into storage without an atomic rename, so a driver
   killed mid-copy leaves them cut short; `FikaOptunaSearch.save` keeps one consistent copy of them in the run
   folder (written atomically) and `restore_tune_state` puts it back before a resume;
-- `ConcurrencyLimiter.live_trials` (the trials it suggested and that have not completed): its state is not
-  saved with the searcher, so after a resume a restored trial's completion would not reach the searcher;
+- `ConcurrencyLimiter.live_trials` and `.num_unfinished_live_trials` (the trials it suggested and that have
+  not completed) and its `set_state`: Tune saves them with the search generator's state, one save behind, so
+  fika restores the limiter without them, passes a restored trial's completion through, and frees a trial's
+  place even when the searcher fails to take its completion;
 - `MLflowLoggerCallback._trial_runs`, `.tags` and `.mlflow_util`, to log a trial's params under names MLflow
   accepts (a paired key `lora.r,lora.alpha` becomes `lora.r:lora.alpha`).
 Optuna internals: `Study._storage` and `Trial._trial_id`, to read and mark trials by their storage id.

@@ -33,6 +33,9 @@ def test_the_ray_internals_fika_uses_exist(tmp_path):
     assert isinstance(search._completed_trials, set)
     search.suggest("a")
     assert isinstance(search._ot_trials["a"], optuna.Trial) and search._ot_trials["a"]._trial_id is not None
+    limiter = ResumableConcurrencyLimiter(search, max_concurrent=2)
+    assert limiter.suggest("b") is not None and limiter.live_trials == {"b"} and limiter.num_unfinished_live_trials == 1
+    assert {"live_trials", "num_unfinished_live_trials"} <= set(limiter.get_state())  # what set_state restores
 
 
 def test_a_trial_restored_by_a_resume_reaches_the_study_through_the_concurrency_limiter(tmp_path):

@@ -122,8 +122,9 @@ def test_search_on_a_multi_node_cluster(tmp_path):
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         args = ["search", str(SMOKE), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}", "num_samples=6"]
-        # trials of ~1.5 s, none stopped: a node whose worker starts ~3 s after the other's still gets trials
-        args += ["base.train.max_steps=48", "scheduler.kind=fifo"]
+        # trials of ~4 s, none stopped: a node whose worker starts seconds after the other's (under the load of the
+        # whole suite, up to ~6 s) still gets trials; with ~1.5 s trials one node once ran all six
+        args += ["base.train.max_steps=144", "scheduler.kind=fifo"]
         assert main([*args, "--address", cluster.address]) == 0
         assert len({r["node"] for r in tune_results(tmp_path / "smoke")}) == 2
         assert len(trial_results(tmp_path / "smoke")) == 6

@@ -77,12 +77,18 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def with_absolute_data_paths(saved: dict) -> dict:
     """A saved spec with its local data paths made absolute against the current folder, as `fika search` now records
     them (a search saved by an earlier fika holds them as written), so that such a search can still be resumed."""
+    from fika.sources import DataError, local_path
+
     data = (saved.get("base") or {}).get("data") if isinstance(saved, dict) else None
     for key in ("sources", "eval_sources"):
         for source in (data.get(key) or []) if isinstance(data, dict) else []:
             path = source.get("path") if isinstance(source, dict) else None
-            if isinstance(path, str) and not path.startswith("builtin:") and os.path.exists(os.path.expanduser(path)):
-                source["path"] = os.path.abspath(os.path.expanduser(path))
+            try:
+                found = local_path(path) if isinstance(path, str) else None
+            except DataError:  # gone: the comparison then names it
+                found = None
+            if found is not None:
+                source["path"] = os.path.abspath(found)
     return saved
 
 
@@ -485,9 +491,8 @@ def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: 
         with recorded_fit(directory, spec), stopping_gracefully(directory):
             tuner.fit()
     except Exception:
-        with contextlib.suppress(
-            Exception
-        ):  # a Ray this call started ends with it (a later search here starts its own)
+        # a Ray this call started ends with it (a later search in this process starts its own)
+        with contextlib.suppress(Exception):
             end_ray(connected, None)
         raise
     settle(spec, directory)

@@ -174,6 +174,8 @@ def read_source(
                 standardized.append(repair(standardize(rows[i][column])))
             except Dropped as drop:
                 standardized.append(drop)
+            except UnicodeDecodeError:  # a local file's row whose bytes are not UTF-8 (Arrow keeps them as read)
+                standardized.append(Dropped("malformed"))
         conversations = [item[0] for item in standardized if not isinstance(item, Dropped)]
         tokens = iter(chat_tokens(tokenizer, conversations, max_length + 1))  # one past the limit: tells a cut
         for item in standardized:

@@ -206,7 +206,10 @@ def detect_format(columns: list[str], rows: Sequence[dict], path: str) -> str:
         return "messages"
     if "conversations" in columns:
         for i in range(min(len(rows), 100)):
-            turns = rows[i]["conversations"]
+            try:
+                turns = rows[i]["conversations"]
+            except UnicodeDecodeError:  # text that is not UTF-8: the row is dropped as malformed when read
+                continue
             if turns and isinstance(turns, list) and isinstance(turns[0], dict):
                 if {"from", "value"} <= turns[0].keys():
                     return "sharegpt"

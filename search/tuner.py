@@ -345,7 +345,7 @@ def check_address(address: str) -> None:
 
 
 def connect_ray(spec: SearchSpec, address: str | None) -> bool:
-    """Joins the given cluster (or an already started instance), or starts a local Ray; checks GPUs.
+    """Joins the given cluster (or an already started instance), or starts a local Ray; checks that a trial fits.
 
     Returns whether this call connected (the caller then shuts down what it started: `ray.shutdown()`).
     """
@@ -370,13 +370,29 @@ def connect_ray(spec: SearchSpec, address: str | None) -> bool:
                 ) from None
         if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)  # Ray's own handler dumps a stack and dies; keep the caller's
+    try:
+        check_trial_fits(spec, local=address is None)
+    except ConfigError:
+        if connected:
+            ray.shutdown()
+        raise
+    return connected
+
+
+def check_trial_fits(spec: SearchSpec, local: bool) -> None:
+    """Refuses a trial that no node of the connected Ray can hold (Tune would wait for it forever)."""
+    import ray
+
     gpus = ray.cluster_resources().get("GPU", 0)
     if spec.resources.gpu > gpus:
         raise ConfigError(
             f"resources.gpu: {spec.resources.gpu:g} is not allowed: the Ray cluster has {gpus:g} GPUs "
             "(set resources.gpu: 0 for CPU trials)"
         )
-    return connected
+    cpus = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+    if spec.resources.cpu > cpus:
+        where = "this machine has" if local else "a trial runs on one node, and the largest of the Ray cluster has"
+        raise ConfigError(f"resources.cpu: {spec.resources.cpu:g} is not allowed: {where} {cpus:g} CPUs")
 
 
 def prepare_search_data(spec: SearchSpec, log: Callable[[str], None]) -> dict:
@@ -481,12 +497,12 @@ def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: 
     """The body of `run_search` once its folder is held: data, Ray, the fit, the settling of what it left."""
     prepare_search_data(spec, log)  # first: a source that cannot be used leaves no search behind
     cut_partial_line(directory / "optuna.journal")  # half a line, from a driver that died mid-append (a full disk)
-    if state == "new":
-        write_atomic(directory / "spec.yaml", spec_yaml(spec))
-        write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
-    connected = connect_ray(spec, spec.address)
+    connected = connect_ray(spec, spec.address)  # before the search is written: a cluster that refuses leaves none
     started = time.time()
     try:
+        if state == "new":
+            write_atomic(directory / "spec.yaml", spec_yaml(spec))
+            write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
         tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
         with recorded_fit(directory, spec), stopping_gracefully(directory):
             tuner.fit()

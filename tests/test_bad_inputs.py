@@ -264,6 +264,11 @@ CASES: list[tuple[str, str, bool]] = [
     ("search smoke storage=fresh resources.gpu=1", r"^resources.gpu: 1 is not allowed: this machine has no GPU", False),
     ("search smoke storage=fresh resources.cpu=0", r"^resources.cpu: 0 is not allowed", False),
     (
+        "search smoke storage=fresh resources.cpu=512",
+        r"^resources.cpu: 512 is not allowed: this machine has \d+ CPUs",
+        True,
+    ),
+    (
         "search smoke space.lora.dropout.choice=[0.0, 1.5]",
         r"^space.lora.dropout: lora.dropout: 1.5 is not allowed",
         False,

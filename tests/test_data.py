@@ -437,6 +437,21 @@ def test_bad_sources_are_clear_errors(data_files, tmp_path, tiny_tokenizer):
         prepare_data(mix_config(folder), tiny_tokenizer, 256)
 
 
+def test_rows_that_are_not_utf8_are_dropped_as_malformed(tmp_path, tiny_tokenizer):
+    """Arrow keeps a JSON file's bytes as read: a row that is not UTF-8 fails only when it is read."""
+    path = tmp_path / "latin1.jsonl"
+    bad = '{"conversations": [{"from": "human", "value": "caf\xe9?"}, {"from": "gpt", "value": "oui"}]}\n'
+    good = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "answer"}]}
+            for i in range(4)]  # fmt: skip
+    path.write_bytes(bad.encode("latin-1") + "".join(json.dumps(row) + "\n" for row in good).encode())
+    mix = prepare_data(mix_config(path, eval_size=1), tiny_tokenizer, 256)
+    source = mix.sources[0]
+    assert source.rows_in == 5 and source.dropped["malformed"] == 1 and source.eval + source.train == 4
+    path.write_bytes(bad.encode("latin-1"))  # nothing readable: an error with the reason, not a traceback
+    with pytest.raises(DataError, match="no usable conversations .* malformed 1"):
+        prepare_data(mix_config(path, eval_size=1), tiny_tokenizer, 256)
+
+
 def test_local_paths_are_made_absolute_and_others_kept(data_files, tmp_path, monkeypatch):
     """A run records its local sources as absolute paths (its config and a search's best.yaml then name the same
     files from any folder); the built-in data and hub ids stay as written."""

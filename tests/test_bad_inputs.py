@@ -264,7 +264,7 @@ CASES: list[tuple[str, str, bool]] = [
     ("search smoke storage=fresh resources.gpu=1", r"^resources.gpu: 1 is not allowed: this machine has no GPU", False),
     ("search smoke storage=fresh resources.cpu=0", r"^resources.cpu: 0 is not allowed", False),
     (
-        "search smoke storage=fresh resources.cpu=512",
+        "search smoke storage=refused resources.cpu=512",
         r"^resources.cpu: 512 is not allowed: this machine has \d+ CPUs",
         True,
     ),

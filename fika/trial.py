@@ -74,6 +74,7 @@ class TrialResult:
     trainable_params: int = 0
     total_params: int = 0
     device: str = "cpu"
+    cpu_threads: int = 0  # torch's intra-op threads
     quantized: bool = False
     data_fingerprint: str = ""
     output_dir: str = ""
@@ -576,6 +577,7 @@ def train_in_folder(
     if checkpoint is not None:
         trial.restore(int(checkpoint.name.split("-")[1]))
     trial.result.device = device = device_kind()
+    trial.result.cpu_threads = torch.get_num_threads()
     trial.result.quantized = wants_4bit(config.model)
     trial.result.data_fingerprint = mix.fingerprint
     reset_peak_memory(device)
@@ -655,6 +657,7 @@ def format_result(result: TrialResult) -> str:
         f"status      {result.status}" + (f" ({result.error})" if result.error else ""),
         f"steps       {result.steps}/{result.max_steps} on {result.device}"
         + (" (4-bit)" if result.quantized else "")
+        + (f", torch threads {result.cpu_threads}" if result.device == "cpu" and result.cpu_threads else "")
         + (f", resumed at step {result.resumed_from}" if result.resumed_from else ""),
         f"train loss  {train}",
         f"eval loss   {evals}",

@@ -14,6 +14,9 @@ Ray internals used (checked by tests/test_searcher.py against the installed Ray)
   not completed) and its `set_state`: Tune saves them with the search generator's state, one save behind, so
   fika restores the limiter without them, passes a restored trial's completion through, and frees a trial's
   place even when the searcher fails to take its completion;
+- `ray.tune.execution.class_cache.DEFAULT_ENV_VARS` and `.ENV_VARS_TO_PROPAGATE`, the variables Tune puts in
+  its trainable actors' runtime env; emptied during a fit on a Ray this process started, whose workers already
+  have them (`actors_in_prestarted_workers`);
 - `MLflowLoggerCallback._trial_runs`, `.tags` and `.mlflow_util`, to log a trial's params under names MLflow
   accepts (a paired key `lora.r,lora.alpha` becomes `lora.r:lora.alpha`).
 Optuna internals: `Study._storage` and `Trial._trial_id`, to read and mark trials by their storage id.
@@ -279,6 +282,28 @@ def append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def actors_in_prestarted_workers():
+    """Has Tune create its trainable actors with no runtime env of their own, so that Ray gives them the workers it
+    started (and that imported the trial's libraries, `fika.search.worker`) instead of new processes.
+
+    Tune gives every trainable actor a runtime env holding `PL_DISABLE_FORK` and the variables of the driver it
+    propagates, and Ray never hands an actor with a runtime env a worker started without it. For a Ray this process
+    started, its workers inherit this process's environment, so the runtime env adds nothing: `connect_ray` puts
+    `PL_DISABLE_FORK` there before starting Ray, and this empties Tune's two lists during the fit.
+    """
+    from ray.tune.execution import class_cache
+
+    defaults, propagated = dict(class_cache.DEFAULT_ENV_VARS), class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.DEFAULT_ENV_VARS.clear()
+    class_cache.ENV_VARS_TO_PROPAGATE = set()
+    try:
+        yield
+    finally:
+        class_cache.DEFAULT_ENV_VARS.update(defaults)
+        class_cache.ENV_VARS_TO_PROPAGATE = propagated
 
 
 def with_callbacks(tuner, callbacks: list):

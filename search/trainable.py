@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import socket
@@ -72,9 +73,14 @@ class FikaTrainable(tune.Trainable):
         if ray.get_runtime_context().get_actor_id() is not None:  # a worker that runs only this search's trials
             if cwd and os.path.isdir(cwd):  # the driver's folder (on a node that has it): relative data paths hold
                 os.chdir(cwd)
+            import torch
+
             from fika.model import hide_libraries
 
             hide_libraries(unused_libraries(self.spec))
+            # a worker that imported torch before it was given this trial's CPUs (fika.search.worker) has one thread
+            # per core; two such trials on the same cores would slow each other down several times over
+            torch.set_num_threads(max(1, math.floor(self.spec.resources.cpu)))
         if 0 < self.spec.resources.gpu < 1:  # a shared GPU: this trial may use its share, no more
             import torch
 

@@ -359,7 +359,8 @@ def connect_ray(spec: SearchSpec, address: str | None) -> bool:
     if connected:
         if address is None:
             os.environ.update(WORKER_ENV_VARS)
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            with environment(local_ray_environment(spec)):  # the raylet, and through it the workers, inherit it
+                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         else:
             try:
                 runtime_env = {"env_vars": WORKER_ENV_VARS}
@@ -377,6 +378,45 @@ def connect_ray(spec: SearchSpec, address: str | None) -> bool:
             ray.shutdown()
         raise
     return connected
+
+
+def local_ray_environment(spec: SearchSpec) -> dict[str, str]:
+    """The variables a search's local Ray starts with (its raylet, and through it its workers, inherit them).
+
+    Ray starts one worker per CPU with itself, and Tune's trainable actors take them (`actors_in_prestarted_workers`,
+    which needs the variable Tune would give them in a runtime env here). On a machine without a CUDA device those
+    workers import the trial's libraries (`fika.search.worker`, without the ones no trial needs) while the driver
+    reads the data, so the first trials start without 6-8 s of imports in their slots. Not with CUDA: a library that
+    asks for the GPUs at import would fix the worker's devices before Ray sets its trial's CUDA_VISIBLE_DEVICES.
+    Ray kills a worker idle for 1 s once its workers outnumber its free CPUs, which Tune's first placement groups
+    take; a prestarted worker was killed that way in the moment before the first actors claimed it (5 of 13 tries;
+    0 of 13 with 60 s), so the wait is 60 s here.
+    """
+    from ray.tune.execution.class_cache import DEFAULT_ENV_VARS
+
+    from fika.model import device_kind
+    from fika.search.trainable import unused_libraries
+
+    values = {**DEFAULT_ENV_VARS, "RAY_idle_worker_killing_time_threshold_ms": "60000"}
+    if device_kind() == "cpu":
+        values.update(RAY_preload_python_modules="fika.search.worker",
+                      FIKA_HIDE_LIBRARIES=",".join(unused_libraries(spec)))  # fmt: skip
+    return values
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Sets these environment variables in this process for the duration, then puts back what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_trial_fits(spec: SearchSpec, local: bool) -> None:
@@ -495,16 +535,21 @@ def run_search(
 def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: list, log: Callable[[str], None],
                       on_done: Callable[[], None] | None) -> None:  # fmt: skip
     """The body of `run_search` once its folder is held: data, Ray, the fit, the settling of what it left."""
-    prepare_search_data(spec, log)  # first: a source that cannot be used leaves no search behind
-    cut_partial_line(directory / "optuna.journal")  # half a line, from a driver that died mid-append (a full disk)
-    connected = connect_ray(spec, spec.address)  # before the search is written: a cluster that refuses leaves none
+    # Ray first: a local Ray's workers import the trial's libraries while this process reads the data
+    connected = connect_ray(spec, spec.address)
     started = time.time()
     try:
+        prepare_search_data(spec, log)  # before the search is written: a source that cannot be used leaves none
+        cut_partial_line(directory / "optuna.journal")  # half a line, from a driver that died mid-append (a full disk)
         if state == "new":
             write_atomic(directory / "spec.yaml", spec_yaml(spec))
             write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
         tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
-        with recorded_fit(directory, spec), stopping_gracefully(directory):
+        from fika.search.searcher import actors_in_prestarted_workers
+
+        local = connected and spec.address is None
+        prestarted = actors_in_prestarted_workers() if local else contextlib.nullcontext()
+        with recorded_fit(directory, spec), stopping_gracefully(directory), prestarted:
             tuner.fit()
     except Exception:
         # a Ray this call started ends with it (a later search in this process starts its own)

@@ -58,6 +58,8 @@ def test_the_study_tells_what_the_report_shows(smoke_report):
     assert len(results) == 8
     statuses = [r["status"] for r in results.values()]
     assert "stopped" in statuses and "completed" in statuses
+    # each trial used its one CPU, also in a worker that imported torch before Ray gave it the trial (2 threads)
+    assert {r["cpu_threads"] for r in results.values()} == {1}
     for r in results.values():
         if r["status"] == "completed":
             assert r["steps"] == 12 and sorted(r["eval_losses"], key=int) == ["12"]  # rungs decide on train loss
@@ -170,6 +172,45 @@ def test_a_search_worker_hides_the_libraries_its_trials_do_not_use():
     searched = yaml.safe_load(SMOKE.read_text())
     searched["space"]["model.load_in_4bit"] = {"choice": [False, True]}
     assert unused_libraries(SearchSpec.model_validate(searched)) == ["wandb"]
+
+
+def test_a_local_searchs_first_trials_run_in_the_workers_ray_started_with_their_libraries(tmp_path, ray_shutdown):
+    """The Ray a search starts has one worker per CPU import the trial's libraries (without the ones its trials do
+    not use) while the driver reads the data; the first trials' actors run in those processes, not in new ones."""
+    import psutil
+    import ray
+    from ray import tune
+
+    from fika.search.searcher import actors_in_prestarted_workers
+    from fika.search.tuner import connect_ray
+
+    class Probe(tune.Trainable):
+        def setup(self, config: dict) -> None:
+            self.facts = {"pid": os.getpid(), "preloaded": "fika.search.worker" in sys.modules and "trl" in sys.modules,
+                          "hidden": sys.modules.get("wandb", "absent") is None}  # fmt: skip
+
+        def step(self) -> dict:
+            return {**self.facts, "done": True}
+
+    def idle_workers() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0] == "ray::IDLE"}
+
+    assert not ray.is_initialized()
+    connect_ray(load_spec(SMOKE, [f"storage={tmp_path}", "resources.cpu=1"]), None)
+    assert "RAY_preload_python_modules" not in os.environ  # only Ray's own processes were started with it
+    deadline = time.time() + 60
+    while len(idle_workers()) < 2 and time.time() < deadline:  # Ray starts them as the driver reads the data
+        time.sleep(0.2)
+    prestarted = idle_workers()
+    with actors_in_prestarted_workers():
+        results = tune.Tuner(
+            tune.with_resources(Probe, {"cpu": 1}),
+            param_space={"a": tune.grid_search([1, 2])},
+            run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+        ).fit()
+    facts = [result.metrics for result in results]
+    assert [f["preloaded"] and f["hidden"] for f in facts] == [True, True]
+    assert {f["pid"] for f in facts} == prestarted and len(prestarted) == 2
 
 
 def test_a_reused_worker_reports_each_trials_own_peak(tmp_path, ray_shutdown):

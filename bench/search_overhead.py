@@ -222,9 +222,10 @@ def main() -> None:
     fika.update(before_fit=before)
     summary = {"fika": fika}
     if args.naive:
-        from fika.search.tuner import connect_ray
+        import ray
 
-        connect_ray(spec, None)  # the same local Ray as fika's search (which shut its own down)
+        # a local Ray started the usual way: fika's own has its workers import fika's trial libraries in advance
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         naive_run, naive_fit = run_naive(spec, run, storage, slots)
         rows = naive_rows(naive_run)
         slot = naive_fit * slots

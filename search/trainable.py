@@ -53,11 +53,12 @@ def finished_trial(directory: Path) -> tuple[dict, TrialResult] | None:
 
 
 def unused_libraries(spec: SearchSpec) -> list[str]:
-    """The optional libraries no trial of this search needs in this process: wandb when the trials do not report
-    to it, bitsandbytes when they run on a CPU and none loads 4-bit weights (a CPU trial's 8-bit AdamW is AdamW)."""
+    """The optional libraries no worker of this search needs: wandb when neither the trials nor the search's
+    trackers (whose wandb logger runs in Ray actors) report to it, bitsandbytes when the trials run on a CPU and none
+    loads 4-bit weights (a CPU trial's 8-bit AdamW is AdamW)."""
     from fika.model import device_kind
 
-    unused = [] if "wandb" in spec.base.train.report_to else ["wandb"]
+    unused = [] if "wandb" in (*spec.base.train.report_to, *spec.trackers) else ["wandb"]
     searched = any(part == "model.load_in_4bit" for key in spec.space for part in split_key(key))
     if not searched and spec.base.model.load_in_4bit is not True and device_kind() == "cpu":
         unused.append("bitsandbytes")
@@ -68,24 +69,21 @@ class FikaTrainable(tune.Trainable):
     """Runs one fika trial per Tune trial; see the module docstring."""
 
     def setup(self, config: dict, spec: dict, run_dir: str, cwd: str | None = None) -> None:
+        import torch
+
         self.spec = SearchSpec.model_validate(spec)
         self.run_dir = Path(run_dir)
         if ray.get_runtime_context().get_actor_id() is not None:  # a worker that runs only this search's trials
             if cwd and os.path.isdir(cwd):  # the driver's folder (on a node that has it): relative data paths hold
                 os.chdir(cwd)
-            import torch
-
             from fika.model import hide_libraries
 
             hide_libraries(unused_libraries(self.spec))
             # a worker that imported torch before it was given this trial's CPUs (fika.search.worker) has one thread
             # per core; two such trials on the same cores would slow each other down several times over
             torch.set_num_threads(max(1, math.floor(self.spec.resources.cpu)))
-        if 0 < self.spec.resources.gpu < 1:  # a shared GPU: this trial may use its share, no more
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.set_per_process_memory_fraction(self.spec.resources.gpu)
+        if 0 < self.spec.resources.gpu < 1 and torch.cuda.is_available():  # a shared GPU: its share, no more
+            torch.cuda.set_per_process_memory_fraction(self.spec.resources.gpu)
         self.thread: threading.Thread | None = None
         self.pending: dict | None = config  # the trial to start at the next step() call
 

@@ -384,10 +384,12 @@ def local_ray_environment(spec: SearchSpec) -> dict[str, str]:
     """The variables a search's local Ray starts with (its raylet, and through it its workers, inherit them).
 
     Ray starts one worker per CPU with itself, and Tune's trainable actors take them (`actors_in_prestarted_workers`,
-    which needs the variable Tune would give them in a runtime env here). On a machine without a CUDA device those
-    workers import the trial's libraries (`fika.search.worker`, without the ones no trial needs) while the driver
-    reads the data, so the first trials start without 6-8 s of imports in their slots. Not with CUDA: a library that
-    asks for the GPUs at import would fix the worker's devices before Ray sets its trial's CUDA_VISIBLE_DEVICES.
+    which needs the variable Tune would give them in a runtime env here). When each of those workers will run a
+    trial (trials of at most one CPU, at least as many at once as the machine has CPUs: an idle one would hold
+    about 400 MB) and the machine has no CUDA device, they import the trial's libraries (`fika.search.worker`,
+    without the ones no trial needs) while the driver reads the data, so the first trials start without 6-8 s of
+    imports in their slots. Not with CUDA: a library that asks for the GPUs at import would fix the worker's
+    devices before Ray sets its trial's CUDA_VISIBLE_DEVICES.
     Ray kills a worker idle for 1 s once its workers outnumber its free CPUs, which Tune's first placement groups
     take; a prestarted worker was killed that way in the moment before the first actors claimed it (5 of 13 tries;
     0 of 13 with 60 s), so the wait is 60 s here.
@@ -398,7 +400,8 @@ def local_ray_environment(spec: SearchSpec) -> dict[str, str]:
     from fika.search.trainable import unused_libraries
 
     values = {**DEFAULT_ENV_VARS, "RAY_idle_worker_killing_time_threshold_ms": "60000"}
-    if device_kind() == "cpu":
+    at_once = min(spec.num_trials(), spec.max_concurrent or spec.num_trials())
+    if spec.resources.cpu <= 1 and at_once >= (os.cpu_count() or 1) and device_kind() == "cpu":
         values.update(RAY_preload_python_modules="fika.search.worker",
                       FIKA_HIDE_LIBRARIES=",".join(unused_libraries(spec)))  # fmt: skip
     return values
@@ -534,7 +537,9 @@ def run_search(
 
 def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: list, log: Callable[[str], None],
                       on_done: Callable[[], None] | None) -> None:  # fmt: skip
-    """The body of `run_search` once its folder is held: data, Ray, the fit, the settling of what it left."""
+    """The body of `run_search` once its folder is held: Ray, data, the fit, the settling of what it left."""
+    from fika.search.searcher import actors_in_prestarted_workers
+
     # Ray first: a local Ray's workers import the trial's libraries while this process reads the data
     connected = connect_ray(spec, spec.address)
     started = time.time()
@@ -545,8 +550,6 @@ def search_to_its_end(spec: SearchSpec, directory: Path, state: str, callbacks: 
             write_atomic(directory / "spec.yaml", spec_yaml(spec))
             write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
         tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
-        from fika.search.searcher import actors_in_prestarted_workers
-
         local = connected and spec.address is None
         prestarted = actors_in_prestarted_workers() if local else contextlib.nullcontext()
         with recorded_fit(directory, spec), stopping_gracefully(directory), prestarted:

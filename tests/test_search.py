@@ -169,6 +169,7 @@ def test_a_search_worker_hides_the_libraries_its_trials_do_not_use():
     cpu = not torch.cuda.is_available()
     assert unused_libraries(load_spec(SMOKE, [])) == (["wandb", "bitsandbytes"] if cpu else ["wandb"])
     assert unused_libraries(load_spec(SMOKE, ["base.model.load_in_4bit=true", "base.train.report_to=[wandb]"])) == []
+    assert "wandb" not in unused_libraries(load_spec(SMOKE, ["trackers=[wandb]"]))  # its logger runs in Ray actors
     searched = yaml.safe_load(SMOKE.read_text())
     searched["space"]["model.load_in_4bit"] = {"choice": [False, True]}
     assert unused_libraries(SearchSpec.model_validate(searched)) == ["wandb"]
@@ -179,10 +180,15 @@ def test_a_local_searchs_first_trials_run_in_the_workers_ray_started_with_their_
     not use) while the driver reads the data; the first trials' actors run in those processes, not in new ones."""
     import psutil
     import ray
+    import torch
     from ray import tune
 
     from fika.search.searcher import actors_in_prestarted_workers
     from fika.search.tuner import connect_ray
+
+    spec = load_spec(SMOKE, [f"storage={tmp_path}", "resources.cpu=1", "num_samples=256"])
+    if torch.cuda.is_available() or (os.cpu_count() or 1) > spec.num_trials():
+        pytest.skip("the workers import in advance without CUDA, and when each will run a trial")
 
     class Probe(tune.Trainable):
         def setup(self, config: dict) -> None:
@@ -196,7 +202,7 @@ def test_a_local_searchs_first_trials_run_in_the_workers_ray_started_with_their_
         return {p.pid for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0] == "ray::IDLE"}
 
     assert not ray.is_initialized()
-    connect_ray(load_spec(SMOKE, [f"storage={tmp_path}", "resources.cpu=1"]), None)
+    connect_ray(spec, None)
     assert "RAY_preload_python_modules" not in os.environ  # only Ray's own processes were started with it
     deadline = time.time() + 60
     while len(idle_workers()) < 2 and time.time() < deadline:  # Ray starts them as the driver reads the data
@@ -210,7 +216,8 @@ def test_a_local_searchs_first_trials_run_in_the_workers_ray_started_with_their_
         ).fit()
     facts = [result.metrics for result in results]
     assert [f["preloaded"] and f["hidden"] for f in facts] == [True, True]
-    assert {f["pid"] for f in facts} == prestarted and len(prestarted) == 2
+    pids = {f["pid"] for f in facts}
+    assert len(pids) == 2 and pids <= prestarted
 
 
 def test_a_reused_worker_reports_each_trials_own_peak(tmp_path, ray_shutdown):

@@ -390,9 +390,9 @@ def local_ray_environment(spec: SearchSpec) -> dict[str, str]:
     without the ones no trial needs) while the driver reads the data, so the first trials start without 6-8 s of
     imports in their slots. Not with CUDA: a library that asks for the GPUs at import would fix the worker's
     devices before Ray sets its trial's CUDA_VISIBLE_DEVICES.
-    Ray kills a worker idle for 1 s once its workers outnumber its free CPUs, which Tune's first placement groups
-    take; a prestarted worker was killed that way in the moment before the first actors claimed it (5 of 13 tries;
-    0 of 13 with 60 s), so the wait is 60 s here.
+    Ray ends a worker that has been idle for 1 s when it counts more workers than it keeps; a prestarted worker was
+    ended that way ("idle for a long time") just as Tune created the first actors, which then started new processes
+    (5 of 13 tries; 0 of 13 with 60 s), so the wait is 60 s here.
     """
     from ray.tune.execution.class_cache import DEFAULT_ENV_VARS
 

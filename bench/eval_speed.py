@@ -41,8 +41,12 @@ def plain_eval(model, dataset, pad_id: int, batch_size: int = 8) -> float:
                 ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
             ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                                                     labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")  # fmt: skip
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
             total += loss.item()
             count += int((labels[:, 1:] != -100).sum())
             del logits, loss
@@ -73,16 +77,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     fika_columns = [f"fika eval s ({b:,} tokens)" for b in args.batch_tokens]
     print(f"device: {device_kind()}")
-    print("| model | length | conversations | tokens | plain eval s |", " | ".join(fika_columns),
-          "| speed-up | loss (plain) | loss (fika) |")  # fmt: skip
+    print(
+        "| model | length | conversations | tokens | plain eval s |",
+        " | ".join(fika_columns),
+        "| speed-up | loss (plain) | loss (fika) |",
+    )
     print("|---|---:|---:|---:|---:|" + "---:|" * len(fika_columns) + "---:|---:|---:|")
     with tempfile.TemporaryDirectory() as root:
         models = [(s, [f"model.name={build_shape(s, Path(root))}", "model.chat_template=chatml"]) for s in args.shapes]
         for label, model_keys in models or [("smollm2-135m", [])]:
             for length in args.lengths:
-                config = load_config(None, [*model_keys, f"model.max_seq_length={length}",
-                                            f"data.sources.0.limit={max(200, 4 * args.eval_size)}",
-                                            f"data.eval_size={args.eval_size}"])  # fmt: skip
+                config = load_config(
+                    None,
+                    [
+                        *model_keys,
+                        f"model.max_seq_length={length}",
+                        f"data.sources.0.limit={max(200, 4 * args.eval_size)}",
+                        f"data.eval_size={args.eval_size}",
+                    ],
+                )
                 tokenizer = load_tokenizer(config.model)
                 mix = prepare_data(config.data, tokenizer, length)
                 model = load_base_model(config.model, tokenizer).eval()
@@ -96,8 +109,11 @@ def main() -> None:
                 tokens = sum(len(x) for x in mix.eval["input_ids"])
                 best = min(min(s) for s in fika_s.values())
                 cells = " | ".join(f"{min(fika_s[b]):.2f}" for b in args.batch_tokens)
-                print(f"| {label} | {length} | {len(mix.eval)} | {tokens:,} | {min(plain_s):.2f} | {cells} | "
-                      f"{min(plain_s) / best:.2f}x | {plain:.5f} | {fast.loss:.5f} |", flush=True)  # fmt: skip
+                print(
+                    f"| {label} | {length} | {len(mix.eval)} | {tokens:,} | {min(plain_s):.2f} | {cells} | "
+                    f"{min(plain_s) / best:.2f}x | {plain:.5f} | {fast.loss:.5f} |",
+                    flush=True,
+                )
                 del model
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()

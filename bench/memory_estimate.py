@@ -31,8 +31,15 @@ CONFIGS = [
     ),
     ("SmolLM2, len 512, batch 4", ["model.max_seq_length=512", "train.batch_size=4"]),
 ]
-COMMON = ["data.sources.0.limit=200", "data.eval_size=8", "train.max_steps=6", "train.warmup_steps=1",
-          "train.gradient_accumulation=1", "train.eval_steps=[6]", "output.save_adapter=false"]  # fmt: skip
+COMMON = [
+    "data.sources.0.limit=200",
+    "data.eval_size=8",
+    "train.max_steps=6",
+    "train.warmup_steps=1",
+    "train.gradient_accumulation=1",
+    "train.eval_steps=[6]",
+    "output.save_adapter=false",
+]
 
 RUN_ONE = """
 import json, sys
@@ -54,8 +61,10 @@ def full_rows_file(root: Path) -> str:
     """ShareGPT conversations whose reply is longer than any max_seq_length here: every row is cut to full length,
     the worst case the estimate assumes (real data leaves most rows shorter)."""
     reply = "the model reads every token of this reply and learns to write it again. " * 200
-    rows = [{"conversations": [{"from": "human", "value": f"Write reply {i}."}, {"from": "gpt", "value": reply}]}
-            for i in range(400)]  # fmt: skip
+    rows = [
+        {"conversations": [{"from": "human", "value": f"Write reply {i}."}, {"from": "gpt", "value": reply}]}
+        for i in range(400)
+    ]
     path = root / "full_rows.json"
     path.write_text(json.dumps(rows))
     return str(path)
@@ -73,13 +82,20 @@ def gpu_configs(shapes: list[str], root: Path) -> list[tuple[str, list[str]]]:
         configs += [
             (f"{shape} 4-bit, len 2048, batch 1", [*model, length[2048], "train.batch_size=1"]),
             (f"{shape} 4-bit, len 2048, batch 2", [*model, length[2048], "train.batch_size=2"]),
-            (f"{shape} 4-bit, len 2048, batch 4, r 64",
-             [*model, length[2048], "train.batch_size=4", "lora.r=64", "lora.alpha=64"]),
+            (
+                f"{shape} 4-bit, len 2048, batch 4, r 64",
+                [*model, length[2048], "train.batch_size=4", "lora.r=64", "lora.alpha=64"],
+            ),
             (f"{shape} 4-bit, len 1024, batch 8", [*model, length[1024], "train.batch_size=8"]),
-            (f"{shape} 4-bit, len 1024, batch 2, no checkpointing",
-             [*model, length[1024], "train.batch_size=2", "train.gradient_checkpointing=false"]),
-            (f"{shape} bf16, len 2048, batch 2", [*model, "model.load_in_4bit=false", length[2048], "train.batch_size=2"]),
-        ][: 6 if shape == shapes[0] else 3]  # fmt: skip
+            (
+                f"{shape} 4-bit, len 1024, batch 2, no checkpointing",
+                [*model, length[1024], "train.batch_size=2", "train.gradient_checkpointing=false"],
+            ),
+            (
+                f"{shape} bf16, len 2048, batch 2",
+                [*model, "model.load_in_4bit=false", length[2048], "train.batch_size=2"],
+            ),
+        ][: 6 if shape == shapes[0] else 3]
     return configs
 
 
@@ -93,8 +109,11 @@ def main() -> None:
         configs = gpu_configs(args.shapes, Path(root)) if args.shapes else CONFIGS
         for name, overrides in configs:
             with tempfile.TemporaryDirectory() as out:
-                done = subprocess.run([sys.executable, "-c", RUN_ONE, *COMMON, *overrides, f"output.dir={out}/run"],
-                                      capture_output=True, text=True)  # fmt: skip
+                done = subprocess.run(
+                    [sys.executable, "-c", RUN_ONE, *COMMON, *overrides, f"output.dir={out}/run"],
+                    capture_output=True,
+                    text=True,
+                )
             if done.returncode:
                 print(f"| {name} | failed: {done.stderr.strip().splitlines()[-1]} | | | |", flush=True)
                 continue

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fika.common import read_json, read_jsonl
+from fika.files import read_json, read_jsonl
 from fika.search.spec import load_spec
 
 
@@ -43,9 +43,20 @@ def trial_rows(run: Path) -> list[dict]:
         first_step = records[0].get("step_time_s") or 0
         startup = (result.get("time_to_first_step_s") or records[0]["elapsed_s"]) - first_step
         wall = result.get("wall_time_s") or records[-1]["elapsed_s"]
-        rows.append({"trial": folder.name, "status": result.get("status", "?"), "steps": records[-1]["step"],
-                     "pure": pure, "eval": evals, "startup": startup, "other": wall - pure - evals - startup,
-                     "wall": wall, "started": result.get("started_at", 0), "ended": result.get("ended_at", 0)})  # fmt: skip
+        rows.append(
+            {
+                "trial": folder.name,
+                "status": result.get("status", "?"),
+                "steps": records[-1]["step"],
+                "pure": pure,
+                "eval": evals,
+                "startup": startup,
+                "other": wall - pure - evals - startup,
+                "wall": wall,
+                "started": result.get("started_at", 0),
+                "ended": result.get("ended_at", 0),
+            }
+        )
     return rows
 
 
@@ -75,14 +86,23 @@ def table(title: str, rows: list[dict], fit: tuple[float, float], slots: int) ->
     print("| trial | status | steps | pure step s | eval s | start-up s | other s | trial wall s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['trial']} | {r['status']} | {r['steps']} | {r['pure']:.1f} | {r['eval']:.1f} | {r['startup']:.1f} | "
-              f"{r['other']:.1f} | {r['wall']:.1f} |")  # fmt: skip
+        print(
+            f"| {r['trial']} | {r['status']} | {r['steps']} | {r['pure']:.1f} | {r['eval']:.1f} | {r['startup']:.1f} | "
+            f"{r['other']:.1f} | {r['wall']:.1f} |"
+        )
     total = {k: sum(r[k] for r in rows) for k in ("steps", "pure", "eval", "startup", "other", "wall")}
     slot = fit_s * slots
-    total.update(fit=fit_s, slot=slot, idle=slot - total["wall"], ratio=slot / total["pure"],
-                 framework=(slot - total["eval"]) / total["pure"])  # fmt: skip
-    print(f"| total | | {total['steps']} | {total['pure']:.1f} | {total['eval']:.1f} | {total['startup']:.1f} | "
-          f"{total['other']:.1f} | {total['wall']:.1f} |")  # fmt: skip
+    total.update(
+        fit=fit_s,
+        slot=slot,
+        idle=slot - total["wall"],
+        ratio=slot / total["pure"],
+        framework=(slot - total["eval"]) / total["pure"],
+    )
+    print(
+        f"| total | | {total['steps']} | {total['pure']:.1f} | {total['eval']:.1f} | {total['startup']:.1f} | "
+        f"{total['other']:.1f} | {total['wall']:.1f} |"
+    )
     print(
         f"search wall (Tune fit) {fit_s:.1f} s x {slots} slots = slot time {slot:.1f} s; idle slot time "
         f"{total['idle']:.1f} s ({100 * total['idle'] / slot:.0f}%); evals {100 * total['eval'] / slot:.0f}%"
@@ -91,8 +111,10 @@ def table(title: str, rows: list[dict], fit: tuple[float, float], slots: int) ->
     print("idle: " + "; ".join(f"{name} {seconds:.1f} s" for name, seconds in parts.items()))
     fixed = total["eval"] + parts["before the first trial"] + parts["after the last trial"]
     floor = (total["pure"] + fixed) / total["pure"]
-    print(f"slot time / pure step time = {total['ratio']:.3f} (without evals: {total['framework']:.3f}; "
-          f"pure + evals + the workers' start + the tail alone: {floor:.3f})")  # fmt: skip
+    print(
+        f"slot time / pure step time = {total['ratio']:.3f} (without evals: {total['framework']:.3f}; "
+        f"pure + evals + the workers' start + the tail alone: {floor:.3f})"
+    )
     total.update(idle_parts=parts, floor=floor)
     return total
 
@@ -101,9 +123,10 @@ def run_fika(spec, storage: Path) -> tuple[Path, dict, float]:
     """Runs the search as `fika search` does (its progress lines and its live report too); returns its folder,
     its fit as `run.json` records it (start and end, unix time, and the trials at a time) and the seconds before
     the fit."""
-    from fika.cli import ReportRefresher
+    from fika.search.driver import run_search
     from fika.search.progress import SearchProgress
-    from fika.search.tuner import run_dir, run_search
+    from fika.search.report.live import ReportRefresher
+    from fika.search.run_folder import run_dir
 
     began = time.time()
     directory = run_dir(spec)
@@ -158,17 +181,45 @@ def naive_trainable(config: dict) -> None:
             tune.report({"step": state.global_step, "eval_loss": metrics["eval_loss"]})
 
     t = trial.train
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
-                     gradient_accumulation_steps=t.gradient_accumulation, learning_rate=t.learning_rate,
-                     lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                     logging_steps=1, eval_strategy="steps", eval_steps=config["eval_every"], per_device_eval_batch_size=8,
-                     save_strategy="no", report_to="none", max_length=trial.model.max_seq_length,
-                     bf16=False, gradient_checkpointing=False,  # the numerics fika's CPU trials use
-                     assistant_only_loss=True, use_cpu=True, disable_tqdm=True, seed=t.seed)  # fmt: skip
-    peft = LoraConfig(r=trial.lora.r, lora_alpha=trial.lora.alpha, lora_dropout=trial.lora.dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                         processing_class=tokenizer, peft_config=peft, callbacks=[Report()])  # fmt: skip
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=config["eval_every"],
+        per_device_eval_batch_size=8,
+        save_strategy="no",
+        report_to="none",
+        max_length=trial.model.max_seq_length,
+        bf16=False,
+        gradient_checkpointing=False,  # the numerics fika's CPU trials use
+        assistant_only_loss=True,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=t.seed,
+    )
+    peft = LoraConfig(
+        r=trial.lora.r,
+        lora_alpha=trial.lora.alpha,
+        lora_dropout=trial.lora.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft,
+        callbacks=[Report()],
+    )
     trainer.train()
 
 
@@ -180,8 +231,14 @@ def run_naive(spec, fika_run: Path, storage: Path, slots: int) -> tuple[Path, fl
     trials = []
     for folder in sorted((fika_run / "trials").iterdir()):
         result = read_json(folder / "result.json") or {}
-        trials.append({"trial": yaml.safe_load((folder / "config.yaml").read_text()), "name": folder.name,
-                       "stop_at": result.get("steps", spec.max_steps), "eval_every": spec.max_steps})  # fmt: skip
+        trials.append(
+            {
+                "trial": yaml.safe_load((folder / "config.yaml").read_text()),
+                "name": folder.name,
+                "stop_at": result.get("steps", spec.max_steps),
+                "eval_every": spec.max_steps,
+            }
+        )
     tuner = tune.Tuner(
         tune.with_resources(naive_trainable, {"cpu": spec.resources.cpu}),
         param_space=tune.grid_search(trials),
@@ -201,8 +258,14 @@ def naive_rows(run: Path) -> list[dict]:
         steps = [r for r in results if "train_loss" in r]
         if not steps:
             continue
-        rows.append({"trial": results[0]["config"]["name"], "steps": steps[-1]["step"],
-                     "startup": steps[0]["time_total_s"], "wall": results[-1]["time_total_s"]})  # fmt: skip
+        rows.append(
+            {
+                "trial": results[0]["config"]["name"],
+                "steps": steps[-1]["step"],
+                "startup": steps[0]["time_total_s"],
+                "wall": results[-1]["time_total_s"],
+            }
+        )
     return rows
 
 
@@ -217,8 +280,10 @@ def main() -> None:
     run, recorded, before = run_fika(spec, storage)
     fit, slots = (recorded["started_at"], recorded["ended_at"]), recorded["slots"]
     fika = table(f"fika: {spec.name} ({spec.num_trials()} trials, {slots} at a time)", trial_rows(run), fit, slots)
-    print(f"before the fit (Ray's start, the data, the tuner): {before:.1f} s; from the spec to the fit's end "
-          f"{before + fika['fit']:.1f} s")  # fmt: skip
+    print(
+        f"before the fit (Ray's start, the data, the tuner): {before:.1f} s; from the spec to the fit's end "
+        f"{before + fika['fit']:.1f} s"
+    )
     fika.update(before_fit=before)
     summary = {"fika": fika}
     if args.naive:
@@ -233,8 +298,10 @@ def main() -> None:
         print("| trial (fika's) | steps | time to the first step s | trial wall s |\n|---|---:|---:|---:|")
         for r in rows:
             print(f"| {r['trial']} | {r['steps']} | {r['startup']:.1f} | {r['wall']:.1f} |")
-        print(f"search wall {naive_fit:.1f} s x {slots} slots = slot time {slot:.1f} s; slot time / fika's pure step time "
-              f"= {slot / fika['pure']:.3f}; fika's speed-up: {naive_fit / fika['fit']:.2f}x")  # fmt: skip
+        print(
+            f"search wall {naive_fit:.1f} s x {slots} slots = slot time {slot:.1f} s; slot time / fika's pure step time "
+            f"= {slot / fika['pure']:.3f}; fika's speed-up: {naive_fit / fika['fit']:.2f}x"
+        )
         summary["naive"] = {
             "fit": naive_fit,
             "slot": slot,

@@ -37,16 +37,26 @@ TABLE = HERE / "demo_grid.json"
 def run_grid(spec_path: str, out: Path) -> None:
     """Runs every config of a spec's space (FIFO; full evals at its rungs, a third and two thirds of the steps, and
     the end) and writes the table."""
-    from fika.common import read_json, read_jsonl
-    from fika.search.report import param_value
+    from fika.files import read_json, read_jsonl
+    from fika.search.driver import run_search
+    from fika.search.report.rows import param_value
     from fika.search.spec import load_spec
-    from fika.search.tuner import run_search
 
     storage = Path(tempfile.mkdtemp(prefix="fika-grid-"))
     searched = load_spec(spec_path)
     evals = sorted({*searched.rungs(), searched.max_steps // 3, 2 * searched.max_steps // 3})
-    spec = load_spec(spec_path, ["name=grid-table", "searcher=grid", "num_samples=1", "scheduler={kind: fifo}",
-                                 "baseline=false", f"base.train.eval_steps={evals}", f"storage={storage}"])  # fmt: skip
+    spec = load_spec(
+        spec_path,
+        [
+            "name=grid-table",
+            "searcher=grid",
+            "num_samples=1",
+            "scheduler={kind: fifo}",
+            "baseline=false",
+            f"base.train.eval_steps={evals}",
+            f"storage={storage}",
+        ],
+    )
     run_search(spec)
     rows = []
     for folder in sorted((storage / "grid-table" / "trials").iterdir()):
@@ -57,14 +67,31 @@ def run_grid(spec_path: str, out: Path) -> None:
         evals = {e["step"]: {"sums": e["sums"], "counts": e["counts"]} for e in read_jsonl(folder / "evals.jsonl")}
         result = read_json(folder / "result.json") or {}
         params = {key: param_value(spec, config, key) for key in spec.space}  # spelled as in the space
-        rows.append({"trial": folder.name, "params": params, "status": result.get("status"),
-                     "train_loss_smooth": [r["train_loss_smooth"] for r in records],
-                     "evals": evals, "seconds_per_step": result.get("seconds_per_step"),
-                     "eval_time_s": result.get("eval_time_s")})  # fmt: skip
+        rows.append(
+            {
+                "trial": folder.name,
+                "params": params,
+                "status": result.get("status"),
+                "train_loss_smooth": [r["train_loss_smooth"] for r in records],
+                "evals": evals,
+                "seconds_per_step": result.get("seconds_per_step"),
+                "eval_time_s": result.get("eval_time_s"),
+            }
+        )
     ids = read_jsonl(next((storage / "grid-table" / "trials").iterdir()) / "evals.jsonl")[0]["ids"]
-    out.write_text(json.dumps({"spec": Path(spec_path).name, "space": {k: v.model_dump(exclude_none=True) for k, v in spec.space.items()},
-                               "max_steps": spec.max_steps, "grace": searched.scheduler.grace_period or searched.max_steps // 3,
-                               "reduction": searched.scheduler.reduction_factor, "eval_ids": ids, "rows": rows}))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "spec": Path(spec_path).name,
+                "space": {k: v.model_dump(exclude_none=True) for k, v in spec.space.items()},
+                "max_steps": spec.max_steps,
+                "grace": searched.scheduler.grace_period or searched.max_steps // 3,
+                "reduction": searched.scheduler.reduction_factor,
+                "eval_ids": ids,
+                "rows": rows,
+            }
+        )
+    )
     print(f"wrote {out}: {len(rows)} configs")
 
 
@@ -84,7 +111,7 @@ class Table:
         sources = len(data["eval_ids"])
         self.subset = sorted(random.Random(0).sample(range(sources), subset))
         self.index = {json.dumps(r["params"], sort_keys=True): i for i, r in enumerate(self.rows)}
-        from fika.search.analysis import paired_bootstrap
+        from fika.search.report.analysis import paired_bootstrap
 
         best = self.rows[self.best]["evals"][str(self.max_steps)]
         self.within_noise = []
@@ -117,12 +144,21 @@ class Trial:
 def asha(rungs_grace: int, reduction: float, max_t: int, metric: str):
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="step", metric=metric, mode="min", max_t=max_t, grace_period=rungs_grace,
-                         reduction_factor=reduction)  # fmt: skip
+    return ASHAScheduler(
+        time_attr="step", metric=metric, mode="min", max_t=max_t, grace_period=rungs_grace, reduction_factor=reduction
+    )
 
 
-def replay(table: Table, searcher: str, scheduler: str, seed: int, budget_steps: int, trials: int, startup: int,
-           rung_metric: str = "train_loss_smooth") -> list[tuple[int, float, int]]:  # fmt: skip
+def replay(
+    table: Table,
+    searcher: str,
+    scheduler: str,
+    seed: int,
+    budget_steps: int,
+    trials: int,
+    startup: int,
+    rung_metric: str = "train_loss_smooth",
+) -> list[tuple[int, float, int]]:
     """One simulated search; returns (trial-steps spent, best final eval loss so far) after each completed trial."""
     import optuna
     from optuna.distributions import CategoricalDistribution
@@ -256,8 +292,10 @@ def eval_size_agreement(table: Table, size: int, trials: int = 6, draws: int = 2
     for _ in range(draws):
         positions = rng.sample(range(sums.shape[1]), 2 * size)
         picked = rng.sample(range(len(table.rows)), trials)
-        winners = [min(picked, key=lambda i: sums[i, half].sum() / counts[i, half].sum())
-                   for half in (positions[:size], positions[size:])]  # fmt: skip
+        winners = [
+            min(picked, key=lambda i: sums[i, half].sum() / counts[i, half].sum())
+            for half in (positions[:size], positions[size:])
+        ]
         agree += winners[0] == winners[1]
     return agree / draws
 
@@ -279,13 +317,18 @@ def main() -> None:
         run_grid(args.grid, Path(args.table))
     table = Table(json.loads(Path(args.table).read_text()))
     budget = len(table.rows) * table.max_steps
-    print(f"grid: {len(table.rows)} configs x {table.max_steps} steps = {budget} trial-steps; best eval loss "
-          f"{table.final[table.best]:.4f} ({table.rows[table.best]['params']}); {sum(table.within_noise)} configs within "
-          f"its eval noise; the median config {float(np.median(table.final)):.4f}")  # fmt: skip
+    print(
+        f"grid: {len(table.rows)} configs x {table.max_steps} steps = {budget} trial-steps; best eval loss "
+        f"{table.final[table.best]:.4f} ({table.rows[table.best]['params']}); {sum(table.within_noise)} configs within "
+        f"its eval noise; the median config {float(np.median(table.final)):.4f}"
+    )
     print("\n| rung metric | same keep/stop as the full eval | eval cost at the rung |")
     print("|---|---:|---|")
-    for metric, cost in (("eval_loss", "the full eval set"), ("eval_subset", "8 of the eval conversations"),
-                         ("train_loss_smooth", "none")):  # fmt: skip
+    for metric, cost in (
+        ("eval_loss", "the full eval set"),
+        ("eval_subset", "8 of the eval conversations"),
+        ("train_loss_smooth", "none"),
+    ):
         print(f"| {metric} | {100 * rung_agreement(table, metric):.0f}% | {cost} |")
     conversations = len(table.rows[0]["evals"][str(table.max_steps)]["sums"])
     print("\n| eval conversations | two disjoint sets name the same winner of 6 trials |\n|---:|---:|")
@@ -299,8 +342,13 @@ def main() -> None:
             "| searcher | steps to within 1% of the best (reached) | steps to within the eval noise (reached) | "
             "median regret at 25% of the grid's steps |\n|---|---:|---:|---:|"
         )
-        for searcher, scheduler in (("tpe", "asha"), ("tpe", "fifo"), ("random", "asha"), ("random", "fifo"),
-                                    ("grid", "fifo")):  # fmt: skip
+        for searcher, scheduler in (
+            ("tpe", "asha"),
+            ("tpe", "fifo"),
+            ("random", "asha"),
+            ("random", "fifo"),
+            ("grid", "fifo"),
+        ):
             startup = min(10, max(3, trials // 3))
             curves = [replay(table, searcher, scheduler, seed, budget, trials, startup) for seed in range(args.seeds)]
             s = summarize(table, curves, budget)

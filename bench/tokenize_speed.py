@@ -62,8 +62,11 @@ def main() -> None:
                 [(r["read_pos"], r["input_ids"], r["labels"], r["truncated"], r["n_assistant"]) for r in rows]
                 + meta["drops"]
             )
-            print(f"| {model} | {length} | {len(rows):,} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x | "
-                  f"{'yes' if got == reference else 'NO'} |", flush=True)  # fmt: skip
+            print(
+                f"| {model} | {length} | {len(rows):,} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x | "
+                f"{'yes' if got == reference else 'NO'} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -25,15 +25,43 @@ from fika.model import build_tiny_tokenizer, device_kind
 from fika.trial import run_trial
 
 SHAPES = {  # from the published configs (as Llama blocks: Qwen2's q/k/v biases are left out)
-    "llama-3.2-1b": dict(vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(vocab_size=128_256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
-    "smollm2-1.7b": dict(vocab_size=49_152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
-}  # fmt: skip
+    "llama-3.2-1b": dict(
+        vocab_size=128_256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.2-3b": dict(
+        vocab_size=128_256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-1.7b": dict(
+        vocab_size=49_152,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151_936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+}
 
 CPU_SETTINGS = [
     ("tiny", ["model.name=tiny", "model.max_seq_length=256", "train.gradient_accumulation=1"]),
@@ -60,8 +88,17 @@ def build_shape(name: str, root: Path) -> str:
 
 def measure(label: str, overrides: list[str], steps: int, data: str | None = None) -> dict:
     source = [f"data.sources.0.path={data}"] if data else []
-    config = load_config(None, ["data.eval_size=16", f"train.max_steps={steps}", f"train.eval_steps=[{steps}]",
-                                "output.save_adapter=false", *source, *overrides])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            "data.eval_size=16",
+            f"train.max_steps={steps}",
+            f"train.eval_steps=[{steps}]",
+            "output.save_adapter=false",
+            *source,
+            *overrides,
+        ],
+    )
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         result = run_trial(
@@ -88,8 +125,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--shapes", nargs="*", default=[], choices=sorted(SHAPES))
     parser.add_argument("--data", help="a local ShareGPT file to train on (default: the built-in data)")
-    parser.add_argument("--head", choices=["labelled", "all"], default="labelled",
-                        help="positions trl's fused LM head projects on a CPU (all: trl's own choice)")  # fmt: skip
+    parser.add_argument(
+        "--head",
+        choices=["labelled", "all"],
+        default="labelled",
+        help="positions trl's fused LM head projects on a CPU (all: trl's own choice)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: every core)")
     parser.add_argument("--only", default="", help="the CPU settings whose label or overrides contain this text")
     args = parser.parse_args()
@@ -105,8 +146,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for shape in args.shapes:
-            model = [f"model.name={build_shape(shape, Path(root))}", "model.chat_template=chatml",
-                     "model.max_seq_length=2048"]  # fmt: skip
+            model = [
+                f"model.name={build_shape(shape, Path(root))}",
+                "model.chat_template=chatml",
+                "model.max_seq_length=2048",
+            ]
             for accumulation in (4, 8):
                 settings.append((f"{shape} 4-bit", [*model, f"train.gradient_accumulation={accumulation}"]))
             settings.append((f"{shape} bf16", [*model, "model.load_in_4bit=false", "train.gradient_accumulation=4"]))

@@ -10,21 +10,19 @@ An empty config file is refused: it is almost always a mistake, and its meaning 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fika.common import PACKAGE_DIR, FikaError, shorten
+from fika.errors import ConfigError, shorten
+from fika.overrides import apply_overrides, source_name
+from fika.paths import PACKAGE_DIR
+from fika.validation import format_validation_error
+from fika.yaml_files import read_yaml
 
 DEFAULT_CONFIG = PACKAGE_DIR / "default.yaml"
-MAX_YAML_VALUES = 100_000  # an alias bomb expands far beyond any real config
-
-
-class ConfigError(FikaError):
-    """A config that fails validation: unknown key, wrong type or a value out of range."""
 
 
 class Section(BaseModel):
@@ -172,12 +170,7 @@ class DataSource(Section):
 
     def label(self, index: int) -> str:
         """The source's name: its `name`, else one made from its path (`mlabonne/FineTome-100k` -> finetome_100k)."""
-        if self.name:
-            return self.name
-        stem = self.path.removeprefix("builtin:").rstrip("/").split("/")[-1]
-        stem = re.sub(r"\.(jsonl?|parquet)(\.gz)?$", "", stem.lower())
-        slug = re.sub(r"[^a-z0-9]+", "_", stem).strip("_")
-        return slug if slug and slug[0].isalpha() else f"source{index}"
+        return source_name(self.path, self.name, index)
 
 
 class DataConfig(Section):
@@ -233,226 +226,9 @@ class TrialConfig(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
 
-# --- YAML ---------------------------------------------------------------------------------------------
-
-
-class StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader that refuses a key given twice in one mapping (YAML would keep the later one)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise ConfigError(f"the key {key!r} is given twice (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def load_yaml_text(text: str, what: str) -> Any:
-    """Parses YAML text strictly: duplicate keys and alias bombs are refused with one line naming `what`."""
-    try:
-        value = yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except ConfigError as err:
-        raise ConfigError(f"{what}: {err}") from None
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(f"{what} is not valid YAML: {problem}{where}") from None
-    if count_values(value) > MAX_YAML_VALUES:
-        raise ConfigError(f"{what}: more than {MAX_YAML_VALUES:,} values once YAML aliases are expanded")
-    return value
-
-
-def count_values(value: Any, budget: int = MAX_YAML_VALUES + 1) -> int:
-    """How many values a parsed YAML document holds with aliases expanded (counting stops past `budget`)."""
-    count, stack = 0, [value]
-    while stack and count < budget:
-        item = stack.pop()
-        count += 1
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return count
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Reads a YAML mapping; a missing, binary, empty or malformed file is a ConfigError naming it."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} not found") from None
-    except OSError as err:
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (a binary or UTF-16 file?)") from None
-    raw = load_yaml_text(text, f"config file {str(path)!r}")
-    if raw is None:
-        raise ConfigError(
-            f"config file {str(path)!r} is empty; give at least one section, or leave out --config for the embedded default"
-        )
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
-# --- dotted overrides ---------------------------------------------------------------------------------
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parses `a.b.c=value` strings; values are read as YAML (`5e-4`, `true`, `[8, 16]`)."""
-    parsed = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {shorten(item)}: expected key=value with a dotted key, e.g. lora.r=32")
-        parsed.append((key, load_yaml_text(value, f"override {shorten(item)}") if value else None))
-    return parsed
-
-
-def list_index(node: list, part: str) -> int | None:
-    """The index a key part names in a list: a number, or the `name` of a data source (`ultrachat`)."""
-    if part.isdigit():
-        return int(part) if int(part) < len(node) else None
-    for i, item in enumerate(node):
-        if isinstance(item, dict) and source_label(item, i) == part:
-            return i
-    return None
-
-
-def source_label(raw: dict, index: int) -> str:
-    """A data source's name from its raw mapping (its `name:`, else one made from its path)."""
-    try:
-        return DataSource.model_construct(**raw).label(index)
-    except Exception:
-        return str(raw.get("name") or f"source{index}")
-
-
-def set_dotted(raw: dict, key: str, value: Any) -> dict:
-    """Sets a dotted key in a nested dict, creating sections; list items by index or source name.
-
-    A mapping whose keys hold dots (a search space: `lora.dropout`) is matched by its keys, longest first, and a
-    new key in it takes the rest of the dotted key whole (`space.train.warmup_steps={choice: [0, 5]}`).
-    """
-    parts = key.split(".")
-    node: Any = raw
-    i = 0
-    while True:
-        if isinstance(node, list):
-            index: Any = list_index(node, parts[i])
-            if index is None:
-                names = ", ".join(source_label(s, j) if isinstance(s, dict) else str(j) for j, s in enumerate(node))
-                raise ConfigError(
-                    f"{key}: no list item {parts[i]!r} at {'.'.join(parts[: i + 1])} (there are {len(node)}: {names})"
-                )
-            i += 1
-        elif isinstance(node, dict):
-            j = next((j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in node), None)
-            if j is None:
-                j = len(parts) if any("." in str(k) for k in node) else i + 1
-            index, i = ".".join(parts[i:j]), j
-            if i < len(parts) and not isinstance(node.get(index), (dict, list)):
-                if node.get(index) is not None:
-                    raise ConfigError(f"{key}: {'.'.join(parts[:i])} is {shorten(node[index])}, not a section")
-                node[index] = {}
-        else:
-            raise ConfigError(f"{key}: {'.'.join(parts[:i])} is not a section")
-        if i == len(parts):
-            node[index] = value
-            return raw
-        node = node[index]
-
-
-def get_dotted(tree: Any, key: str, default: Any = None) -> Any:
-    """The value at a dotted key of nested dicts and lists (list items by index or source name), else `default`."""
-    node = tree
-    for part in key.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and list_index(node, part) is not None:
-            node = node[list_index(node, part)]
-        else:
-            return default
-    return node
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Applies `key=value` overrides to a nested dict."""
-    for key, value in parse_overrides(overrides):
-        set_dotted(raw, key, value)
-    return raw
-
-
-# --- validation ---------------------------------------------------------------------------------------
-
-
-def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """One line per problem: the dotted key, the value given (bounded) and what is allowed."""
-    lines = []
-    unions: dict[str, list[str]] = {}  # a value that matches no member of a union: one line, every option
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"] if not is_type_tag(p)]
-        key = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "config"
-        message = e["msg"].removeprefix("Value error, ")
-        if len(loc) < len(e["loc"]) and e["type"] not in ("extra_forbidden", "missing", "value_error"):
-            if key not in unions:
-                lines.append((key, shorten(e["input"])))
-            unions.setdefault(key, []).append(message[0].lower() + message[1:])
-            continue
-        if e["type"] == "extra_forbidden":
-            allowed = ", ".join(_fields_at(model, e["loc"][:-1]))
-            lines.append(f"{key}: unknown key (allowed here: {allowed})")
-        elif e["type"] == "missing":
-            lines.append(f"{key}: required")
-        elif e["type"] == "value_error":
-            for line in message.splitlines():  # a model check may name several fields, one per line
-                head, sep, rest = line.partition(": ")
-                if sep and head.split(".")[0] in _fields_at(model, e["loc"]):
-                    lines.append(f"{key + '.' if loc else prefix}{head}: {rest}")
-                else:
-                    lines.append(f"{key}: {line}")
-        else:
-            lines.append(f"{key}: {shorten(e['input'])} is not allowed: {message[0].lower()}{message[1:]}")
-    text = [f"{line[0]}: {line[1]} is not allowed: {', or '.join(unions[line[0]])}" if isinstance(line, tuple) else line
-            for line in lines]  # fmt: skip
-    return "\n".join(dict.fromkeys(text))
-
-
-def is_type_tag(part: Any) -> bool:
-    """Whether a pydantic error location part names a type of a union (`list[str]`, `literal['auto']`, `bool`)."""
-    return isinstance(part, str) and (any(c in part for c in "[(-") or part in ("bool", "int", "float", "str", "none"))
-
-
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names of the section found at `loc` (list indices and dict keys skipped)."""
-    for part in loc:
-        if part in model.model_fields:
-            model = _section_type(model.model_fields[part].annotation) or model
-    return list(model.model_fields)
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    """The config section class inside an annotation such as `X`, `list[X]`, `dict[str, X]` or `X | None`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def build_config(raw: dict, overrides: list[str] | None = None, prefix: str = "") -> TrialConfig:
     """Validates a raw mapping (plus overrides) into a TrialConfig, or raises ConfigError."""
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(raw, overrides, defaults=TrialConfig().model_dump(mode="json"))
     try:
         return TrialConfig.model_validate(raw)
     except ValidationError as err:

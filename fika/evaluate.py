@@ -38,8 +38,15 @@ class EvalResult:
 
     def record(self, step: int) -> dict:
         """The line kept in the trial's `evals.jsonl`."""
-        return {"step": step, "eval_loss": self.loss, "tokens": self.tokens, "ids": self.ids, "sources": self.sources,
-                "sums": self.sums, "counts": self.counts}  # fmt: skip
+        return {
+            "step": step,
+            "eval_loss": self.loss,
+            "tokens": self.tokens,
+            "ids": self.ids,
+            "sources": self.sources,
+            "sums": self.sums,
+            "counts": self.counts,
+        }
 
 
 def length_batches(lengths: list[int], max_tokens: int, max_rows: int = 64) -> list[list[int]]:

@@ -72,8 +72,11 @@ def estimate_memory(config: TrialConfig, device: str, quantized: bool | None = N
 
     model = empty_model(config.model)
     mc = model.config
-    quantized = (config.model.load_in_4bit is True or (config.model.load_in_4bit == "auto" and device == "cuda")
-                 ) if quantized is None else quantized  # fmt: skip
+    quantized = (
+        (config.model.load_in_4bit is True or (config.model.load_in_4bit == "auto" and device == "cuda"))
+        if quantized is None
+        else quantized
+    )
     head = model.get_output_embeddings()
     params = {id(p): p.numel() for p in model.parameters()}  # tied weights counted once
     total = sum(params.values())

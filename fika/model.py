@@ -11,8 +11,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fika.common import cache_dir, cache_root, hub_offline, hub_reachable, log, package_dir, writing_cache
-from fika.config import ConfigError, LoraConfig, ModelConfig
+from fika.config import LoraConfig, ModelConfig
+from fika.console import log
+from fika.errors import ConfigError, first_line
+from fika.hub import hub_cached, hub_offline, hub_reachable
+from fika.paths import cache_dir, cache_root, package_dir, writing_cache
 
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,7 +134,7 @@ def resolve_model_path(config: ModelConfig, weights: bool = True) -> str:
         return str(path)
     if config.name.startswith((".", "/", "~")) or config.name.count("/") > 1:
         raise ConfigError(f"model.name: {config.name!r}: folder not found")
-    if not hub_offline() and not hub_cached(config) and not hub_reachable():
+    if not hub_offline() and not hub_cached(config.name, config.revision) and not hub_reachable():
         raise ConfigError(
             f"model.name: {config.name!r} is not a local folder, not in the Hugging Face cache, and the hub cannot "
             "be reached (no network?)"
@@ -146,18 +149,14 @@ def load_error(config: ModelConfig, what: str, err: Exception) -> ConfigError:
             f"model.name: {config.name!r} ships its own Python code, which fika runs only when you ask for it: "
             "model.trust_remote_code=true in your own config (fika space: --trust-remote-code)"
         )
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-    return ConfigError(f"model.name: cannot load {what} of {config.name!r}: {first}")
+    return ConfigError(f"model.name: cannot load {what} of {config.name!r}: {first_line(err)}")
 
 
-def hub_cached(config: ModelConfig) -> bool:
-    """Whether a hub model's config is in the local Hugging Face cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(config.name, "config.json", revision=config.revision), str)
-    except Exception:  # an id the hub client cannot parse is simply not cached
-        return False
+def not_an_adapter(path: Path | str) -> str:
+    """Why a folder is not a LoRA adapter, pointing at the adapter inside it when it is a run's folder."""
+    inner = Path(path).expanduser() / "adapter"
+    hint = f"; the run's adapter is {Path(path) / 'adapter'}" if (inner / "adapter_config.json").exists() else ""
+    return f"{path} is not a LoRA adapter folder (no adapter_config.json){hint}"
 
 
 def template_kind(tokenizer, config: ModelConfig) -> str:

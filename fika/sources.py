@@ -25,8 +25,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fika.common import FikaError, hub_offline, hub_reachable, package_dir
 from fika.config import BUILTIN_SHAREGPT, DataConfig, DataSource
+from fika.errors import FikaError, first_line
+from fika.hub import hub_offline, hub_reachable
+from fika.paths import package_dir
 
 SHAREGPT_V3_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json", ".parquet": "parquet"}
@@ -116,8 +118,10 @@ def resolve_local_paths(data: DataConfig, prefix: str = "data.") -> DataConfig:
                         "a hub id is owner/name)"
                     ) from None
             if path is not None and path.is_file() and not file_suffix(path):
-                raise DataError(f"{prefix}{key}.{i}.path: {source.path!r} is not allowed: unknown file type "
-                                f"{path.suffix!r} (allowed: {', '.join(FILE_BUILDERS)})")  # fmt: skip
+                raise DataError(
+                    f"{prefix}{key}.{i}.path: {source.path!r} is not allowed: unknown file type "
+                    f"{path.suffix!r} (allowed: {', '.join(FILE_BUILDERS)})"
+                )
             resolved[key].append(source if path is None else source.model_copy(update={"path": os.path.abspath(path)}))
     return data.model_copy(update={"sources": resolved["sources"], "eval_sources": resolved["eval_sources"] or None})
 
@@ -167,7 +171,7 @@ def load_source(source: DataSource) -> tuple[Sequence[dict], list[str], str]:
     except Exception as err:  # datasets raises many types; the user needs the message, not the traceback
         while err.__cause__ is not None:  # datasets wraps the reader's error in a generic one
             err = err.__cause__
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if path is not None and path.is_file() and file_suffix(path).startswith(".jsonl"):
             first = first_bad_json_line(path) or first
         raise DataError(f"data source {source.path!r}: cannot load it: {first[:300]}") from None
@@ -189,8 +193,10 @@ def first_bad_json_line(path: Path) -> str | None:
             except json.JSONDecodeError as err:
                 return f"line {number} is not valid JSON ({err.msg} at column {err.colno})"
             if not isinstance(value, dict):
-                return (f"line {number} is {kinds.get(type(value), 'a number')}, not a JSON object (one conversation "
-                        "per line)")  # fmt: skip
+                return (
+                    f"line {number} is {kinds.get(type(value), 'a number')}, not a JSON object (one conversation "
+                    "per line)"
+                )
     return None
 
 

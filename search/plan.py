@@ -6,8 +6,9 @@ from __future__ import annotations
 import itertools
 import re
 
-from fika.common import say
-from fika.config import ConfigError, TrialConfig
+from fika.config import TrialConfig
+from fika.console import say
+from fika.errors import ConfigError, first_line
 from fika.memory import GIB, MemoryEstimate, estimate_memory
 from fika.search.spec import SearchSpec, encode_choice, split_key, trial_config
 
@@ -83,8 +84,12 @@ def rows_per_source(data) -> str:
 
 def data_extremes(spec: SearchSpec, limit: int = 16) -> list[str]:
     """The training rows per source at each corner of the data keys' values (smallest and largest of each)."""
-    keys = [k for k in spec.space if spec.space[k].choice and any(re.match(r"data\.sources\.[a-z0-9_]+\.(weight|limit)$", p)
-                                                                  for p in split_key(k))]  # fmt: skip
+    keys = [
+        k
+        for k in spec.space
+        if spec.space[k].choice
+        and any(re.match(r"data\.sources\.[a-z0-9_]+\.(weight|limit)$", p) for p in split_key(k))
+    ]
     lines = []
     corners = itertools.product(*(sorted({0, len(spec.space[k].choice) - 1}) for k in keys)) if keys else []
     for corner in itertools.islice(corners, limit):
@@ -99,8 +104,11 @@ def describe_search(spec: SearchSpec) -> str:
     t = spec.base.train
     tokens = spec.max_steps * t.batch_size * t.gradient_accumulation * spec.base.model.max_seq_length
     drawn = f", {spec.startup()} drawn at random before TPE" if spec.searcher == "optuna" else ""
-    capped = (f" (num_samples {spec.num_samples}, but the space holds {spec.num_trials()} configurations and none runs "
-              "twice)" if spec.num_trials() < spec.num_samples else "")  # fmt: skip
+    capped = (
+        f" (num_samples {spec.num_samples}, but the space holds {spec.num_trials()} configurations and none runs twice)"
+        if spec.num_trials() < spec.num_samples
+        else ""
+    )
     lines = [
         f"search {spec.name}: {spec.searcher} searcher, {spec.num_trials()} trials{capped}{drawn}, ranked by "
         f"{spec.metric} at step {spec.max_steps}",
@@ -121,7 +129,7 @@ def describe_search(spec: SearchSpec) -> str:
         try:
             config, estimate = largest_trial(spec, device)
         except ConfigError as err:
-            lines.append(f"memory: not estimated ({str(err).splitlines()[0]})")
+            lines.append(f"memory: not estimated ({first_line(err)})")
             break
         line = f"memory of the largest trial (r {config.lora.r}, batch {config.train.batch_size}) on {device}: {estimate.describe()}"
         if device == "cuda":

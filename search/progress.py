@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from fika.common import public_status, read_json
+from fika.files import read_json
+from fika.search.report.rows import public_status
 from fika.search.searcher import trial_status
 
 
@@ -27,7 +28,7 @@ def record_error(folder: Path, error_file: str | None) -> None:
     lines = []
     if error_file and Path(error_file).exists():
         lines = [line for line in Path(error_file).read_text(errors="replace").splitlines() if line.strip()]
-    from fika.trial import write_failed_result
+    from fika.result import write_failed_result
 
     folder.mkdir(parents=True, exist_ok=True)
     write_failed_result(folder, (lines[-1] if lines else "the trial's worker failed")[:500])
@@ -88,8 +89,11 @@ class SearchProgress(Callback):
             wanted = path.parent.name in self.only if self.only else not (path.parent / "confirm.json").exists()
             if result and wanted:
                 ended[path.parent.name] = (public_status(result.get("status", "failed")), result.get(self.metric))
-        done = [(value, name) for name, (status, value) in ended.items()
-                if status == "completed" and value is not None and math.isfinite(value)]  # fmt: skip
+        done = [
+            (value, name)
+            for name, (status, value) in ended.items()
+            if status == "completed" and value is not None and math.isfinite(value)
+        ]
         return Counter(status for status, _ in ended.values()), min(done, default=None)
 
     def print_status(self, trials) -> None:
@@ -100,8 +104,12 @@ class SearchProgress(Callback):
         running = [t for t in trials if t.status == "RUNNING" and folder_of(t) not in self.just_ended]
         run_steps = sum(self.steps.get(t.trial_id, 0) for t in running)
         ran = sum(self.steps.values())
-        eta = time_left(max(self.total - done, 0) * self.max_steps - run_steps, ran,
-                        self.last_line - getattr(self, "first_result_at", self.last_line), bool(running))  # fmt: skip
+        eta = time_left(
+            max(self.total - done, 0) * self.max_steps - run_steps,
+            ran,
+            self.last_line - getattr(self, "first_result_at", self.last_line),
+            bool(running),
+        )
         shown = ", ".join(f"{counts[k]} {k}" for k in ("completed", "pruned", "diverged", "failed"))
         best_text = f"best {self.metric} {best[0]:.4f} ({best[1]})" if best else f"no {self.metric} yet"
         print(  # looked up late: Tune pickles its callbacks with the experiment state

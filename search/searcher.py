@@ -1,26 +1,6 @@
-"""The Optuna searcher of a fika search, and every Ray internal fika relies on (in this one module).
-
-Ray internals used (checked by tests/test_searcher.py against the installed Ray):
-- `OptunaSearch._ot_study` (the optuna Study) and `OptunaSearch._ot_trials` (Tune trial id -> the optuna
-  Trial asked for it), to tell Optuna what really happened to a trial;
-- `OptunaSearch._completed_trials`, the ids it has already told;
-- `Tuner._local_tuner.get_run_config()`, whose callbacks are replaced to hand a restored Tuner this run's
-  callbacks (`Tuner.restore` otherwise reuses the callbacks pickled with the interrupted run);
-- Tune's state files (`experiment_state-*.json`, `search_gen_state-*.json`, `searcher-state-*.pkl`): Ray
-  writes them in a driver staging folder and copies them into storage without an atomic rename, so a driver
-  killed mid-copy leaves them cut short; `FikaOptunaSearch.save` keeps one consistent copy of them in the run
-  folder (written atomically) and `restore_tune_state` puts it back before a resume;
-- `ConcurrencyLimiter.live_trials` and `.num_unfinished_live_trials` (the trials it suggested and that have
-  not completed) and its `set_state`: Tune saves them with the search generator's state, one save behind, so
-  fika restores the limiter without them, passes a restored trial's completion through, and frees a trial's
-  place even when the searcher fails to take its completion;
-- `ray.tune.execution.class_cache.DEFAULT_ENV_VARS` and `.ENV_VARS_TO_PROPAGATE`, the variables Tune puts in
-  its trainable actors' runtime env; emptied during a fit on a Ray this process started, whose workers already
-  have them (`actors_in_prestarted_workers`);
-- `MLflowLoggerCallback._trial_runs`, `.tags` and `.mlflow_util`, to log a trial's params under names MLflow
-  accepts (a paired key `lora.r,lora.alpha` becomes `lora.r:lora.alpha`).
-Optuna internals: `Study._storage` and `Trial._trial_id`, to read and mark trials by their storage id.
-"""
+"""The Optuna searcher of a fika search: OptunaSearch whose study tells the truth about every trial, a
+concurrency limiter that survives a resume, and how a trial's end is told to Optuna. The Ray and Optuna internals
+it uses are listed in fika.search.internals."""
 
 from __future__ import annotations
 
@@ -28,8 +8,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
-import pickle
 import random
 from pathlib import Path
 
@@ -37,8 +15,9 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fika.common import cut_partial_line, read_json, write_atomic
-from fika.trial import write_failed_result
+from fika.files import append_line, read_json
+from fika.result import write_failed_result
+from fika.search.internals import keep_tune_state
 
 
 class FikaOptunaSearch(OptunaSearch):
@@ -115,8 +94,10 @@ class FikaOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr("tune_trial_id", trial_id)
         ot_trial.set_user_attr("fika_drawn", drawn)
         self.seen[key] = ot_trial.number
-        append_line(Path(self.run_dir) / "draws.jsonl",
-                    {"trial": trial_id, "number": ot_trial.number, "drawn": drawn, "params": config})  # fmt: skip
+        append_line(
+            Path(self.run_dir) / "draws.jsonl",
+            {"trial": trial_id, "number": ot_trial.number, "drawn": drawn, "params": config},
+        )
         return config
 
     def untried(self) -> list[dict]:
@@ -175,31 +156,13 @@ class FikaOptunaSearch(OptunaSearch):
         return interrupted
 
     def save(self, checkpoint_path: str) -> None:
-        """Ray's save, plus a copy of Tune's state files in the run folder, written whole (see `restore_tune_state`).
-
-        Ray writes the search generator's state after the searcher's, so the copy holds the previous save's: its
-        counts are behind, which is harmless (the searcher's budget decides how many trials run, and the limiter
-        drops its live trials on restore). A fit's first save has none yet: no copy is written then (a resume
-        without the generator's state would create no trial), and Ray's own files stand until the next save.
-        """
+        """Ray's save, plus a whole copy of Tune's state files in the run folder (`keep_tune_state`)."""
         super().save(checkpoint_path)
-        staging, saved = Path(checkpoint_path).parent, Path(checkpoint_path)
-        if "-tmp-searcher-state-" not in saved.name:  # not Tune's own save (`.<uuid>-tmp-searcher-state-<session>.pkl`)
-            return
-        session = saved.name.split("-tmp-searcher-state-", 1)[1].removesuffix(".pkl")
-        names = (f"experiment_state-{session}.json", f"search_gen_state-{session}.json")
-        if not all((staging / name).exists() for name in names):
-            return
-        files = {f"searcher-state-{session}.pkl": saved.read_bytes()}
-        files.update({name: (staging / name).read_bytes() for name in names})
-        write_atomic(Path(self.run_dir) / TUNE_STATE, pickle.dumps(files))
+        keep_tune_state(checkpoint_path, Path(self.run_dir))
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         self.reconcile()
-
-
-TUNE_STATE = "tune-state.pkl"
 
 
 class ResumableConcurrencyLimiter(ConcurrencyLimiter):
@@ -231,24 +194,6 @@ class ResumableConcurrencyLimiter(ConcurrencyLimiter):
                 self.num_unfinished_live_trials -= 1
 
 
-def restore_tune_state(run_dir: Path) -> None:
-    """Before a resume: puts the last consistent copy of Tune's state files back into `run_dir/tune`.
-
-    The copy is never older than what Ray copied into storage (it is written before Ray's copy starts), and it
-    is whole where Ray's copy may be cut short by the kill.
-    """
-    path = Path(run_dir) / TUNE_STATE
-    if not path.exists():
-        return
-    files = pickle.loads(path.read_bytes())
-    tune_dir = Path(run_dir) / "tune"
-    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
-        for old in tune_dir.glob(pattern):
-            old.unlink()
-    for name, data in files.items():
-        write_atomic(tune_dir / name, data)
-
-
 def close_interrupted(study) -> None:
     """At the end of a search no study trial may stay RUNNING: any left is told FAIL (interrupted)."""
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -273,55 +218,3 @@ def tell_final(study, trial, status: str, value: float | None, error: bool) -> N
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)
-
-
-def append_line(path: Path, record: dict) -> None:
-    """Appends one JSON line and makes it durable (the searcher's log must survive a killed driver)."""
-    cut_partial_line(path)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def actors_in_prestarted_workers():
-    """Has Tune create its trainable actors with no runtime env of their own, so that Ray gives them the workers it
-    started (and that imported the trial's libraries, `fika.search.worker`) instead of new processes.
-
-    Tune gives every trainable actor a runtime env holding `PL_DISABLE_FORK` and the variables of the driver it
-    propagates, and Ray never hands an actor with a runtime env a worker started without it. For a Ray this process
-    started, its workers inherit this process's environment, so the runtime env adds nothing: `connect_ray` puts
-    `PL_DISABLE_FORK` there before starting Ray, and this empties Tune's two lists during the fit.
-    """
-    from ray.tune.execution import class_cache
-
-    defaults, propagated = dict(class_cache.DEFAULT_ENV_VARS), class_cache.ENV_VARS_TO_PROPAGATE
-    class_cache.DEFAULT_ENV_VARS.clear()
-    class_cache.ENV_VARS_TO_PROPAGATE = set()
-    try:
-        yield
-    finally:
-        class_cache.DEFAULT_ENV_VARS.update(defaults)
-        class_cache.ENV_VARS_TO_PROPAGATE = propagated
-
-
-def with_callbacks(tuner, callbacks: list):
-    """A restored Tuner that reports to this run's callbacks instead of the ones pickled with the old run."""
-    tuner._local_tuner.get_run_config().callbacks = callbacks
-    return tuner
-
-
-def mlflow_callback(**kwargs):
-    """Ray's MLflowLoggerCallback, with the params of paired keys named as MLflow allows."""
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-    class FikaMLflowLoggerCallback(MLflowLoggerCallback):
-        def log_trial_start(self, trial) -> None:
-            if trial not in self._trial_runs:
-                tags = {**self.tags, "trial_name": str(trial)}
-                self._trial_runs[trial] = self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
-            params = {key.replace(",", ":"): value for key, value in trial.config.items()}
-            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=params)
-
-    return FikaMLflowLoggerCallback(**kwargs)

@@ -22,6 +22,7 @@ A spec is YAML:
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import re
@@ -31,18 +32,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fika.common import shorten
-from fika.config import (
-    ConfigError,
-    Section,
-    TrialConfig,
-    apply_overrides,
-    build_config,
-    format_validation_error,
-    get_dotted,
-    read_yaml,
-    set_dotted,
-)
+from fika.config import Section, TrialConfig, build_config
+from fika.errors import ConfigError, shorten
+from fika.overrides import Overrides, apply_overrides, get_dotted, set_dotted
+from fika.validation import format_validation_error
+from fika.yaml_files import read_yaml
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 # Keys a search may not vary: they define the run's outputs, or the eval set every trial is scored on
@@ -68,8 +62,10 @@ UNSEARCHABLE = (
     "data.seed",
     "data.overlong",
 )
-INTEGER_KEYS = re.compile(r"(lora\.r|train\.(max_steps|batch_size|gradient_accumulation|warmup_steps|num_cycles|seed)|"
-                          r"data\.(sources\.[a-z0-9_]+\.)?(limit|min_tokens|max_tokens|min_assistant_turns))$")  # fmt: skip
+INTEGER_KEYS = re.compile(
+    r"(lora\.r|train\.(max_steps|batch_size|gradient_accumulation|warmup_steps|num_cycles|seed)|"
+    r"data\.(sources\.[a-z0-9_]+\.)?(limit|min_tokens|max_tokens|min_assistant_turns))$"
+)
 
 
 class Param(Section):
@@ -335,25 +331,41 @@ def spec_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"spec {str(name_or_path)!r}: no such file, and not a spec that ships with fika ({names})")
 
 
-def load_spec(name_or_path: str | Path, overrides: list[str] | None = None) -> SearchSpec:
-    """Reads and validates a spec, resolving `base` (a path relative to the spec file, or inline)."""
-    path = spec_path(name_or_path)
-    raw = read_yaml(path)
+def load_spec(spec: str | Path | dict | SearchSpec, overrides: Overrides = None) -> SearchSpec:
+    """Reads and validates a spec: a file, the name of a shipped spec, a mapping (its `base` path relative to the
+    current folder) or a SearchSpec; `base` is resolved (a path relative to the spec file, or inline) before the
+    overrides, so that `base.x=...` edits the file's config."""
+    if isinstance(spec, SearchSpec):
+        spec = spec.model_dump(mode="json")
+    if isinstance(spec, dict):
+        raw, folder = copy.deepcopy(spec), Path.cwd()
+    elif isinstance(spec, (str, Path)):
+        path = spec_path(spec)
+        raw, folder = read_yaml(path), path.parent
+    else:
+        raise ConfigError(
+            f"spec: a {type(spec).__name__} is not allowed: give a YAML path, a shipped spec's name or a mapping"
+        )
     base = raw.get("base", {})
-    if isinstance(base, str):  # resolved before the overrides, so that `base.x=...` edits the file's config
+    if isinstance(base, str):
         base_path = Path(base).expanduser()
-        base_path = base_path if base_path.is_absolute() else (path.parent / base_path).resolve()
+        base_path = base_path if base_path.is_absolute() else (folder / base_path).resolve()
         try:
             raw["base"] = read_yaml(base_path)
         except ConfigError as err:
             raise ConfigError(f"base: {err}") from None
-    raw = apply_overrides(raw, overrides or [])
+    defaults = {
+        "base": TrialConfig().model_dump(mode="json"),
+        "scheduler": SchedulerSpec().model_dump(mode="json"),
+        "resources": ResourcesSpec().model_dump(mode="json"),
+    }
+    raw = apply_overrides(raw, overrides, defaults)
     try:
-        spec = SearchSpec.model_validate(raw)
+        validated = SearchSpec.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, SearchSpec)) from None
-    check_space(spec)
-    return spec
+    check_space(validated)
+    return validated
 
 
 def check_space(spec: SearchSpec) -> None:

@@ -31,11 +31,14 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from fika.common import read_jsonl, write_atomic
 from fika.config import dump_config
-from fika.search.confirm import confirm_name
+from fika.errors import error_text
+from fika.files import read_jsonl, write_atomic
+from fika.observe import TrialHooks
+from fika.result import TrialResult, load_result, write_failed_result
+from fika.search.rerun import confirm_name
 from fika.search.spec import SearchSpec, split_key, trial_config
-from fika.trial import TrialResult, load_result, run_trial, write_failed_result
+from fika.trial import run_trial
 
 INTERRUPTED = ".interrupted"  # in the run folder while its driver stops the search (see the module docstring)
 
@@ -114,13 +117,20 @@ class FikaTrainable(tune.Trainable):
     def _run(self, params: dict, confirm: dict | None) -> None:
         config = None
         try:
-            config = trial_config(self.spec, params, str(self.out), seed=confirm and confirm["seed"],
-                                  max_steps=confirm and confirm.get("steps"))  # fmt: skip
+            config = trial_config(
+                self.spec,
+                params,
+                str(self.out),
+                seed=confirm and confirm["seed"],
+                max_steps=confirm and confirm.get("steps"),
+            )
             if confirm is not None:
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_atomic(self.out / "confirm.json", json.dumps(confirm))
-            result = run_trial(config, self._report, keep_loaded=True, quick_evals=self.spec.quick_evals(),
-                               interrupted=self.interrupted.is_set)  # fmt: skip
+            hooks = TrialHooks(
+                report=self._report, interrupted=self.interrupted.is_set, quick_evals=self.spec.quick_evals()
+            )
+            result = run_trial(config, hooks=hooks, keep_loaded=True)
             self.records.put(("done", result))
         except BaseException as err:  # handed to step(), which raises it in Tune's thread
             try:
@@ -128,7 +138,7 @@ class FikaTrainable(tune.Trainable):
                     self.out.mkdir(parents=True, exist_ok=True)
                     if config is not None:
                         write_atomic(self.out / "config.yaml", dump_config(config))
-                    write_failed_result(self.out, f"{type(err).__name__}: {str(err)[:500]}")
+                    write_failed_result(self.out, error_text(err))
             except OSError:  # a full disk: the error itself still reaches Tune, so no step() waits forever
                 pass
             self.records.put(("error", err))

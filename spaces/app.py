@@ -36,9 +36,9 @@ if (HERE / "fika").is_dir():  # an exported Space carries its own copy of fika, 
 import gradio as gr  # noqa: E402
 import yaml  # noqa: E402
 
-from fika.common import FikaError, not_an_adapter  # noqa: E402
 from fika.config import ModelConfig  # noqa: E402
-from fika.model import END_OF_TURN, load_base_model, load_tokenizer, template_kind  # noqa: E402
+from fika.errors import FikaError, first_line  # noqa: E402
+from fika.model import END_OF_TURN, load_base_model, load_tokenizer, not_an_adapter, template_kind  # noqa: E402
 
 DEFAULT_SYSTEM = "You are FIKA Assistant, a helpful, concise assistant."
 MAX_INPUT_CHARS = int(os.environ.get("FIKA_MAX_INPUT_CHARS", "4000"))
@@ -69,8 +69,7 @@ def adapter_model_config(adapter: str | None) -> ModelConfig | None:
         section = {k: v for k, v in section.items() if k in ("name", "revision", "max_seq_length", "chat_template")}
         return ModelConfig.model_validate(section)
     except Exception as err:  # a broken or foreign fika.yaml is the adapter's problem, named in one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise FikaError(f"--adapter: {path} cannot be read: {first}") from None
+        raise FikaError(f"--adapter: {path} cannot be read: {first_line(err, 200)}") from None
 
 
 def check_adapter(label: str, path: str | None) -> None:
@@ -86,8 +85,10 @@ def check_adapter(label: str, path: str | None) -> None:
         or not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
         or path.startswith((".", "/", "~"))
     ):
-        raise FikaError(f"--{'adapter' if label == TUNED else 'compare'}: {path} not found (give an adapter folder from "
-                        "`fika train`, a hub id, or --base-only to chat with the base model alone)")  # fmt: skip
+        raise FikaError(
+            f"--{'adapter' if label == TUNED else 'compare'}: {path} not found (give an adapter folder from "
+            "`fika train`, a hub id, or --base-only to chat with the base model alone)"
+        )
 
 
 class Assistant:
@@ -115,8 +116,9 @@ class Assistant:
             try:
                 self.model = self.attach(label, path)
             except Exception as err:  # a broken adapter is refused: serving the base instead would mislead
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-                raise FikaError(f"the {label} {path} cannot be loaded on {self.model_name}: {first}") from None
+                raise FikaError(
+                    f"the {label} {path} cannot be loaded on {self.model_name}: {first_line(err, 200)}"
+                ) from None
             self.choices.append(label)
         self.lock = threading.Lock()  # one generation at a time: the active adapter is model state
 
@@ -204,8 +206,9 @@ def fit_history(tokenizer, messages: list[dict], budget: int) -> dict:
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
     while True:
-        inputs = tokenizer.apply_chat_template(system + turns, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)  # fmt: skip
+        inputs = tokenizer.apply_chat_template(
+            system + turns, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         if inputs["input_ids"].shape[1] <= budget or len(turns) <= 1:
             return {k: v[:, -budget:] for k, v in inputs.items()}
         turns = turns[2:] if len(turns) > 2 else turns[-1:]
@@ -239,18 +242,26 @@ def leaderboard(report: str | None):
     train, name = "train_loss_smooth", "train loss avg10"
     if "train_loss_at_shared_step" in table.columns and len(table):
         train, name = "train_loss_at_shared_step", f"train loss avg10 @{table['shared_step'].iloc[0]}"
-    table = table[["rank", "trial", *params, "status", "eval_loss", train, "steps", "tokens_seen",
-                   "wall_time_s"]].round({"eval_loss": 4, train: 4, "wall_time_s": 0})  # fmt: skip
+    table = table[
+        ["rank", "trial", *params, "status", "eval_loss", train, "steps", "tokens_seen", "wall_time_s"]
+    ].round({"eval_loss": 4, train: 4, "wall_time_s": 0})
     short = {c: ", ".join(part.split(".")[-1] for part in c.removeprefix("param:").split(",")) for c in params}
-    table = table.rename(columns={**short, train: name, "eval_loss": "eval loss", "tokens_seen": "tokens",
-                                  "wall_time_s": "wall s"})  # fmt: skip
+    table = table.rename(
+        columns={**short, train: name, "eval_loss": "eval loss", "tokens_seen": "tokens", "wall_time_s": "wall s"}
+    )
     best = (Path(report) / "best.yaml").read_text() if (Path(report) / "best.yaml").exists() else ""
     curves = Path(report) / "curves.png"
     return table, best, str(curves) if curves.exists() else None
 
 
-def build_app(base: str | None = None, adapter: str | None = None, compare: str | None = None,
-              report: str | None = None, base_only: bool = False, trust_remote_code: bool = False) -> gr.Blocks:  # fmt: skip
+def build_app(
+    base: str | None = None,
+    adapter: str | None = None,
+    compare: str | None = None,
+    report: str | None = None,
+    base_only: bool = False,
+    trust_remote_code: bool = False,
+) -> gr.Blocks:
     """The Gradio app; arguments default to the FIKA_* environment variables, then to the exported space.yaml.
 
     Without an adapter it refuses to start unless `base_only` (a mistyped path must not serve the wrong model).
@@ -263,17 +274,59 @@ def build_app(base: str | None = None, adapter: str | None = None, compare: str 
     if adapter is None and not base_only:
         raise FikaError("--adapter: no adapter given; give an adapter folder from `fika train`, or --base-only")
     assistant = Assistant(base or setting("base", "FIKA_BASE_MODEL"), adapter, compare, trust_remote_code)
-    default_model = TUNED if TUNED in assistant.choices else BASE
     for warning in assistant.warnings:
         print(f"FIKA Assistant: {warning}", file=sys.stderr)
+
+    title = "FIKA Assistant"
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f"# {title}\nBase model `{assistant.model_name}`; serving: {', '.join(assistant.choices)}.")
+        for warning in assistant.warnings:
+            gr.Markdown(f"**Note:** {warning}")
+        with gr.Accordion("Generation settings", open=False):
+            system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2)
+            with gr.Row():
+                max_new_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens")
+                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
+        settings = [system, max_new_tokens, temperature, top_p]
+        with gr.Tab("Chat"):
+            chat_tab(assistant, settings)
+        with gr.Tab("Compare"):
+            compare_tab(assistant, settings)
+        with gr.Tab("Leaderboard"):
+            leaderboard_tab(report)
+    app.queue(default_concurrency_limit=1, max_size=64)
+    return app
+
+
+def default_choice(assistant: Assistant) -> str:
+    return TUNED if TUNED in assistant.choices else BASE
+
+
+def chat_tab(assistant: Assistant, settings: list) -> None:
+    """The Chat tab: a streamed conversation with the chosen model."""
 
     def chat(message, history, model, system, max_new_tokens, temperature, top_p):
         problem = check_message(message)
         if problem:
             yield problem
             return
-        yield from assistant.stream(conversation(text_of(message).strip(), history, system), model,
-                                    int(max_new_tokens), float(temperature), float(top_p))  # fmt: skip
+        messages = conversation(text_of(message).strip(), history, system)
+        yield from assistant.stream(messages, model, int(max_new_tokens), float(temperature), float(top_p))
+
+    model = gr.Radio(assistant.choices, value=default_choice(assistant), label="Model")
+    gr.ChatInterface(
+        chat,
+        additional_inputs=[model, *settings],
+        chatbot=gr.Chatbot(height=420, label="FIKA Assistant"),
+        textbox=gr.Textbox(placeholder="Ask anything...", max_lines=8, submit_btn=True),
+        api_name="chat",
+        validator=validate_message,  # a refused message never enters the history
+    )
+
+
+def compare_tab(assistant: Assistant, settings: list) -> None:
+    """The Compare tab: one message, two models' replies side by side."""
 
     def compare_models(message, model_a, model_b, system, max_new_tokens, temperature, top_p):
         problem = check_message(message)
@@ -287,59 +340,36 @@ def build_app(base: str | None = None, adapter: str | None = None, compare: str 
         for reply_b in assistant.stream(messages, model_b, int(max_new_tokens), float(temperature), float(top_p)):
             yield reply_a, reply_b
 
-    title = "FIKA Assistant"
-    served = ", ".join(assistant.choices)
-    with gr.Blocks(title=title) as app:
-        gr.Markdown(f"# {title}\nBase model `{assistant.model_name}`; serving: {served}.")
-        for warning in assistant.warnings:
-            gr.Markdown(f"**Note:** {warning}")
-        with gr.Accordion("Generation settings", open=False):
-            system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=2)
-            with gr.Row():
-                max_new_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens")
-                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p")
-        with gr.Tab("Chat"):
-            model = gr.Radio(assistant.choices, value=default_model, label="Model")
-            gr.ChatInterface(
-                chat,
-                additional_inputs=[model, system, max_new_tokens, temperature, top_p],
-                chatbot=gr.Chatbot(height=420, label="FIKA Assistant"),
-                textbox=gr.Textbox(placeholder="Ask anything...", max_lines=8, submit_btn=True),
-                api_name="chat",
-                validator=validate_message,  # a refused message never enters the history
-            )
-        with gr.Tab("Compare"):
-            gr.Markdown("One message, two models side by side: what did the search buy?")
-            with gr.Row():
-                model_a = gr.Dropdown(assistant.choices, value=BASE, label="Model A")
-                model_b = gr.Dropdown(assistant.choices, value=default_model, label="Model B")
-            prompt = gr.Textbox(label="Message", placeholder="Ask both models...", lines=2)
-            run = gr.Button("Compare", variant="primary")
-            with gr.Row():
-                out_a = gr.Textbox(label="Model A", lines=12)
-                out_b = gr.Textbox(label="Model B", lines=12)
-            inputs = [prompt, model_a, model_b, system, max_new_tokens, temperature, top_p]
-            run.click(compare_models, inputs, [out_a, out_b], api_name="compare")
-            prompt.submit(compare_models, inputs, [out_a, out_b], api_name=False)
-        with gr.Tab("Leaderboard"):
-            board = leaderboard(report)
-            if board is None:
-                gr.Markdown("No search report configured: set FIKA_REPORT to a `reports/<name>` folder "
-                            "(written by `fika search`).")  # fmt: skip
-            else:
-                table, best, curves = board
-                gr.Markdown(f"Ranked trials of `{Path(report).name}` (eval loss at the last step; lower is better).")
-                gr.Dataframe(table, interactive=False, wrap=True)
-                if curves:
-                    gr.Image(curves, label="Loss curves of the top trials", interactive=False)
-                if best:
-                    with gr.Accordion(
-                        "best.yaml: the best trial's config (`fika train --config best.yaml`)", open=False
-                    ):
-                        gr.Code(best, language="yaml", max_lines=60)
-    app.queue(default_concurrency_limit=1, max_size=64)
-    return app
+    gr.Markdown("One message, two models side by side: what did the search buy?")
+    with gr.Row():
+        model_a = gr.Dropdown(assistant.choices, value=BASE, label="Model A")
+        model_b = gr.Dropdown(assistant.choices, value=default_choice(assistant), label="Model B")
+    prompt = gr.Textbox(label="Message", placeholder="Ask both models...", lines=2)
+    run = gr.Button("Compare", variant="primary")
+    with gr.Row():
+        out_a = gr.Textbox(label="Model A", lines=12)
+        out_b = gr.Textbox(label="Model B", lines=12)
+    inputs = [prompt, model_a, model_b, *settings]
+    run.click(compare_models, inputs, [out_a, out_b], api_name="compare")
+    prompt.submit(compare_models, inputs, [out_a, out_b], api_name=False)
+
+
+def leaderboard_tab(report: str | None) -> None:
+    """The Leaderboard tab: a search report's ranked table, loss curves and best config."""
+    board = leaderboard(report)
+    if board is None:
+        gr.Markdown(
+            "No search report configured: set FIKA_REPORT to a `reports/<name>` folder (written by `fika search`)."
+        )
+        return
+    table, best, curves = board
+    gr.Markdown(f"Ranked trials of `{Path(report).name}` (eval loss at the last step; lower is better).")
+    gr.Dataframe(table, interactive=False, wrap=True)
+    if curves:
+        gr.Image(curves, label="Loss curves of the top trials", interactive=False)
+    if best:
+        with gr.Accordion("best.yaml: the best trial's config (`fika train --config best.yaml`)", open=False):
+            gr.Code(best, language="yaml", max_lines=60)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`fika space export`: a folder that runs as a Hugging Face Space as is (app, requirements, front matter).
 
 The folder holds `app.py`, `requirements.txt`, `README.md` (Space front matter), a copy of the fika modules
-the app imports (`fika/`: common, config and model; no Ray), the adapter(s) and the search report, and
+the app imports (`fika/`, found by following its imports: config, model and what they import; no Ray), the
+adapter(s) and the search report, and
 `space.yaml` naming them. With the built-in SmolLM2 as base it also carries the model's GGUF file (90 MB),
 so the Space needs no hub access for its base model.
 """
@@ -13,12 +14,43 @@ from pathlib import Path
 
 import yaml
 
-from fika.common import FikaError, mask_secrets, not_an_adapter, package_dir
-from fika.model import BUILTIN_SMOLLM2, SMOLLM2_GGUF
+from fika.errors import FikaError
+from fika.masking import mask_secrets
+from fika.model import BUILTIN_SMOLLM2, SMOLLM2_GGUF, not_an_adapter
+from fika.paths import package_dir
 
-FIKA_MODULES = ("__init__.py", "common.py", "config.py", "model.py", "default.yaml")
 APP_DIR = Path(__file__).resolve().parent
 REPORT_FILES = ("index.md", "index.html", "trials.csv", "best.yaml", "report.json")
+
+
+def fika_modules(start: Path) -> list[str]:
+    """The files of the fika package that `start` imports at module level, directly or through other fika modules
+    (its `__init__.py` and the embedded default config included; what a function imports when called is not
+    followed: the Space calls none of those functions)."""
+    import ast
+
+    package = Path(fika_package_dir())
+    seen, todo = {"__init__.py", "default.yaml"}, [start, package / "__init__.py"]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in tree.body:
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for name in [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]:
+                parts = name.split(".")
+                if parts[0] != "fika" or len(parts) < 2 or parts[1] in ("search", "spaces"):
+                    continue
+                file = f"{parts[1]}.py"
+                if file not in seen and (package / file).exists():
+                    seen.add(file)
+                    todo.append(package / file)
+    return sorted(seen)
+
+
+def fika_package_dir() -> str:
+    import fika
+
+    return str(Path(fika.__file__).parent)
 
 
 def copy_adapter(adapter: str | None, out: Path, name: str) -> str | None:
@@ -38,8 +70,6 @@ def copy_adapter(adapter: str | None, out: Path, name: str) -> str | None:
 
 def export_space(out: Path, adapter: str | None, compare: str | None, report: str | None, base: str | None) -> Path:
     """Writes the Space folder `out`; refuses to write into a non-empty folder or a file."""
-    import fika
-
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FikaError(f"--out: {out} exists and is not an empty folder; give a new folder")
     if adapter is None:
@@ -53,8 +83,8 @@ def export_space(out: Path, adapter: str | None, compare: str | None, report: st
     for name in ("app.py", "requirements.txt", "README.md"):
         shutil.copy2(APP_DIR / name, out / name)
     (out / "fika").mkdir()
-    for name in FIKA_MODULES:
-        shutil.copy2(Path(fika.__file__).parent / name, out / "fika" / name)
+    for name in fika_modules(APP_DIR / "app.py"):
+        shutil.copy2(Path(fika_package_dir()) / name, out / "fika" / name)
     settings = {"adapter": copy_adapter(adapter, out, "adapter"), "compare": copy_adapter(compare, out, "adapter_b")}
     if report is not None:
         (out / "report").mkdir()
@@ -82,8 +112,11 @@ def export_space(out: Path, adapter: str | None, compare: str | None, report: st
 def name_models(readme: Path, settings: dict) -> None:
     """Adds `models:` to the Space card's front matter: the hub models it serves (base and hub adapters)."""
     base = "HuggingFaceTB/SmolLM2-135M-Instruct" if settings["base"] == BUILTIN_SMOLLM2 else settings["base"]
-    models = [m for m in (base, settings.get("adapter"), settings.get("compare")) if m and "/" in m
-              and not Path(readme.parent / m).exists() and not m.startswith((".", "/"))]  # fmt: skip
+    models = [
+        m
+        for m in (base, settings.get("adapter"), settings.get("compare"))
+        if m and "/" in m and not Path(readme.parent / m).exists() and not m.startswith((".", "/"))
+    ]
     _, front, body = readme.read_text().split("---\n", 2)
     card = yaml.safe_load(front)
     card["models"] = models

@@ -227,6 +227,18 @@ def tiny_adapter(tmp_path_factory) -> Path:
     from fika.cli import main
 
     out = tmp_path_factory.mktemp("adapter") / "run"
-    assert main(["train", "model.name=tiny", "train.max_steps=10", "train.learning_rate=5e-3", "data.sources.0.limit=300",
-                 "data.eval_size=16", f"output.dir={out}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "model.name=tiny",
+                "train.max_steps=10",
+                "train.learning_rate=5e-3",
+                "data.sources.0.limit=300",
+                "data.eval_size=16",
+                f"output.dir={out}",
+            ]
+        )
+        == 0
+    )
     return out / "adapter"

@@ -481,8 +481,10 @@ def workspace(tmp_path_factory, smoke_report, tiny_adapter):
     (root / "empty.yaml").write_text("")
     (root / "comments.yaml").write_text("# only a comment\n\n")
     (root / "list.yaml").write_text("- a\n- b\n")
-    (root / "bomb.yaml").write_text("a: &a [1,1,1,1,1,1,1,1,1]\n" + "".join(
-        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcde", "bcdef", strict=True)))  # fmt: skip
+    (root / "bomb.yaml").write_text(
+        "a: &a [1,1,1,1,1,1,1,1,1]\n"
+        + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcde", "bcdef", strict=True))
+    )
     (root / "duplicate.yaml").write_text("lora:\n  r: 8\nlora:\n  r: 16\n")
     (root / "broken.yaml").write_text("model:\n  name: [tiny\n")
     (root / "afolder").mkdir()
@@ -637,14 +639,21 @@ def test_a_full_disk_is_one_line_and_the_run_goes_on_after_it(small_disk, monkey
     assert main(run) == 2
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if ": error: " in line]
-    assert errors == [f"fika train: error: output.dir: cannot write into {disk / 'run'} (No space left on device); "
-                      "what was written before is kept there; free space or pick another output.dir, then run it "
-                      "again (--overwrite replaces it)"]  # fmt: skip
+    assert errors == [
+        f"fika train: error: output.dir: cannot write into {disk / 'run'} (No space left on device); "
+        "what was written before is kept there; free space or pick another output.dir, then run it "
+        "again (--overwrite replaces it)"
+    ]
     assert "Traceback" not in captured.err
     assert json.loads((disk / "run" / "result.json").read_text())["status"] == "failed"
     assert sorted(p.name for p in (disk / "run").iterdir()) == [
-        ".fika.lock", "config.yaml", "data.json", "evals.jsonl", "metrics.jsonl", "result.json"
-    ]  # fmt: skip
+        ".fika.lock",
+        "config.yaml",
+        "data.json",
+        "evals.jsonl",
+        "metrics.jsonl",
+        "result.json",
+    ]
     resize("8M")
     assert main([*run, "--overwrite"]) == 0
     assert (disk / "run" / "adapter" / "adapter_model.safetensors").exists()
@@ -677,8 +686,10 @@ def test_a_full_disk_is_one_line_and_the_run_goes_on_after_it(small_disk, monkey
     for command in (["data", *TINY], ["train", *TINY, f"output.dir={disk / 'cacheless'}"]):
         assert main(command) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
-        assert errors == [f"fika {command[0]}: error: FIKA_CACHE: cannot write fika's cache in {disk / 'cache'} (No "
-                          "space left on device); free space there or set FIKA_CACHE to a folder on another disk"]  # fmt: skip
+        assert errors == [
+            f"fika {command[0]}: error: FIKA_CACHE: cannot write fika's cache in {disk / 'cache'} (No "
+            "space left on device); free space there or set FIKA_CACHE to a folder on another disk"
+        ]
         assert not list((disk / "cache").rglob("*.tmp")) and not (disk / "cacheless").exists()
 
 
@@ -693,11 +704,24 @@ def test_a_model_whose_weights_are_cut_short_is_one_line(tmp_path, monkeypatch, 
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     out = tmp_path / "run"
-    assert main(["train", f"model.name={model}", *TINY[1:], "train.max_steps=2", "train.warmup_steps=0",
-                 f"output.dir={out}"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                f"model.name={model}",
+                *TINY[1:],
+                "train.max_steps=2",
+                "train.warmup_steps=0",
+                f"output.dir={out}",
+            ]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if ": error: " in line]
-    assert errors == [f"fika train: error: model.name: cannot load the model of {str(model)!r}: Error while "
-                      "deserializing header: incomplete metadata, file not fully covered"], errors  # fmt: skip
+    assert errors == [
+        f"fika train: error: model.name: cannot load the model of {str(model)!r}: Error while "
+        "deserializing header: incomplete metadata, file not fully covered"
+    ], errors
     assert "Traceback" not in captured.err
     assert json.loads((out / "result.json").read_text())["status"] == "failed"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fika.config import DEFAULT_CONFIG, ConfigError, TrialConfig, apply_overrides, dump_config, load_config
-from fika.trial import eval_schedule
+from fika.observe import eval_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,16 +6,10 @@ import json
 
 import pytest
 
+from fika.chat_tokens import assistant_turns, chat_tokens, fit_to_length
 from fika.config import DataConfig, DataSource
-from fika.data import (
-    DROP_REASONS,
-    assistant_turns,
-    chat_tokens,
-    fit_to_length,
-    prepare_data,
-    read_source,
-    weighted_take,
-)
+from fika.data import DROP_REASONS, prepare_data, weighted_take
+from fika.source_cache import read_source
 from fika.sources import (
     STANDARDIZERS,
     DataError,
@@ -306,9 +300,14 @@ def one_at_a_time(source: DataSource, tokenizer, max_length: int, overlong: str,
     return kept
 
 
-@pytest.mark.parametrize(("path", "max_length", "overlong", "need"), [
-    ("messy", 256, "truncate", None), ("builtin:sharegpt", 128, "truncate", 150), ("builtin:sharegpt", 2048, "drop", 10),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("path", "max_length", "overlong", "need"),
+    [
+        ("messy", 256, "truncate", None),
+        ("builtin:sharegpt", 128, "truncate", 150),
+        ("builtin:sharegpt", 2048, "drop", 10),
+    ],
+)
 def test_batched_tokenizing_keeps_what_one_at_a_time_keeps(
     data_files, tiny_tokenizer, path, max_length, overlong, need
 ):
@@ -390,12 +389,12 @@ import json, sys, time
 from fika.config import DataConfig, DataSource, ModelConfig
 from fika.data import prepare_data
 from fika.model import load_tokenizer
-import fika.data as data
-original = data.read_source
+import fika.source_cache as source_cache
+original = source_cache.read_source
 def slow(*args, **kwargs):
     time.sleep(2)  # hold the lock long enough for the other process to wait on it
     return original(*args, **kwargs)
-data.read_source = slow
+source_cache.read_source = slow
 mix = prepare_data(DataConfig(sources=[DataSource(path=sys.argv[1])], eval_size=2), load_tokenizer(ModelConfig(name="tiny")), 512)
 print(json.dumps(list(mix.eval["id"])))
 """
@@ -407,8 +406,16 @@ def test_two_processes_share_one_build(data_files, tmp_path):
     import sys
 
     env = {**os.environ, "FIKA_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(data_files["finetome"])], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD_SCRIPT, str(data_files["finetome"])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert outs[0][0] == outs[1][0]  # both loaded the same rows
@@ -441,8 +448,10 @@ def test_rows_that_are_not_utf8_are_dropped_as_malformed(tmp_path, tiny_tokenize
     """Arrow keeps a JSON file's bytes as read: a row that is not UTF-8 fails only when it is read."""
     path = tmp_path / "latin1.jsonl"
     bad = '{"conversations": [{"from": "human", "value": "caf\xe9?"}, {"from": "gpt", "value": "oui"}]}\n'
-    good = [{"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "answer"}]}
-            for i in range(4)]  # fmt: skip
+    good = [
+        {"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "answer"}]}
+        for i in range(4)
+    ]
     path.write_bytes(bad.encode("latin-1") + "".join(json.dumps(row) + "\n" for row in good).encode())
     mix = prepare_data(mix_config(path, eval_size=1), tiny_tokenizer, 256)
     source = mix.sources[0]
@@ -456,9 +465,14 @@ def test_local_paths_are_made_absolute_and_others_kept(data_files, tmp_path, mon
     """A run records its local sources as absolute paths (its config and a search's best.yaml then name the same
     files from any folder); the built-in data and hub ids stay as written."""
     monkeypatch.chdir(data_files["finetome"].parent)
-    data = DataConfig(sources=[DataSource(path=data_files["finetome"].name), DataSource(path="builtin:sharegpt"),
-                               DataSource(path="HuggingFaceH4/ultrachat_200k")],
-                      eval_sources=[DataSource(path=f"./{data_files['ultrachat'].name}")])  # fmt: skip
+    data = DataConfig(
+        sources=[
+            DataSource(path=data_files["finetome"].name),
+            DataSource(path="builtin:sharegpt"),
+            DataSource(path="HuggingFaceH4/ultrachat_200k"),
+        ],
+        eval_sources=[DataSource(path=f"./{data_files['ultrachat'].name}")],
+    )
     resolved = resolve_local_paths(data)
     assert [s.path for s in resolved.sources] == [
         str(data_files["finetome"]),

@@ -57,7 +57,7 @@ def test_a_data_mix_search_scores_every_trial_on_one_eval_set(tmp_path, monkeypa
     md = (report / "index.md").read_text()
     assert "## Data: rows and tokens per source, eval loss per source" in md
     assert "ultrachat rows" in md and "eval finetome" in md and "finetome 8; sharegpt_english 8; ultrachat 8" in md
-    assert (report / "data.png").exists()
+    assert (report / "slice.png").exists()  # Optuna's slices, data keys included
     best = yaml.safe_load((report / "best.yaml").read_text())
     winner = pd.read_csv(report / "trials.csv").iloc[0]
     assert best["data"]["sources"][2]["weight"] == json.loads(winner["config"])["data"]["sources"][2]["weight"]

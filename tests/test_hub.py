@@ -41,8 +41,21 @@ def test_push_dry_run_shows_the_card_and_files_and_never_the_token(
     assert err == ["fika push: error: the Hugging Face hub cannot be reached (no network, or HF_HUB_OFFLINE is set)"]
 
     space = tmp_path / "space"
-    args = ["space", "export", "--adapter", str(tiny_adapter), "--report", str(report), "--base",
-            "builtin:smollm2-135m-instruct", "--out", str(space), "--push", "someone/fika-space", "--dry-run"]  # fmt: skip
+    args = [
+        "space",
+        "export",
+        "--adapter",
+        str(tiny_adapter),
+        "--report",
+        str(report),
+        "--base",
+        "builtin:smollm2-135m-instruct",
+        "--out",
+        str(space),
+        "--push",
+        "someone/fika-space",
+        "--dry-run",
+    ]
     assert main(args) == 0
     out = capsys.readouterr()
     assert "would upload to https://huggingface.co/spaces/someone/fika-space:" in out.out and "app.py" in out.out

@@ -18,9 +18,13 @@ import pytest
 import yaml
 
 from fika.cli import main
-from fika.common import LOCK_FILE, FikaError, read_json
-from fika.search.analysis import edge_values, paired_bootstrap, ranks, spearman
-from fika.search.report import TrialRow, build_report, compute_lines
+from fika.errors import FikaError
+from fika.files import read_json
+from fika.folder_lock import LOCK_FILE
+from fika.search.report import build_report
+from fika.search.report.analysis import edge_values, paired_bootstrap, ranks, spearman
+from fika.search.report.rows import TrialRow
+from fika.search.report.sections import compute_lines
 from fika.search.spec import Param
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,10 +54,17 @@ def test_rank_correlation_and_edges():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None
-    space = {"train.learning_rate": Param(choice=[1e-4, 2e-4, 5e-4]), "lora.dropout": Param(choice=[0.0, 0.1]),
-             "lora.r,lora.alpha": Param(choice=[[8, 8], [32, 64]]), "train.weight_decay": Param(uniform=[0.0, 0.1])}  # fmt: skip
-    notes = edge_values(space, {"train.learning_rate": 5e-4, "lora.dropout": 0.0, "lora.r,lora.alpha": [32, 64],
-                                "train.weight_decay": 0.097}, {"dropout": 0})  # fmt: skip
+    space = {
+        "train.learning_rate": Param(choice=[1e-4, 2e-4, 5e-4]),
+        "lora.dropout": Param(choice=[0.0, 0.1]),
+        "lora.r,lora.alpha": Param(choice=[[8, 8], [32, 64]]),
+        "train.weight_decay": Param(uniform=[0.0, 0.1]),
+    }
+    notes = edge_values(
+        space,
+        {"train.learning_rate": 5e-4, "lora.dropout": 0.0, "lora.r,lora.alpha": [32, 64], "train.weight_decay": 0.097},
+        {"dropout": 0},
+    )
     assert notes == [
         "train.learning_rate = 0.0005 is the largest value searched: widen the space above it",
         "lora.r = 32 is the largest value searched: widen the space above it",
@@ -66,12 +77,16 @@ def test_the_compute_line_splits_the_trials_time_and_counts_the_slots_they_left_
     """Two trials of 100 s and 50 s wall (120 s of training steps, 10 s of evals) in a fit of 80 s on 2 slots: 160
     slot-seconds, 150 of them in a trial; 160 / 120 = 1.33x. A fit without an end (a killed driver) or without
     slots (a cluster) gives no slot figures."""
-    rows = [TrialRow("a", {}, "completed", tokens_seen=700, wall_time_s=100.0, step_time_s=80.0, eval_time_s=10.0),
-            TrialRow("b", {}, "pruned", tokens_seen=300, wall_time_s=50.0, step_time_s=40.0)]  # fmt: skip
+    rows = [
+        TrialRow("a", {}, "completed", tokens_seen=700, wall_time_s=100.0, step_time_s=80.0, eval_time_s=10.0),
+        TrialRow("b", {}, "pruned", tokens_seen=300, wall_time_s=50.0, step_time_s=40.0),
+    ]
     fit = {"started_at": 1000.0, "ended_at": 1080.0, "slots": 2}
     compute, slots = compute_lines(rows, [fit])
-    assert compute == ("- compute: 0.04 trial-hours, 1,000 tokens seen; 80% of it training steps, 7% evals, 13% a "
-                       "trial's start and end (model, trainer, saving)")  # fmt: skip
+    assert compute == (
+        "- compute: 0.04 trial-hours, 1,000 tokens seen; 80% of it training steps, 7% evals, 13% a "
+        "trial's start and end (model, trainer, saving)"
+    )
     assert slots.startswith("- slots: 2 trials at a time, 0.04 slot-hours, 94% of them in a trial ")
     assert slots.endswith("slot time = 1.33x the training-step time")
     assert len(compute_lines(rows, [fit, {"started_at": 1100.0, "slots": 2}])) == 1  # killed: its end unknown
@@ -136,7 +151,6 @@ def test_report_files_are_valid_and_hold_no_machine_paths(smoke_report):
     run, report = smoke_report
     pictures = [
         "curves.png",
-        "params.png",
         "pareto.png",
         "history.png",
         "parallel.png",
@@ -162,8 +176,11 @@ def test_report_files_are_valid_and_hold_no_machine_paths(smoke_report):
     assert len(page.images) == len(pictures)
     assert all(base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC) for src in page.images)
     body = [line for line in (report / "best.yaml").read_text().splitlines() if not line.startswith("#")]
-    for name, text in (("trials.csv", (report / "trials.csv").read_text()), ("report.json", (report / "report.json").read_text()),
-                       ("best.yaml", "\n".join(body))):  # fmt: skip
+    for name, text in (
+        ("trials.csv", (report / "trials.csv").read_text()),
+        ("report.json", (report / "report.json").read_text()),
+        ("best.yaml", "\n".join(body)),
+    ):
         assert "/tmp/" not in text, name  # paths relative to the run or the report; commands relative to the cwd
     configs = [json.loads(c) for c in pd.read_csv(report / "trials.csv")["config"]]
     assert all(c["output"]["dir"].startswith("trials/") for c in configs)
@@ -236,15 +253,22 @@ def test_the_refresher_rebuilds_only_when_the_run_changed(smoke_report, tmp_path
     """A search's report refresher skips a build when no file the report reads (run.json too) changed since the
     last one of at least its kind; a live build (a trial ended) draws the loss curves only, the final one every
     plot."""
-    from fika.cli import ReportRefresher
+    from fika.search.report.live import ReportRefresher
 
     run = tmp_path / "smoke"
     shutil.copytree(smoke_report[0], run)
     out = tmp_path / "report"
     refresh = ReportRefresher(run, out)
     generated, plots, pages = [], [], []
-    steps = [(None, False), (None, False), (None, True), (None, False), ("draws.jsonl", False),
-             ("result.json", False), ("run.json", True)]  # fmt: skip
+    steps = [
+        (None, False),
+        (None, False),
+        (None, True),
+        (None, False),
+        ("draws.jsonl", False),
+        ("result.json", False),
+        ("run.json", True),
+    ]
     for change, final in steps:
         if change == "draws.jsonl":
             with (run / "draws.jsonl").open("a") as f:
@@ -366,9 +390,24 @@ def test_a_second_driver_of_a_search_being_confirmed_is_refused(smoke_report, tm
     run, _ = smoke_report
     copy = tmp_path / "smoke"
     shutil.copytree(run, copy)
-    first = subprocess.Popen([sys.executable, "-m", "fika.cli", "confirm", str(copy), "--top", "1", "--seeds", "1",
-                              "--out", str(tmp_path / "first")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True)  # fmt: skip
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fika.cli",
+            "confirm",
+            str(copy),
+            "--top",
+            "1",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "first"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while (read_json(copy / ".fika.lock") or {}).get("pid") != first.pid:
         assert first.poll() is None, first.stderr.read().decode()[-2000:]

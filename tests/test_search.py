@@ -95,7 +95,7 @@ def test_declared_gpus_give_each_trial_its_own_device(tmp_path, ray_shutdown):
     """A CPU machine declaring 2 GPUs: trials asking 1 GPU each see distinct devices, 2 at a time at most."""
     import ray
 
-    from fika.search.tuner import run_search
+    from fika.search.driver import run_search
 
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
     spec = load_spec(SMOKE, [f"storage={tmp_path}", "resources.gpu=1", "resources.cpu=1", "num_samples=6"])
@@ -147,8 +147,12 @@ def test_an_actor_that_tune_drops_before_its_first_step_trains_nothing(tmp_path,
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     spec = load_spec(SMOKE, [f"storage={tmp_path}"])
     trainable = tune.with_parameters(FikaTrainable, spec=spec.model_dump(mode="json"), run_dir=str(tmp_path / "smoke"))
-    params = {"train.learning_rate": 1e-3, "train.lr_scheduler": "linear", "lora.r,lora.alpha": "[8, 8]",
-              "lora.dropout": 0.0}  # fmt: skip
+    params = {
+        "train.learning_rate": 1e-3,
+        "train.lr_scheduler": "linear",
+        "lora.r,lora.alpha": "[8, 8]",
+        "lora.dropout": 0.0,
+    }
     dropped = trainable(config=params)
     dropped.stop()
     assert not (tmp_path / "smoke").exists()  # created and dropped: nothing ran, nothing was written
@@ -183,8 +187,8 @@ def test_a_local_searchs_first_trials_run_in_the_workers_ray_started_with_their_
     import torch
     from ray import tune
 
-    from fika.search.searcher import actors_in_prestarted_workers
-    from fika.search.tuner import connect_ray
+    from fika.search.internals import actors_in_prestarted_workers
+    from fika.search.ray_session import connect_ray
 
     spec = load_spec(SMOKE, [f"storage={tmp_path}", "resources.cpu=1", "num_samples=256"])
     if torch.cuda.is_available() or (os.cpu_count() or 1) > spec.num_trials():
@@ -192,8 +196,11 @@ def test_a_local_searchs_first_trials_run_in_the_workers_ray_started_with_their_
 
     class Probe(tune.Trainable):
         def setup(self, config: dict) -> None:
-            self.facts = {"pid": os.getpid(), "preloaded": "fika.search.worker" in sys.modules and "trl" in sys.modules,
-                          "hidden": sys.modules.get("wandb", "absent") is None}  # fmt: skip
+            self.facts = {
+                "pid": os.getpid(),
+                "preloaded": "fika.search.worker" in sys.modules and "trl" in sys.modules,
+                "hidden": sys.modules.get("wandb", "absent") is None,
+            }
 
         def step(self) -> dict:
             return {**self.facts, "done": True}
@@ -260,12 +267,26 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, ray_shutdo
 
 
 def spawn_search(tmp_path: Path, *extra: str, env: dict | None = None) -> tuple[list[str], subprocess.Popen]:
-    args = [sys.executable, "-m", "fika.cli", "search", str(SMOKE), f"storage={tmp_path}",
-            f"report_dir={tmp_path / 'report'}", *extra]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "fika.cli",
+        "search",
+        str(SMOKE),
+        f"storage={tmp_path}",
+        f"report_dir={tmp_path / 'report'}",
+        *extra,
+    ]
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, whatever ran the tests:
     try:  # a driver started while Ctrl-C is ignored would ignore it too
-        process = subprocess.Popen(args, env=env or dict(os.environ), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            args,
+            env=env or dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     finally:
         signal.signal(signal.SIGINT, before)
     return args, process
@@ -281,8 +302,9 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240, every_s
 
 def test_a_killed_worker_is_retried_and_nothing_else_is_lost(tmp_path):
     """SIGKILL to one trial's worker process mid-trial: Ray retries the trial, the search finishes, all 6 report."""
-    args, process = spawn_search(tmp_path, "num_samples=6", "base.train.max_steps=120", "scheduler.grace_period=40",
-                                 "max_failures=1")  # fmt: skip
+    args, process = spawn_search(
+        tmp_path, "num_samples=6", "base.train.max_steps=120", "scheduler.grace_period=40", "max_failures=1"
+    )
     run = tmp_path / "smoke"
 
     def running_trial() -> bool:
@@ -323,8 +345,11 @@ KILL_POINTS = {  # when to kill the driver, and how often to look (a report file
 
 def driver_files(run: Path) -> dict[str, bytes]:
     """What a search's driver writes: everything in its folder but the trials' own (the workers write those)."""
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
-            if p.is_file() and p.relative_to(run).parts[0] != "trials"}  # fmt: skip
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.relative_to(run).parts[0] != "trials"
+    }
 
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
@@ -415,7 +440,7 @@ def test_an_unfinished_search_asks_for_resume_and_nothing_to_resume_is_refused(t
     run = tmp_path / "smoke"
     (run / "trials").mkdir(parents=True)
     spec = load_spec(SMOKE, [f"storage={tmp_path}"])
-    from fika.search.tuner import spec_yaml
+    from fika.search.run_folder import spec_yaml
 
     (run / "spec.yaml").write_text(spec_yaml(spec))
     assert main(["search", str(SMOKE), f"storage={tmp_path}"]) == 2
@@ -439,8 +464,15 @@ def llama_1b_config(folder: Path) -> Path:
     """A model folder holding only the published Llama-3.2-1B config: enough for the memory estimate."""
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True).save_pretrained(folder)  # fmt: skip
+    LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -486,7 +518,7 @@ def test_the_rung_subset_defaults_to_16_or_the_whole_eval_set():
         16,
     )
     assert load_spec("demo", ["scheduler.rung_metric=eval_subset", "scheduler.rung_eval_size=5"]).quick_evals()[1] == 5
-    from fika.search.tuner import spec_yaml
+    from fika.search.run_folder import spec_yaml
 
     assert "rung_eval_size: 8" in spec_yaml(load_spec("demo"))  # the run folder records the size it used
 
@@ -508,8 +540,19 @@ def test_trials_read_a_relative_data_path_from_the_drivers_folder(tmp_path, monk
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         monkeypatch.chdir(project)
-        assert main(["search", str(SMOKE), "num_samples=2", "base.data={sources: [{path: chats.jsonl}], eval_size: 4}",
-                     f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "search",
+                    str(SMOKE),
+                    "num_samples=2",
+                    "base.data={sources: [{path: chats.jsonl}], eval_size: 4}",
+                    f"storage={tmp_path}",
+                    f"report_dir={tmp_path / 'report'}",
+                ]
+            )
+            == 0
+        )
     finally:
         ray.shutdown()
     results = trial_results(tmp_path / "smoke")
@@ -520,7 +563,7 @@ def test_a_search_saved_with_relative_data_paths_still_resumes(tmp_path, monkeyp
     """A search saved by an earlier fika holds its local data paths as written; `fika search` now records them
     absolute, and the saved spec still matches from the folder it ran in (and only there)."""
     from fika.config import ConfigError
-    from fika.search.tuner import folder_state, spec_yaml
+    from fika.search.run_folder import folder_state, spec_yaml
     from fika.sources import resolve_local_paths
 
     (tmp_path / "data").mkdir()

@@ -12,30 +12,71 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fika.search.searcher import FikaOptunaSearch, ResumableConcurrencyLimiter, with_callbacks
+from fika.search.internals import with_callbacks
+from fika.search.searcher import FikaOptunaSearch, ResumableConcurrencyLimiter
 
 
 def searcher(tmp_path: Path, budget: int = 10, points=None) -> FikaOptunaSearch:
     space = OptunaSearch.convert_search_space(
         {"train.learning_rate": tune.choice([1e-4, 2e-4]), "lora.r": tune.choice([8, 16])}
     )
-    search = FikaOptunaSearch(space=space, metric="eval_loss", mode="min", points_to_evaluate=points,
-                              sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2),
-                              storage=optuna.storages.InMemoryStorage(), run_dir=str(tmp_path), rungs=[4],
-                              rung_key="train_loss_smooth", max_steps=12, startup=2, budget=budget)  # fmt: skip
+    search = FikaOptunaSearch(
+        space=space,
+        metric="eval_loss",
+        mode="min",
+        points_to_evaluate=points,
+        sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2),
+        storage=optuna.storages.InMemoryStorage(),
+        run_dir=str(tmp_path),
+        rungs=[4],
+        rung_key="train_loss_smooth",
+        max_steps=12,
+        startup=2,
+        budget=budget,
+    )
     (tmp_path / "trials").mkdir(parents=True, exist_ok=True)
     return search
 
 
-def test_the_ray_internals_fika_uses_exist(tmp_path):
+def test_the_internals_fika_relies_on_are_still_there(tmp_path):
+    """Every private internal listed in fika.search.internals, against the installed Ray, Optuna and trl."""
+    import inspect
+
+    import ray.tune.tune
+    import trl.trainer.utils
+    from optuna.distributions import CategoricalDistribution
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.execution import class_cache
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from fika.search.internals import TUNE_STOP_HANDLER
+
     search = searcher(tmp_path)
     assert isinstance(search._ot_study, optuna.Study) and isinstance(search._ot_trials, dict)
     assert isinstance(search._completed_trials, set)
+    assert all(isinstance(d, CategoricalDistribution) for d in search._space.values())
     search.suggest("a")
     assert isinstance(search._ot_trials["a"], optuna.Trial) and search._ot_trials["a"]._trial_id is not None
+    frozen = search._ot_study._storage.get_trial(search._ot_trials["a"]._trial_id)
+    assert isinstance(frozen, optuna.trial.FrozenTrial) and frozen._trial_id == search._ot_trials["a"]._trial_id
     limiter = ResumableConcurrencyLimiter(search, max_concurrent=2)
     assert limiter.suggest("b") is not None and limiter.live_trials == {"b"} and limiter.num_unfinished_live_trials == 1
     assert {"live_trials", "num_unfinished_live_trials"} <= set(limiter.get_state())  # what set_state restores
+    # Tune's state files, and the name of its staging copy of the searcher's state (`keep_tune_state`)
+    assert Searcher.CKPT_FILE_TMPL == "searcher-state-{}.pkl"
+    assert SearchGenerator.CKPT_FILE_TMPL == "search_gen_state-{}.json"
+    assert TuneController.CKPT_FILE_TMPL == "experiment_state-{}.json"
+    assert '-tmp-{file_name}"' in inspect.getsource(Searcher.save_to_dir)
+    assert isinstance(class_cache.DEFAULT_ENV_VARS, dict) and isinstance(class_cache.ENV_VARS_TO_PROPAGATE, set)
+    assert f"def {TUNE_STOP_HANDLER}(" in inspect.getsource(ray.tune.tune)
+    logger = MLflowLoggerCallback(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert (
+        hasattr(logger, "tags")
+        and hasattr(logger, "mlflow_util")
+        and "_trial_runs" in inspect.getsource(MLflowLoggerCallback.log_trial_start)
+    )
+    assert callable(trl.trainer.utils._use_triton)
 
 
 def test_a_trial_restored_by_a_resume_reaches_the_study_through_the_concurrency_limiter(tmp_path):
@@ -82,7 +123,7 @@ def test_a_resume_restores_the_limiter_without_the_live_trials_of_an_old_save(tm
 def test_the_copy_of_tunes_state_is_written_only_with_the_search_generators(tmp_path):
     """Ray writes the search generator's state after the searcher's; at a fit's first save it does not exist yet,
     and a copy without it would resume into a search that creates no more trials."""
-    from fika.search.searcher import TUNE_STATE
+    from fika.search.internals import TUNE_STATE
 
     search, staging = searcher(tmp_path), tmp_path / "staging"
     staging.mkdir()
@@ -182,8 +223,11 @@ def test_a_restored_tuner_reports_to_this_runs_callbacks(tmp_path, ray_local):
     def trainable(config):
         tune.report({"x": config["a"]})
 
-    tune.Tuner(trainable, param_space={"a": tune.grid_search([1, 2])},
-               run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=0)).fit()  # fmt: skip
+    tune.Tuner(
+        trainable,
+        param_space={"a": tune.grid_search([1, 2])},
+        run_config=tune.RunConfig(name="t", storage_path=str(tmp_path), verbose=0),
+    ).fit()
 
     class Mine(tune.Callback):
         pass
@@ -246,7 +290,7 @@ def test_a_journal_cut_mid_line_is_repaired_before_the_study_writes_again(tmp_pa
     it and Optuna could read the journal no more. The half line is cut before a resume opens the study."""
     from optuna.storages.journal import JournalFileBackend
 
-    from fika.common import cut_partial_line
+    from fika.files import cut_partial_line
 
     journal = tmp_path / "optuna.journal"
 

@@ -63,8 +63,12 @@ def test_bad_input_gets_a_message_not_a_crash(served):
 def test_a_refused_message_never_reaches_the_model_and_history_is_bounded(served):
     app = load_app_module()
     refused = "x" * 5000
-    history = [{"role": "user", "content": refused}, {"role": "assistant", "content": app.check_message(refused)},
-               {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."}]  # fmt: skip
+    history = [
+        {"role": "user", "content": refused},
+        {"role": "assistant", "content": app.check_message(refused)},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there."},
+    ]
     messages = app.conversation("And now?", history, "Be brief.")
     assert [m["content"] for m in messages] == ["Be brief.", "Hello", "Hi there.", "And now?"]
     from fika.config import ModelConfig
@@ -85,7 +89,7 @@ def test_a_refused_message_never_reaches_the_model_and_history_is_bounded(served
 
 
 def test_adapters_that_are_missing_or_broken_are_refused(tiny_adapter, tmp_path):
-    from fika.common import FikaError
+    from fika.errors import FikaError
 
     app = load_app_module()
     with pytest.raises(FikaError, match="--adapter: .*no-such-adapter not found"):
@@ -152,7 +156,7 @@ def test_a_person_types_a_message_in_chromium_and_reads_the_reply(served, tmp_pa
                 "--disable-component-update",
                 "--disable-sync",
                 "--no-first-run",
-            ],  # fmt: skip
+            ],
         )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(served[1], wait_until="load")
@@ -201,8 +205,11 @@ def test_exported_space_starts_from_its_own_requirements(tiny_adapter, smoke_rep
         [venv / "bin" / "pip", "install", "-q", "-c", constraints, "-r", out / "requirements.txt"], check=True
     )
     port = free_port()
-    server = subprocess.Popen([venv / "bin" / "python", "app.py"], cwd=out, env={"GRADIO_SERVER_PORT": str(port),
-                              "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})  # fmt: skip
+    server = subprocess.Popen(
+        [venv / "bin" / "python", "app.py"],
+        cwd=out,
+        env={"GRADIO_SERVER_PORT": str(port), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)},
+    )
     try:
         import time
 

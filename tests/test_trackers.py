@@ -34,8 +34,15 @@ def test_a_search_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    args = ["search", str(SMOKE), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}", "num_samples=3",
-            "scheduler={kind: fifo}", "trackers=[tensorboard, mlflow, wandb]"]  # fmt: skip
+    args = [
+        "search",
+        str(SMOKE),
+        f"storage={tmp_path}",
+        f"report_dir={tmp_path / 'report'}",
+        "num_samples=3",
+        "scheduler={kind: fifo}",
+        "trackers=[tensorboard, mlflow, wandb]",
+    ]
     try:
         assert main(args) == 0
     finally:
@@ -77,8 +84,20 @@ def test_fika_train_reports_to_tensorboard_and_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "full-run")
     mlflow.set_tracking_uri(uri)  # the process-wide URI an earlier test may have set
     out = tmp_path / "run"
-    assert main(["train", "model.name=tiny", "data.sources.0.limit=100", "data.eval_size=4", "train.max_steps=8",
-                 "train.report_to=[tensorboard, mlflow]", f"output.dir={out}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "model.name=tiny",
+                "data.sources.0.limit=100",
+                "data.eval_size=4",
+                "train.max_steps=8",
+                "train.report_to=[tensorboard, mlflow]",
+                f"output.dir={out}",
+            ]
+        )
+        == 0
+    )
     scalars = tensorboard_scalars(out / "tracking")
     assert any("loss" in tag for tag in scalars) and len(next(v for k, v in scalars.items() if "loss" in k)) >= 8
     mlflow.set_tracking_uri(uri)
@@ -99,10 +118,19 @@ def test_a_tracker_that_would_fail_mid_run_is_refused_before_any_compute(tmp_pat
         monkeypatch.delenv(name.upper(), raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     key = "train.report_to" if command == "train" else "trackers"
-    for tracker, message in (("mlflow", "the MLflow server at MLFLOW_TRACKING_URI=http://fika:***@127.0.0.1:1 cannot "
-                              "be reached (Connection refused)"), ("wandb", "wandb has no API key on this machine")):  # fmt: skip
-        args = (["train", "model.name=tiny", f"train.report_to=[{tracker}]"] if command == "train"
-                else ["search", str(SMOKE), f"trackers=[{tracker}]"])  # fmt: skip
+    for tracker, message in (
+        (
+            "mlflow",
+            "the MLflow server at MLFLOW_TRACKING_URI=http://fika:***@127.0.0.1:1 cannot "
+            "be reached (Connection refused)",
+        ),
+        ("wandb", "wandb has no API key on this machine"),
+    ):
+        args = (
+            ["train", "model.name=tiny", f"train.report_to=[{tracker}]"]
+            if command == "train"
+            else ["search", str(SMOKE), f"trackers=[{tracker}]"]
+        )
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"fika {command}: error: {key}: {message}"), err

@@ -201,8 +201,9 @@ def test_the_fast_eval_equals_a_full_forward_pass(name, tmp_path):
     from fika.data import prepare_data
     from fika.evaluate import evaluate, subset_rows
 
-    config = load_config(None, [f"model.name={name}", "model.max_seq_length=128", "data.sources.0.limit=40",
-                                "data.eval_size=12"])  # fmt: skip
+    config = load_config(
+        None, [f"model.name={name}", "model.max_seq_length=128", "data.sources.0.limit=40", "data.eval_size=12"]
+    )
     tokenizer = load_tokenizer(config.model)
     mix = prepare_data(config.data, tokenizer, config.model.max_seq_length)
     model = load_base_model(config.model, tokenizer)
@@ -316,7 +317,7 @@ def test_a_trial_runs_in_a_process_that_hides_bitsandbytes_and_wandb(tmp_path):
 
 
 def test_a_process_keeps_one_value_per_kind_until_the_key_changes():
-    from fika.common import kept
+    from fika.trial import kept
 
     loads = []
     assert kept("test", "a", lambda: loads.append("a") or 1) == 1
@@ -334,9 +335,19 @@ def test_a_trial_that_raises_is_recorded_with_its_reason(tmp_path, monkeypatch):
     assert saved["status"] == "failed" and "CUDA out of memory (simulated" in saved["error"] and saved["steps"] == 2
 
 
-FULL_RUN = ["model.name=tiny", "data.sources.0.limit=200", "data.eval_size=8", "train.learning_rate=3e-3",
-            "train.max_steps=-1", "train.epochs=3", "train.num_evals=6", "train.checkpoints=true",
-            "train.keep_checkpoints=2", "train.batch_size=4", "train.gradient_accumulation=1"]  # fmt: skip
+FULL_RUN = [
+    "model.name=tiny",
+    "data.sources.0.limit=200",
+    "data.eval_size=8",
+    "train.learning_rate=3e-3",
+    "train.max_steps=-1",
+    "train.epochs=3",
+    "train.num_evals=6",
+    "train.checkpoints=true",
+    "train.keep_checkpoints=2",
+    "train.batch_size=4",
+    "train.gradient_accumulation=1",
+]
 
 
 def test_a_killed_full_run_resumes_where_it_stopped(tmp_path, capsys):
@@ -354,8 +365,9 @@ def test_a_killed_full_run_resumes_where_it_stopped(tmp_path, capsys):
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "fika.cli", "train", *FULL_RUN]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "output.dir=killed"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [*cmd, "output.dir=killed"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         done = [p for p in (killed / "checkpoints").glob("checkpoint-*") if (p / "fika_state.json").exists()]
@@ -375,8 +387,14 @@ def test_a_killed_full_run_resumes_where_it_stopped(tmp_path, capsys):
     assert not (killed / "result.json").exists()
     elsewhere = tmp_path / "elsewhere"  # a requeued job that starts in another folder: its output.dir is relative
     elsewhere.mkdir()
-    resumed = subprocess.run([sys.executable, "-m", "fika.cli", "train", "--resume", str(killed)], env=env,
-                             cwd=elsewhere, capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fika.cli", "train", "--resume", str(killed)],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not list(elsewhere.iterdir())  # it resumed the folder it was given, and wrote nothing where it ran
     full = subprocess.run(
@@ -443,15 +461,14 @@ def test_a_second_signal_or_one_before_training_stops_at_once():
     """`fika train`'s handler: the first signal during training only asks for a stop after the step."""
     import signal
 
-    from fika.cli import StopAfterStep
-    from fika.common import Terminated
+    from fika.stopping import StopAfterStep, Terminated, exit_code
 
     stop = StopAfterStep()
     with pytest.raises(KeyboardInterrupt):  # still loading: nothing to save
         stop(signal.SIGINT, None)
     stop.training = True
     stop(signal.SIGTERM, None)
-    assert stop.requested() and stop.exit_code() == 143
+    assert stop.requested() == "SIGTERM" and exit_code(stop.requested()) == 143
     with pytest.raises(Terminated):
         stop(signal.SIGTERM, None)
 
@@ -524,8 +541,13 @@ def test_each_gpu_trial_in_one_process_reports_its_own_peak(tmp_path):
     On an H100 the two peaks are 142.2 and 135.2 MB (LoRA r 256 against r 8 on a 2-layer, 256-wide Llama).
     """
     pytest.importorskip("bitsandbytes")
-    model = [f"model.name={small_llama(tmp_path)}", "model.chat_template=chatml", "train.max_steps=4",
-             "train.warmup_steps=1", "train.eval_steps=[4]"]  # fmt: skip
+    model = [
+        f"model.name={small_llama(tmp_path)}",
+        "model.chat_template=chatml",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.eval_steps=[4]",
+    ]
     large = run_trial(tiny_config(tmp_path, *model, "lora.r=256", "lora.alpha=256", name="large"))
     small = run_trial(tiny_config(tmp_path, *model, "lora.r=8", "lora.alpha=8", name="small"))
     assert large.memory_kind == small.memory_kind == "gpu"

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from fika.common import say
-from fika.config import ConfigError
+from fika.console import say
+from fika.errors import ConfigError, first_line
 from fika.search.spec import SearchSpec, encode_choice
+from fika.validation import format_validation_error
 
 
 def load_run_spec(run: Path) -> SearchSpec:
@@ -28,8 +29,11 @@ def load_run_spec(run: Path) -> SearchSpec:
         raise ConfigError(f"{run}: not a search folder (no spec.yaml); give the folder `fika search` printed")
     try:
         return SearchSpec.model_validate(yaml.safe_load(path.read_text()))
-    except (ValidationError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: not a spec this fika can read ({str(err).splitlines()[0]})") from None
+    except ValidationError as err:
+        why = format_validation_error(err, SearchSpec).splitlines()[0]
+        raise ConfigError(f"{path}: not a spec this fika can read ({why})") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: not a spec this fika can read ({first_line(err)})") from None
 
 
 def confirm_name(run: dict) -> str:
@@ -42,16 +46,21 @@ def plan_confirm(
 ) -> tuple[SearchSpec, list[dict]]:
     """The re-runs to do: the `top` best completed trials (or the `trials` named), each with `seeds` other seeds
     and/or once at `steps`."""
-    from fika.search.report import load_rows, rank, relative, search_state
+    from fika.search.report.folder import relative
+    from fika.search.report.rows import load_rows, rank, search_state
 
     spec = load_run_spec(run)
     state = search_state(run)
     if state == "running":
-        raise ConfigError(f"{run}: the search is still running; confirm re-runs the trials of a finished search, so "
-                          "wait for it to end")  # fmt: skip
+        raise ConfigError(
+            f"{run}: the search is still running; confirm re-runs the trials of a finished search, so "
+            "wait for it to end"
+        )
     if state == "interrupted":
-        raise ConfigError(f"{run}: the search was interrupted; confirm re-runs the trials of a finished search: "
-                          f"`fika search {relative(Path(run) / 'spec.yaml')} --resume` finishes it first")  # fmt: skip
+        raise ConfigError(
+            f"{run}: the search was interrupted; confirm re-runs the trials of a finished search: "
+            f"`fika search {relative(Path(run) / 'spec.yaml')} --resume` finishes it first"
+        )
     if steps is not None and steps <= spec.max_steps:
         raise ConfigError(f"--steps: {steps} is not allowed: give more than the search's {spec.max_steps} steps")
     if not seeds and not steps:
@@ -92,15 +101,9 @@ def run_confirm(
     """
     from ray import tune
 
-    from fika.search.tuner import (
-        check_address,
-        connect_ray,
-        end_ray,
-        prepare_search_data,
-        recorded_fit,
-        stopping_gracefully,
-        trainable_for,
-    )
+    from fika.search.driver import prepare_search_data, recorded_fit
+    from fika.search.ray_session import check_address, connect_ray, end_ray, stopping_gracefully
+    from fika.search.tuner import trainable_for
 
     run = Path(run).expanduser().resolve()  # Tune's storage and the workers need it absolute
     if address is not None:

@@ -1,6 +1,7 @@
-"""The report's pictures (PNG bytes): fika's loss curves against the baseline, loss against cost, data effects,
-and Optuna's own views (optimization history, parallel coordinates, slices, intermediate values,
-importances) drawn by `optuna.visualization.matplotlib` on an in-memory study of the report's trials."""
+"""The report's pictures (PNG bytes): fika's loss curves against the baseline and loss against cost, and Optuna's
+own views (optimization history, parallel coordinates, slices of every searched key, data keys included,
+intermediate values, importances) drawn by `optuna.visualization.matplotlib` on an in-memory study of the
+report's trials."""
 
 from __future__ import annotations
 
@@ -62,39 +63,17 @@ def plot_curves(spec: SearchSpec, ranked: list) -> bytes:
         ax.grid(alpha=0.3)
         ax.axvline(spec.max_steps, color="gray", linewidth=0.8)
     handles, labels = train_ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, title=f"trial: {spec.metric} at its last eval",
-               title_fontsize=8, bbox_to_anchor=(0.5, -0.12))  # fmt: skip
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+        title=f"trial: {spec.metric} at its last eval",
+        title_fontsize=8,
+        bbox_to_anchor=(0.5, -0.12),
+    )
     fig.suptitle(f"{spec.name}: top {len(top)} trials" + (" and the baseline (dashed)" if baseline else ""))
-    return png(fig)
-
-
-def plot_effects(spec: SearchSpec, ranked: list, keys: list[str], title: str) -> bytes:
-    """For each key: the metric of every trial by value (pruned trials hollow, at the value of their rung)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.6), sharey=True, squeeze=False)
-    fig.subplots_adjust(wspace=0.25)
-    for ax, key in zip(axes[0], keys, strict=True):
-        choices = spec.space[key].choice
-        labels = [fmt_param(c) for c in choices] if choices else None
-        for status, style in (
-            ("completed", {"color": "tab:blue"}),
-            ("pruned", {"facecolors": "none", "edgecolors": "tab:orange"}),
-        ):
-            points = [(r.params[key], r.metric) for r in ranked if r.status == status and r.metric is not None]
-            if points:
-                xs = [labels.index(fmt_param(v)) if labels and fmt_param(v) in labels else v for v, _ in points]
-                ax.scatter(xs, [m for _, m in points], label=status, **style)
-        if labels:
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", rotation_mode="anchor")
-        elif spec.space[key].loguniform:
-            ax.set_xscale("log")
-        ax.set(title=key)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{spec.metric} (pruned: {spec.rung_key()} at their rung)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2)
-    fig.suptitle(title, y=1.02)
     return png(fig)
 
 
@@ -112,8 +91,11 @@ def plot_pareto(spec: SearchSpec, rows: list) -> bytes:
     each Pareto front are named."""
     plt = pyplot()
     slot = spec.resources.gpu or spec.resources.cpu
-    costs = (("slot-seconds", lambda r: r.wall_time_s * slot), ("peak memory (MB)", lambda r: r.peak_memory_mb),
-             ("trainable parameters", lambda r: r.trainable_params))  # fmt: skip
+    costs = (
+        ("slot-seconds", lambda r: r.wall_time_s * slot),
+        ("peak memory (MB)", lambda r: r.peak_memory_mb),
+        ("trainable parameters", lambda r: r.trainable_params),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     for ax, (name, cost) in zip(axes, costs, strict=True):
         points = [(cost(r), r.metric) for r in rows]
@@ -155,8 +137,11 @@ def build_study(spec: SearchSpec, rows: list):
         else:
             continue
         steps = {**row.rung_values, **({row.steps: row.metric} if state == TrialState.COMPLETE else {})}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value,
-                                                  state=state, intermediate_values=steps))  # fmt: skip
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=distributions, value=value, state=state, intermediate_values=steps
+            )
+        )
     return study
 
 
@@ -171,10 +156,12 @@ def optuna_views(spec: SearchSpec, rows: list) -> dict[str, bytes]:
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, draw in (("history.png", views.plot_optimization_history),
-                           ("parallel.png", views.plot_parallel_coordinate),
-                           ("slice.png", views.plot_slice),
-                           ("intermediate.png", views.plot_intermediate_values)):  # fmt: skip
+        for name, draw in (
+            ("history.png", views.plot_optimization_history),
+            ("parallel.png", views.plot_parallel_coordinate),
+            ("slice.png", views.plot_slice),
+            ("intermediate.png", views.plot_intermediate_values),
+        ):
             axes = draw(study)
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             figure.set_size_inches(max(figure.get_size_inches()[0], 9), max(figure.get_size_inches()[1], 4))

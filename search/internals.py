@@ -1,0 +1,139 @@
+"""Every private internal of Ray, Optuna and trl that fika relies on, in this one list (each is checked against
+the installed version by tests/test_searcher.py::test_the_internals_fika_relies_on_are_still_there).
+
+Ray:
+- `OptunaSearch._ot_study` (the optuna Study), `OptunaSearch._ot_trials` (Tune trial id -> the optuna Trial asked
+  for it), `OptunaSearch._completed_trials` (the ids it has already told) and `OptunaSearch._space` (the Optuna
+  distributions of the space): `fika.search.searcher.FikaOptunaSearch` tells Optuna what really happened to a
+  trial, and lists the configurations of a choice space that have not run;
+- Tune's state files (`experiment_state-*.json`, `search_gen_state-*.json`, `searcher-state-*.pkl`, and the name
+  of the searcher's staging file, `.<uuid>-tmp-searcher-state-<session>.pkl`): Ray writes them in a driver staging
+  folder and copies them into storage without an atomic rename, so a driver killed mid-copy leaves them cut short;
+  `FikaOptunaSearch.save` keeps one consistent copy of them in the run folder (written atomically) and
+  `restore_tune_state` puts it back before a resume;
+- `ConcurrencyLimiter.live_trials` and `.num_unfinished_live_trials` (the trials it suggested and that have not
+  completed) and its `set_state`: Tune saves them with the search generator's state, one save behind, so fika
+  restores the limiter without them (`ResumableConcurrencyLimiter`);
+- `Tuner._local_tuner.get_run_config()`, whose callbacks are replaced to hand a restored Tuner this run's
+  callbacks (`Tuner.restore` otherwise reuses the callbacks pickled with the interrupted run): `with_callbacks`;
+- `ray.tune.execution.class_cache.DEFAULT_ENV_VARS` and `.ENV_VARS_TO_PROPAGATE`, the variables Tune puts in its
+  trainable actors' runtime env: given to a local Ray's workers when it starts (`tune_actor_env_vars`), and
+  emptied during a fit on that Ray, whose workers already have them (`actors_in_prestarted_workers`);
+- Tune's SIGUSR1 handler, `signal_interrupt_tune_run` (its loop saves its state and ends on it), found by that
+  name while a fit runs: `tune_stop_handler`;
+- `MLflowLoggerCallback._trial_runs`, `.tags` and `.mlflow_util`, to log a trial's params under names MLflow
+  accepts (a paired key `lora.r,lora.alpha` becomes `lora.r:lora.alpha`): `mlflow_callback`.
+
+Optuna: `Study._storage` and `Trial._trial_id` (`FrozenTrial._trial_id`), to read and mark trials by their storage
+id (`FikaOptunaSearch`, `close_interrupted`, `tell_final`).
+
+trl: `trl.trainer.utils._use_triton`, which decides whether trl's fused LM head skips the positions without a
+label; patched by `fika.trial.score_labelled_positions_only` (it lives in fika/, which never imports this package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import signal
+from pathlib import Path
+
+from fika.files import write_atomic
+
+TUNE_STATE = "tune-state.pkl"
+TUNE_STOP_HANDLER = "signal_interrupt_tune_run"
+
+
+def tune_stop_handler():
+    """Tune's SIGUSR1 handler while a fit runs (its loop saves its state and ends on it), or None outside a fit."""
+    handler = signal.getsignal(signal.SIGUSR1)
+    return handler if getattr(handler, "__name__", "") == TUNE_STOP_HANDLER else None
+
+
+def tune_actor_env_vars() -> dict[str, str]:
+    """The variables Tune gives every trainable actor in its runtime env."""
+    from ray.tune.execution.class_cache import DEFAULT_ENV_VARS
+
+    return dict(DEFAULT_ENV_VARS)
+
+
+def keep_tune_state(checkpoint_path: str, run_dir: Path) -> None:
+    """After Tune saved the searcher's state to `checkpoint_path`: a copy of Tune's state files of that driver
+    session in the run folder, written whole (see `restore_tune_state`).
+
+    Ray writes the search generator's state after the searcher's, so the copy holds the previous save's: its
+    counts are behind, which is harmless (the searcher's budget decides how many trials run, and the limiter
+    drops its live trials on restore). A fit's first save has none yet: no copy is written then (a resume
+    without the generator's state would create no trial), and Ray's own files stand until the next save.
+    """
+    staging, saved = Path(checkpoint_path).parent, Path(checkpoint_path)
+    if "-tmp-searcher-state-" not in saved.name:  # not Tune's own save (`.<uuid>-tmp-searcher-state-<session>.pkl`)
+        return
+    session = saved.name.split("-tmp-searcher-state-", 1)[1].removesuffix(".pkl")
+    names = (f"experiment_state-{session}.json", f"search_gen_state-{session}.json")
+    if not all((staging / name).exists() for name in names):
+        return
+    files = {f"searcher-state-{session}.pkl": saved.read_bytes()}
+    files.update({name: (staging / name).read_bytes() for name in names})
+    write_atomic(Path(run_dir) / TUNE_STATE, pickle.dumps(files))
+
+
+def restore_tune_state(run_dir: Path) -> None:
+    """Before a resume: puts the last consistent copy of Tune's state files back into `run_dir/tune`.
+
+    The copy is never older than what Ray copied into storage (it is written before Ray's copy starts), and it
+    is whole where Ray's copy may be cut short by the kill.
+    """
+    path = Path(run_dir) / TUNE_STATE
+    if not path.exists():
+        return
+    files = pickle.loads(path.read_bytes())
+    tune_dir = Path(run_dir) / "tune"
+    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+        for old in tune_dir.glob(pattern):
+            old.unlink()
+    for name, data in files.items():
+        write_atomic(tune_dir / name, data)
+
+
+@contextlib.contextmanager
+def actors_in_prestarted_workers():
+    """Has Tune create its trainable actors with no runtime env of their own, so that Ray gives them the workers it
+    started (and that imported the trial's libraries, `fika.search.worker`) instead of new processes.
+
+    Tune gives every trainable actor a runtime env holding `PL_DISABLE_FORK` and the variables of the driver it
+    propagates, and Ray never hands an actor with a runtime env a worker started without it. For a Ray this process
+    started, its workers inherit this process's environment, so the runtime env adds nothing: `connect_ray` puts
+    `PL_DISABLE_FORK` there before starting Ray, and this empties Tune's two lists during the fit.
+    """
+    from ray.tune.execution import class_cache
+
+    defaults, propagated = dict(class_cache.DEFAULT_ENV_VARS), class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.DEFAULT_ENV_VARS.clear()
+    class_cache.ENV_VARS_TO_PROPAGATE = set()
+    try:
+        yield
+    finally:
+        class_cache.DEFAULT_ENV_VARS.update(defaults)
+        class_cache.ENV_VARS_TO_PROPAGATE = propagated
+
+
+def with_callbacks(tuner, callbacks: list):
+    """A restored Tuner that reports to this run's callbacks instead of the ones pickled with the old run."""
+    tuner._local_tuner.get_run_config().callbacks = callbacks
+    return tuner
+
+
+def mlflow_callback(**kwargs):
+    """Ray's MLflowLoggerCallback, with the params of paired keys named as MLflow allows."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class FikaMLflowLoggerCallback(MLflowLoggerCallback):
+        def log_trial_start(self, trial) -> None:
+            if trial not in self._trial_runs:
+                tags = {**self.tags, "trial_name": str(trial)}
+                self._trial_runs[trial] = self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
+            params = {key.replace(",", ":"): value for key, value in trial.config.items()}
+            self.mlflow_util.log_params(run_id=self._trial_runs[trial], params_to_log=params)
+
+    return FikaMLflowLoggerCallback(**kwargs)

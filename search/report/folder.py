@@ -1,0 +1,59 @@
+"""Which folder a search's report goes to, and the rule that protects it: a report folder belongs to one search,
+and a folder fika did not write is never written into."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fika.console import log
+from fika.errors import ConfigError
+from fika.files import read_json
+
+REPORT_FILES = ("index.md", "index.html", "trials.csv", "best.yaml", "report.json")
+
+
+def default_report_dir(name: str) -> Path:
+    """Where a search's report goes unless told otherwise: `reports/<name>` under the current folder."""
+    return Path("reports") / name
+
+
+def relative(path: Path) -> str:
+    """A path relative to the current folder when it lies below it (reports hold no machine paths)."""
+    path = Path(path)
+    try:
+        return os.path.relpath(path) if path.resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)
+
+
+def is_report_file(name: str) -> bool:
+    """A file a report writes: its pages and tables, its plots, or an atomic writer's temporary file."""
+    return name in REPORT_FILES or name.endswith(".png") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def claim_folder(out: Path, run: Path, run_id: str) -> None:
+    """Refuses to replace the report of another search whose run folder still exists; a folder that is not
+    a fika report is never written into."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"report: {out} is a file; give a folder")
+    owner = read_json(out / "report.json")
+    if owner is None:  # empty, or a first report cut short by a killed driver: only report files in it
+        foreign = [p.name for p in out.iterdir() if not is_report_file(p.name)]
+        if foreign:
+            raise ConfigError(
+                f"report: {out} exists and is not a fika report (it holds {foreign[0]}); give another folder (--out)"
+            )
+        return
+    if owner.get("run_id") == run_id:
+        return
+    other = (out / owner.get("run", "")).resolve() if owner.get("run") else None
+    other_id = (read_json(other / "run.json") or {}).get("id") if other else None
+    if other_id and other_id == owner.get("run_id"):
+        raise ConfigError(
+            f"report: {out} holds the report of another search ({relative(other)}); give another folder (--out or "
+            "report_dir=...)"
+        )
+    log(f"report: replacing {out}, the report of a search whose run folder is gone")

@@ -13,9 +13,10 @@ import argparse
 import random
 import time
 
+from fika.chat_tokens import assistant_turns, fit_to_length
 from fika.config import DataSource, ModelConfig
-from fika.data import assistant_turns, fit_to_length, read_source
 from fika.model import load_tokenizer
+from fika.source_cache import read_source
 from fika.sources import STANDARDIZERS, Dropped, load_source, repair
 
 

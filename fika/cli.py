@@ -118,7 +118,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     import fika.search
 
     if args.dry_run:
-        print(fika.search.dry_run(args.spec, args.overrides))
+        print(fika.search.dry_run(args.spec, args.overrides, args.resume, address=args.address))
         return 0
     result = fika.search.run(args.spec, args.overrides, resume=args.resume, address=args.address)
     print(f"report: {result.report_dir / 'index.html'} (also index.md, trials.csv, best.yaml)")

@@ -47,6 +47,7 @@ LLAMA3_TEMPLATE = (
 )
 
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # a fast or a slow tokenizer
 
 
 def builtin_smollm2_dir(weights: bool = True) -> Path:
@@ -152,13 +153,6 @@ def load_error(config: ModelConfig, what: str, err: Exception) -> ConfigError:
     return ConfigError(f"model.name: cannot load {what} of {config.name!r}: {first_line(err)}")
 
 
-def not_an_adapter(path: Path | str) -> str:
-    """Why a folder is not a LoRA adapter, pointing at the adapter inside it when it is a run's folder."""
-    inner = Path(path).expanduser() / "adapter"
-    hint = f"; the run's adapter is {Path(path) / 'adapter'}" if (inner / "adapter_config.json").exists() else ""
-    return f"{path} is not a LoRA adapter folder (no adapter_config.json){hint}"
-
-
 def template_kind(tokenizer, config: ModelConfig) -> str:
     """Which generation-marked template fits the tokenizer: chatml or llama3 (`auto` looks at the vocab)."""
     if config.chat_template != "auto":
@@ -182,6 +176,11 @@ def load_tokenizer(config: ModelConfig):
         from transformers import AutoTokenizer
 
         path = resolve_model_path(config, weights=False)
+        if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+            raise ConfigError(
+                f"model.name: {config.name!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+                "tokenizer beside the model (`tokenizer.save_pretrained(folder)`)"
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 path, revision=config.revision, trust_remote_code=config.trust_remote_code

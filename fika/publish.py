@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from fika.adapters import not_an_adapter
 from fika.errors import FikaError, first_line
 from fika.files import read_json
 from fika.hub import hub_reachable
 from fika.masking import mask_secrets
-from fika.model import not_an_adapter
 from fika.sources import local_path
 
 

@@ -183,9 +183,16 @@ def load_source(source: DataSource) -> tuple[Sequence[dict], list[str], str]:
 def first_bad_json_line(path: Path) -> str | None:
     """`line N is not valid JSON (why)` for the first line of a JSON-lines file that is not JSON, or not a JSON
     object; None when every line is one."""
+    kinds = {list: "a JSON array", str: "a JSON string", bool: "true or false", type(None): "null"}
+    try:
+        return first_bad_line(path, kinds)
+    except (OSError, EOFError) as err:  # a .gz that is not gzip, or one cut short
+        return f"it cannot be read as {'gzip' if path.suffix == '.gz' else 'text'} ({first_line(err)})"
+
+
+def first_bad_line(path: Path, kinds: dict) -> str | None:
     import gzip
 
-    kinds = {list: "a JSON array", str: "a JSON string", bool: "true or false", type(None): "null"}
     with (gzip.open if path.suffix == ".gz" else open)(path, "rt", errors="replace") as lines:
         for number, line in enumerate(lines, 1):
             try:

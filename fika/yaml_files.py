@@ -55,8 +55,12 @@ def count_values(value: Any, budget: int = MAX_YAML_VALUES + 1) -> int:
     return count
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Reads a YAML mapping; a missing, binary, empty or malformed file is a ConfigError naming it."""
+EMPTY_CONFIG = "give at least one section, or leave out --config for the embedded default"
+
+
+def read_yaml(path: str | Path, empty: str = EMPTY_CONFIG) -> dict:
+    """Reads a YAML mapping; a missing, binary, empty or malformed file is a ConfigError naming it (`empty`: what
+    to do about an empty one)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file")
@@ -72,9 +76,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (a binary or UTF-16 file?)") from None
     raw = load_yaml_text(text, f"config file {str(path)!r}")
     if raw is None:
-        raise ConfigError(
-            f"config file {str(path)!r} is empty; give at least one section, or leave out --config for the embedded default"
-        )
+        raise ConfigError(f"config file {str(path)!r} is empty; {empty}")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(raw).__name__}")
     return raw

@@ -78,11 +78,28 @@ def resolved_spec(spec: SpecSource, overrides: Overrides = None) -> SearchSpec:
     return spec
 
 
-def dry_run(spec: SpecSource, overrides: Overrides = None) -> str:
-    """What a search would run and cost (trials, budget, data, memory), checked as the real run checks it; no Ray."""
+def dry_run(spec: SpecSource, overrides: Overrides = None, resume: bool = False, *, address: str | None = None) -> str:
+    """What a search would run and cost (trials, budget, data, memory), after every check the real run makes before
+    it starts Ray (fika.search.checks); no Ray, nothing written."""
+    from fika.search.checks import AFTER_RAY, checks_before_ray
     from fika.search.plan import describe_search
+    from fika.search.run_folder import run_dir
 
-    return describe_search(resolved_spec(spec, overrides))
+    spec = resolved_spec(spec, overrides)
+    if address is not None:
+        spec = spec.model_copy(update={"address": address})
+    directory = run_dir(spec)
+    state = checks_before_ray(spec, directory, resume, dry_run=True)
+    ended = len(list((directory / "trials").glob("*/result.json")))
+    doing = {
+        "new": f"a new search in {directory}",
+        "resume": f"resumes the interrupted search in {directory} ({ended} of {spec.num_trials()} trials ended)",
+        "restart": f"continues the interrupted search in {directory} ({ended} of {spec.num_trials()} trials ended) "
+        "with a new Tune fit (its Tune state was not saved whole)",
+        "finished": f"nothing: the search in {directory} has finished with this spec (its report is rebuilt)",
+    }[state]
+    checked = f"checked: everything the real run checks before Ray; not: {'; '.join(AFTER_RAY)}"
+    return "\n".join([describe_search(spec), f"run: {doing}", checked])
 
 
 def report_dir_of(spec: SearchSpec) -> Path:

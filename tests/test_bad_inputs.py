@@ -393,7 +393,6 @@ CASES: list[tuple[str, str, bool]] = [
         r"^address: 'nonsense' is not allowed: give auto or HOST:PORT",
         False,
     ),
-    ("search smoke storage=fresh --resume", r"^--resume: there is no search to resume in", False),
     (
         "search smoke storage=runs num_samples=9",
         r"already has a search in .* with another spec \(num_samples 8 -> 9\)",
@@ -459,6 +458,69 @@ CASES: list[tuple[str, str, bool]] = [
     (
         "push adapter --repo me/model --report afolder --dry-run",
         r"^--report: afolder is not a fika report folder",
+        False,
+    ),
+    (
+        "space export --adapter adapter --base builtin:nope --out new-space",
+        r"^model.name: 'builtin:nope' is not a built-in model",
+        False,
+    ),
+    (
+        "space export --adapter adapter --base builtin:smollm2-135m-instruct --out new-space",
+        r"^--adapter: adapter does not fit the base model 'builtin:smollm2-135m-instruct': its layer .* is 1536 x 576 there",
+        False,
+    ),
+    (  # fika space refuses the same Space the export refuses
+        "space --adapter adapter --base builtin:smollm2-135m-instruct",
+        r"^--adapter: adapter does not fit the base model 'builtin:smollm2-135m-instruct'",
+        False,
+    ),
+    # the dry run refuses what the real run refuses, with the same line
+    (
+        "search smoke storage=fresh optuna_storage=not-a-url --dry-run",
+        r"^optuna_storage: 'not-a-url' cannot be used",
+        False,
+    ),
+    ("search smoke storage=fresh --address nonsense --dry-run", r"^address: 'nonsense' is not allowed", False),
+    (
+        "search smoke storage=notes.txt --dry-run",
+        r"^storage: cannot create .*notes.txt/smoke: .*notes.txt is a file",
+        False,
+    ),
+    (
+        "search smoke storage=fresh space.data.sources.0.path={choice: [builtin:sharegpt, nope.jsonl]} --dry-run",
+        r"^space.data.sources.0.path: data.sources.0.path: 'nope.jsonl' not found in ",
+        False,
+    ),
+    (
+        "search smoke storage=fresh space.data.sources.0.path={choice: [builtin:sharegpt, nope.jsonl]}",
+        r"^space.data.sources.0.path: data.sources.0.path: 'nope.jsonl' not found in ",
+        False,
+    ),
+    (
+        "search smoke storage=fresh resources.gpu=1 --dry-run",
+        r"^resources.gpu: 1 is not allowed: this machine has no GPU",
+        False,
+    ),
+    (
+        "data data.sources.0.path=notgzip.jsonl.gz",
+        r"^data source .*notgzip.jsonl.gz.*: cannot load it: it cannot be read as gzip",
+        False,
+    ),
+    (
+        "train model.name=no-tokenizer",
+        r"^model.name: 'no-tokenizer' holds no tokenizer \(none of tokenizer.json, ",
+        False,
+    ),
+    (
+        "search empty.yaml",
+        r"^config file 'empty.yaml' is empty; give a search spec: at least name, base and space$",
+        False,
+    ),
+    ("report invalid-spec", r"spec.yaml: not a spec this fika can read \(num_samples: 0 is not allowed", False),
+    (
+        "report runs/smoke --out old-report",
+        r"^report: old-report holds a report without report.json \(an older fika",
         False,
     ),
     ("bogus", r"invalid choice: 'bogus'", False),
@@ -531,6 +593,18 @@ def workspace(tmp_path_factory, smoke_report, tiny_adapter):
     (root / "nosection" / "fika.yaml").write_text("train: {max_steps: 5}\n")
     finished = root / "finished"
     shutil.copytree(tiny_adapter.parent, finished)
+    (root / "notgzip.jsonl.gz").write_text(json.dumps(chat) + "\n")
+    (root / "no-tokenizer").mkdir()
+    from fika.model import tiny_llama_config
+
+    tiny_llama_config(300).save_pretrained(root / "no-tokenizer")  # a model's config, no tokenizer files
+    (root / "invalid-spec").mkdir()
+    (root / "invalid-spec" / "spec.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load(SMOKE.read_text()), "num_samples": 0})
+    )
+    (root / "old-report").mkdir()
+    for name in ("index.md", "trials.csv", "best.yaml"):  # an older fika's report: no report.json
+        shutil.copy(report / name, root / "old-report" / name)
     return root
 
 

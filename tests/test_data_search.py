@@ -71,7 +71,7 @@ def test_a_data_mix_search_scores_every_trial_on_one_eval_set(tmp_path, monkeypa
 def test_the_data_mix_spec_validates_and_shows_the_rows_each_extreme_would_use(capsys):
     """The GPU data-mix spec (three hub datasets) is checked offline: every combination of its data keys, and the
     training rows per source at each corner of the space."""
-    assert main(["search", str(REPO / "search" / "specs" / "data-mix.yaml"), "--dry-run"]) == 0
+    assert main(["search", str(REPO / "search" / "specs" / "data-mix.yaml"), "--address=auto", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "search data-mix: optuna searcher, 48 trials, 12 drawn at random before TPE" in out
     corners = [line for line in out.splitlines() if line.startswith("  data.sources.")]

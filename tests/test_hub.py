@@ -48,8 +48,6 @@ def test_push_dry_run_shows_the_card_and_files_and_never_the_token(
         str(tiny_adapter),
         "--report",
         str(report),
-        "--base",
-        "builtin:smollm2-135m-instruct",
         "--out",
         str(space),
         "--push",
@@ -60,6 +58,21 @@ def test_push_dry_run_shows_the_card_and_files_and_never_the_token(
     out = capsys.readouterr()
     assert "would upload to https://huggingface.co/spaces/someone/fika-space:" in out.out and "app.py" in out.out
     front = yaml.safe_load((space / "README.md").read_text().split("---\n")[1])
-    assert front["sdk"] == "gradio" and front["models"] == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert front["sdk"] == "gradio" and front["models"] == []  # the tiny base is no hub model
     assert token not in out.out + out.err
     assert scan([space, report, tiny_adapter.parent], token) == []
+
+
+def test_a_spaces_card_names_the_hub_models_it_serves(tmp_path):
+    """The Space card's front matter (huggingface_hub's SpaceCard) lists the base and the hub adapters."""
+    import shutil
+
+    from fika.model import BUILTIN_SMOLLM2
+    from fika.spaces.export import APP_DIR, name_models
+
+    readme = tmp_path / "README.md"
+    shutil.copy(APP_DIR / "README.md", readme)
+    name_models(readme, {"base": BUILTIN_SMOLLM2, "adapter": "adapter", "compare": "someone/other-adapter"})
+    front = yaml.safe_load(readme.read_text().split("---\n")[1])
+    assert front["models"] == ["HuggingFaceTB/SmolLM2-135M-Instruct", "someone/other-adapter"]
+    assert front["sdk"] == "gradio" and front["app_file"] == "app.py"

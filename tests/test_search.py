@@ -334,10 +334,8 @@ def a_trial_is_midway(run: Path) -> bool:
     return midway and len(trial_results(run)) >= 1
 
 
-KILL_POINTS = {  # when to kill the driver, and how often to look (a report file is written in milliseconds)
+KILL_POINTS = {  # when to stop the driver, and how often to look (tests/test_kill.py kills it at many more moments)
     "during a trial": (a_trial_is_midway, 0.05),
-    "between trials": (lambda run: len(trial_results(run)) >= 3, 0.01),
-    "while the report is written": (lambda run: any((run.parent / "report").glob(".*.tmp")), 0.001),
     "by Ctrl-C during a trial": (a_trial_is_midway, 0.05),  # SIGINT to the driver, Ray and the workers
     "by SIGTERM during a trial": (a_trial_is_midway, 0.05),  # to the driver alone (`kill`, a preempting scheduler)
 }
@@ -361,14 +359,13 @@ def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point, capsy
     run = tmp_path / "smoke"
     when, every_s = KILL_POINTS[point]
     wait_for(lambda: when(run), process, every_s=every_s)
-    if point != "while the report is written":  # (that may be the final report, after the driver let go)
-        os.killpg(process.pid, signal.SIGSTOP)  # the driver holds still, and holds its lock
-        files = driver_files(run)
-        assert main(["search", *args[4:], "--resume"]) == 2  # a second driver of a running search is refused
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"{run} is in use by fika search smoke (pid {process.pid} on " in err[0], err
-        assert driver_files(run) == files and not ray.is_initialized()
-        os.killpg(process.pid, signal.SIGCONT)
+    os.killpg(process.pid, signal.SIGSTOP)  # the driver holds still, and holds its lock
+    files = driver_files(run)
+    assert main(["search", *args[4:], "--resume"]) == 2  # a second driver of a running search is refused
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{run} is in use by fika search smoke (pid {process.pid} on " in err[0], err
+    assert driver_files(run) == files and not ray.is_initialized()
+    os.killpg(process.pid, signal.SIGCONT)
     if point.startswith("by "):  # the driver ends as a killed one would, and says how to go on
         if point.startswith("by Ctrl-C"):
             os.killpg(process.pid, signal.SIGINT)
@@ -412,13 +409,10 @@ def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point, capsy
     study = load_study(run, "smoke")
     told = {t.user_attrs.get("tune_trial_id"): t.state.name for t in study.trials}  # the study tells the truth
     expected = {"completed": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
-    assert {trial_id: told.get(trial_id) for trial_id in results} == {
-        trial_id: expected[r["status"]] for trial_id, r in results.items()
-    }
+    assert told == {trial_id: expected[r["status"]] for trial_id, r in results.items()}  # and holds no other
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     assert "8/8 trials done" in done.stdout, done.stdout[-3000:]  # the progress counts the first run too
-    # A fit killed before its end keeps none (a kill while the final report is written comes after it), and then
-    # the report gives no slot figures.
+    # A fit killed before its end keeps none, and then the report gives no slot figures.
     fits = json.loads((run / "run.json").read_text())["fits"]
     assert len(fits) == 2 and fits[1]["ended_at"] > fits[1]["started_at"] > fits[0]["started_at"]
     assert ("- slots: " in (tmp_path / "report" / "index.md").read_text()) == ("ended_at" in fits[0])
@@ -434,7 +428,7 @@ def test_the_same_search_twice_reports_again_and_a_changed_one_is_refused(smoke_
     assert len(err) == 1 and "num_samples 8 -> 9; seed 0 -> 1" in err[0] and "pick another name" in err[0]
 
 
-def test_an_unfinished_search_asks_for_resume_and_nothing_to_resume_is_refused(tmp_path, capsys):
+def test_an_unfinished_search_asks_for_resume(tmp_path, capsys):
     import ray
 
     run = tmp_path / "smoke"
@@ -445,8 +439,6 @@ def test_an_unfinished_search_asks_for_resume_and_nothing_to_resume_is_refused(t
     (run / "spec.yaml").write_text(spec_yaml(spec))
     assert main(["search", str(SMOKE), f"storage={tmp_path}"]) == 2
     assert "is unfinished (0 of 8 trials ended): add --resume" in capsys.readouterr().err
-    assert main(["search", str(SMOKE), f"storage={tmp_path / 'other'}", "--resume"]) == 2
-    assert "there is no search to resume" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
@@ -487,7 +479,7 @@ def test_a_spec_whose_largest_trial_exceeds_the_gpu_is_refused(tmp_path, capsys)
     assert len(err) == 1 and "resources.gpu: 1 is not allowed: the largest trial needs about" in err[0], err
     assert "r 64" not in err[0] and "4-bit" in err[0]
     assert not ray.is_initialized() and not (tmp_path / "grid" / "tune").exists()
-    assert main(["search", "grid", f"base.model.name={model}", "--dry-run"]) == 0
+    assert main(["search", "grid", f"base.model.name={model}", "--address=auto", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "memory of the largest trial (r 64, batch 2) on cuda" in out and "4-bit" in out
 
@@ -583,3 +575,45 @@ def test_a_search_saved_with_relative_data_paths_still_resumes(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path / "elsewhere")  # from another folder, the saved path names another file
     with pytest.raises(ConfigError, match="with another spec"):
         folder_state(resolved, run, resume=True)
+
+
+def test_the_dry_run_makes_every_check_the_real_run_makes_before_ray(tmp_path, monkeypatch):
+    """One list of checks (fika.search.checks.BEFORE_RAY), run by `--dry-run` and by the real run's preflight alike;
+    the dry run says what it leaves to the real run."""
+    import contextlib
+
+    import ray
+
+    import fika.search
+    from fika.search import checks
+    from fika.search.driver import preflight
+    from fika.search.run_folder import run_dir
+
+    ran: list[tuple[str, bool]] = []
+
+    def recorded(check):
+        def run(spec, directory, dry_run):
+            ran.append((check.__name__, dry_run))
+            return check(spec, directory, dry_run)
+
+        return run
+
+    monkeypatch.setattr(checks, "BEFORE_RAY", tuple(recorded(c) for c in checks.BEFORE_RAY))
+    out = fika.search.dry_run(SMOKE, {"storage": str(tmp_path)})
+    assert "run: a new search in" in out and "not: that a trial fits a node of the Ray cluster (needs Ray)" in out
+    dry = list(ran)
+    ran.clear()
+    spec = load_spec(SMOKE, {"storage": str(tmp_path)})
+    with contextlib.ExitStack() as hold:
+        assert preflight(spec, run_dir(spec), False, hold) == "new"
+    expected = [
+        "check_storage",
+        "check_cluster_address",
+        "check_optuna_storage",
+        "check_local_gpu",
+        "check_trial_memory",
+        "check_cache",
+        "check_space_data",
+    ]
+    assert [n for n, d in dry if d] == expected and [n for n, d in ran if not d] == expected
+    assert not ray.is_initialized()

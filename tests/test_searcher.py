@@ -56,6 +56,7 @@ def test_the_internals_fika_relies_on_are_still_there(tmp_path):
     assert isinstance(search._ot_study, optuna.Study) and isinstance(search._ot_trials, dict)
     assert isinstance(search._completed_trials, set)
     assert all(isinstance(d, CategoricalDistribution) for d in search._space.values())
+    assert search._points_to_evaluate == [] and search._study_name and search._storage is not None
     search.suggest("a")
     assert isinstance(search._ot_trials["a"], optuna.Trial) and search._ot_trials["a"]._trial_id is not None
     frozen = search._ot_study._storage.get_trial(search._ot_trials["a"]._trial_id)
@@ -170,8 +171,7 @@ def test_no_combination_runs_twice_and_the_budget_holds(tmp_path):
         seen.append(json.dumps(config, sort_keys=True))
         search.on_trial_complete(str(i), {"step": 12, "eval_loss": 2.0 + i / 10, "status": "completed"})
     assert len(seen) == len(set(seen)) == 4  # the 2 x 2 space, then FINISHED
-    assert [t for t in search._ot_study.trials if "fika_repeat_of" in t.user_attrs]  # repeats are marked
-    assert all(t.state.name == "FAIL" for t in search._ot_study.trials if "fika_repeat_of" in t.user_attrs)
+    assert [t.state.name for t in search._ot_study.trials] == ["COMPLETE"] * 4  # no repeated draw in the study
     budget = searcher(tmp_path / "b", budget=2)
     assert budget.suggest("x") != Searcher.FINISHED and budget.suggest("y") != Searcher.FINISHED
     assert budget.suggest("z") == Searcher.FINISHED
@@ -200,14 +200,52 @@ def test_after_a_killed_driver_the_study_trials_tune_never_saw_are_settled(tmp_p
     assert search.reconcile() == [] and search.adopted == 3  # a second resume counts them once
 
 
-def test_a_trial_the_disk_filled_before_it_started_leaves_no_folder_and_no_count(tmp_path):
+def test_the_baseline_is_queued_once_whatever_tune_sets_up_again(tmp_path):
+    """Tune sets the space of the searcher pickled with the Tuner up again before it restores an interrupted fit's
+    searcher: a study that holds trials does not get its baseline queued a second time."""
+    from optuna.storages.journal import JournalFileBackend
+
+    baseline = {"train.learning_rate": 2e-4, "lora.r": 8}
+    space = {"train.learning_rate": tune.choice([1e-4, 2e-4]), "lora.r": tune.choice([8, 16])}
+
+    def fresh():
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+        search = FikaOptunaSearch(
+            metric="eval_loss",
+            mode="min",
+            points_to_evaluate=[baseline],
+            study_name="s",
+            sampler=optuna.samplers.TPESampler(seed=0),
+            storage=storage,
+            run_dir=str(tmp_path),
+            rungs=[4],
+            rung_key="train_loss_smooth",
+            max_steps=12,
+            startup=2,
+            budget=10,
+        )
+        search.set_search_properties("eval_loss", "min", space)
+        return search
+
+    (tmp_path / "trials").mkdir()
+    assert fresh().suggest("first") == baseline
+    again = fresh()  # as Tune does before a restore
+    assert [t.state.name for t in again._ot_study.get_trials()] == ["RUNNING"]  # no second baseline waiting
+
+
+def test_a_trial_that_never_started_goes_back_to_the_queue(tmp_path):
+    """A study trial whose Tune trial never started (killed before, or its folder made just before the disk filled):
+    no folder and no count, and the next trial runs its configuration as the same study trial."""
     search = searcher(tmp_path)
-    search.suggest("empty")
+    params = search.suggest("empty")
     (tmp_path / "trials" / "empty").mkdir()  # made, then the disk was full: not even its config.yaml
     search._ot_trials.pop("empty")
     assert search.reconcile() == [] and search.adopted == 0  # another trial takes its place in the budget
     assert not (tmp_path / "trials" / "empty").exists()
-    assert [t.state.name for t in search._ot_study.trials] == ["FAIL"]
+    assert [t.state.name for t in search._ot_study.trials] == ["WAITING"]
+    assert search.suggest("next") == params  # the same configuration, drawn once
+    (trial,) = search._ot_study.trials
+    assert trial.state.name == "RUNNING" and trial.user_attrs["tune_trial_id"] == "next"
 
 
 @pytest.fixture

@@ -97,6 +97,7 @@ def build_report(run: str | Path, out: str | Path | None = None, claimed: bool =
     sections = build_sections(r, images, live)
     out = r.out
     out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "report.json", json.dumps(report_summary(r, run_id), indent=1))  # first: it claims the folder
     for stale in [*out.glob("*.png"), *out.glob(".*.tmp")]:  # plots no longer drawn, files of a killed writer
         if stale.name not in images:
             stale.unlink(missing_ok=True)
@@ -110,7 +111,6 @@ def build_report(run: str | Path, out: str | Path | None = None, claimed: bool =
     title = f"Search report: {r.spec.name}"
     write_atomic(out / "index.md", render_markdown(title, sections))
     write_atomic(out / "index.html", render_html(title, sections, images))
-    write_atomic(out / "report.json", json.dumps(report_summary(r, run_id), indent=1))
     return out
 
 

@@ -33,18 +33,25 @@ def is_report_file(name: str) -> bool:
 
 
 def claim_folder(out: Path, run: Path, run_id: str) -> None:
-    """Refuses to replace the report of another search whose run folder still exists; a folder that is not
-    a fika report is never written into."""
+    """Refuses to replace the report of another search whose run folder still exists, and any folder fika cannot
+    prove it wrote (a report is proven by its report.json, which a build writes first): a folder that is not a fika
+    report, or holds report files without report.json (an older fika's), is never written into."""
     if not out.exists():
         return
     if not out.is_dir():
         raise ConfigError(f"report: {out} is a file; give a folder")
     owner = read_json(out / "report.json")
-    if owner is None:  # empty, or a first report cut short by a killed driver: only report files in it
-        foreign = [p.name for p in out.iterdir() if not is_report_file(p.name)]
-        if foreign:
+    if owner is None:  # empty, or a first build killed while it wrote report.json: only temporary files in it
+        held = sorted(p.name for p in out.iterdir() if not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        if any(not is_report_file(name) for name in held):
+            foreign = next(name for name in held if not is_report_file(name))
             raise ConfigError(
-                f"report: {out} exists and is not a fika report (it holds {foreign[0]}); give another folder (--out)"
+                f"report: {out} exists and is not a fika report (it holds {foreign}); give another folder (--out)"
+            )
+        if held:
+            raise ConfigError(
+                f"report: {out} holds a report without report.json (an older fika's?), which fika cannot tell is this "
+                "search's; give another folder (--out or report_dir=...), or remove that one"
             )
         return
     if owner.get("run_id") == run_id:

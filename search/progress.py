@@ -57,6 +57,7 @@ class SearchProgress(Callback):
         self.last_line = 0.0
         self.steps: dict[str, int] = {}
         self.just_ended: dict[str, tuple[str, float | None]] = {}  # folder: (status, metric) as Tune saw it end
+        self.results: dict[str, tuple[int, tuple[str, float | None] | None]] = {}  # folder: (mtime, its result)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.first_result_at = getattr(self, "first_result_at", None) or time.time()
@@ -85,16 +86,29 @@ class SearchProgress(Callback):
         step's record, a moment before the trial writes its result), from that last record."""
         ended = dict(self.just_ended)
         for path in (self.run_dir / "trials").glob("*/result.json"):
-            result = read_json(path)
             wanted = path.parent.name in self.only if self.only else not (path.parent / "confirm.json").exists()
-            if result and wanted:
-                ended[path.parent.name] = (public_status(result.get("status", "failed")), result.get(self.metric))
+            if wanted:
+                ended.update(self.result_of(path))
         done = [
             (value, name)
             for name, (status, value) in ended.items()
             if status == "completed" and value is not None and math.isfinite(value)
         ]
         return Counter(status for status, _ in ended.values()), min(done, default=None)
+
+    def result_of(self, path: Path) -> dict[str, tuple[str, float | None]]:
+        """A trial's status and metric from its result.json, read again only when the file changed (a long search
+        prints a line per trial's end: reading every result each time would grow with the trials)."""
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return {}
+        cached = self.results.get(path.parent.name)
+        if cached is None or cached[0] != stamp:
+            result = read_json(path)
+            entry = (public_status(result.get("status", "failed")), result.get(self.metric)) if result else None
+            cached = self.results[path.parent.name] = (stamp, entry)
+        return {path.parent.name: cached[1]} if cached[1] else {}
 
     def print_status(self, trials) -> None:
         self.last_line = time.time()

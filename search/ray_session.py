@@ -25,6 +25,10 @@ DRIVER_ENV = {
     # Ctrl-C is fika's (`stopping_gracefully`): Tune's own handler would end the fit as if it had run to its end,
     # and the search would be recorded finished with trials never run.
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
+    # Tune's default CSV and TensorBoard loggers rewrite every trial's files at each result (TensorBoard flushes its
+    # event file each time: the largest cost of a long search's driver); fika keeps each trial's metrics itself, and
+    # adds Tune's JSON logger only (`tracker_callbacks`; `trackers: [tensorboard]` adds TensorBoard's).
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 # Trials work in the driver's working folder (Tune would move each into its own; a cluster's worker starts
 # wherever its node's Ray runs; `FikaTrainable.setup` moves it there), so that relative data paths mean the same

@@ -103,7 +103,7 @@ def run_confirm(
 
     from fika.search.driver import prepare_search_data, recorded_fit
     from fika.search.ray_session import check_address, connect_ray, end_ray, stopping_gracefully
-    from fika.search.tuner import trainable_for
+    from fika.search.tuner import tracker_callbacks, trainable_for
 
     run = Path(run).expanduser().resolve()  # Tune's storage and the workers need it absolute
     if address is not None:
@@ -121,7 +121,7 @@ def run_confirm(
             name=f"confirm-{int(time.time())}",
             storage_path=str(run / "tune-confirm"),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []), *tracker_callbacks(spec, run)],
             verbose=0,
         ),
     )

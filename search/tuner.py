@@ -100,10 +100,12 @@ def build_scheduler(spec: SearchSpec):
 
 
 def tracker_callbacks(spec: SearchSpec, directory: Path) -> list:
-    """Ray Tune's own logger callbacks for the spec's trackers, grouped by the search's name: TensorBoard (event
-    files in each trial's Tune folder), MLflow (MLFLOW_TRACKING_URI, else a SQLite store in the run folder), W&B
+    """Ray Tune's JSON logger, and its logger callbacks for the spec's trackers, grouped by the search's name:
+    TensorBoard (event files in each trial's Tune folder), MLflow (MLFLOW_TRACKING_URI, else a SQLite store in the run folder), W&B
     (project WANDB_PROJECT, else fika; WANDB_MODE=offline works without network)."""
-    callbacks = []
+    from ray.tune.logger import JsonLoggerCallback
+
+    callbacks = [JsonLoggerCallback()]  # each trial's Tune results in tune/<trial>/result.json
     for tracker in spec.trackers:
         if tracker == "tensorboard":
             from ray.tune.logger import TBXLoggerCallback

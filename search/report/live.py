@@ -18,9 +18,14 @@ class ReportRefresher:
     in a background thread so that a trial's freed slot is not held up. `refresh.final()` asks for the whole
     report, with every plot; `finish()` waits until the builds asked for are written. One build runs at a time:
     calls during it coalesce into one more (the whole report if any of them asked for it), which is skipped when
-    none of the files the report reads changed since the previous build of at least that kind began. Tune
-    pickles its callbacks with the experiment state: the thread, its lock and the files seen are not part of it.
+    none of the files the report reads changed since the previous build of at least that kind began. A live build
+    starts no sooner than `LIVE_PAUSE_S`, or 4 times the last build's duration, after the last one began, so that a
+    long search's report (its builds grow with its trials) takes a bounded share of the driver's time; a final build
+    never waits. Tune pickles its callbacks with the experiment state: the thread, its lock and the files seen are
+    not part of it.
     """
+
+    LIVE_PAUSE_S = 5.0
 
     def __init__(self, run: Path, out: Path):
         self.__setstate__({"run": run, "out": out})
@@ -33,6 +38,8 @@ class ReportRefresher:
 
         self.run, self.out = state["run"], state["out"]
         self.lock, self.thread = threading.Lock(), None
+        self.asked = threading.Condition(self.lock)  # a build was asked for (wakes a live build's wait)
+        self.next_live = 0.0  # when the next live build may start (time.monotonic)
         self.wanted: str | None = None  # the next build: None, "live" or "final"
         self.built_from: tuple[list, bool] | None = None  # the files of the last build, and whether it was final
         self.error: str | None = None  # why the last build failed
@@ -62,19 +69,28 @@ class ReportRefresher:
             log(f"report: not updated ({self.error})")
 
     def build_until_current(self) -> None:
+        import time
+
         while True:
             with self.lock:
                 if self.wanted is None:
                     self.thread = None
                     return
+                wait = self.next_live - time.monotonic()
+                if self.wanted == "live" and wait > 0:
+                    self.asked.wait(timeout=wait)
+                    continue
                 final, self.wanted = self.wanted == "final", None
+            began = time.monotonic()
             self.build(final)
+            self.next_live = began + max(self.LIVE_PAUSE_S, 4 * (time.monotonic() - began))
 
     def __call__(self, final: bool = False) -> None:
         import threading
 
         with self.lock:
             self.wanted = "final" if final or self.wanted == "final" else "live"
+            self.asked.notify_all()
             if self.thread is None:
                 self.thread = threading.Thread(target=self.build_until_current, name="fika-report", daemon=True)
                 self.thread.start()

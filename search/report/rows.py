@@ -87,8 +87,9 @@ def load_rows(run: Path, spec: SearchSpec, running: bool = True) -> list[TrialRo
     baseline = baseline_params(spec) if spec.baseline else None
     draws = {d.get("trial"): d.get("drawn", "") for d in read_jsonl(run / "draws.jsonl")}
     rows = []
+    spec_key = spec.model_dump_json()
     for directory in sorted((run / "trials").glob("*/")):
-        row = load_row(directory, spec, running)
+        row = cached_row(directory, spec, spec_key, running)
         if row is None:
             continue
         row.drawn = draws.get(directory.name, "")
@@ -101,11 +102,31 @@ def load_rows(run: Path, spec: SearchSpec, running: bool = True) -> list[TrialRo
     return rows
 
 
+_ROWS: dict[str, tuple[tuple, TrialRow | None]] = {}
+
+
+def cached_row(directory: Path, spec: SearchSpec, spec_key: str, running: bool) -> TrialRow | None:
+    """`load_row`, read again only when a file of the trial's folder changed since the last read in this process:
+    a running search's report is rebuilt at every trial's end, and reading every finished trial again each time
+    would grow with the trials."""
+    try:
+        files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()))
+    except OSError:  # a folder removed meanwhile
+        return None
+    key = (spec_key, running, files)
+    cached = _ROWS.get(str(directory))
+    if cached is None or cached[0] != key:
+        cached = _ROWS[str(directory)] = (key, load_row(directory, spec, running))
+    return cached[1]
+
+
 def trial_config_of(directory: Path) -> dict | None:
     """A trial folder's resolved config; {} for a trial whose worker died before it wrote one; None for a folder
     still being created."""
-    try:
-        config = yaml.safe_load((directory / "config.yaml").read_text())
+    try:  # libyaml's loader where it is installed: a long search's report reads hundreds of these
+        config = yaml.load(
+            (directory / "config.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        )
     except (OSError, yaml.YAMLError):
         config = None
     if isinstance(config, dict):
@@ -212,12 +233,20 @@ class Report:
         return next((r for r in self.ranked if r.baseline), None)
 
 
+_PAIRED: dict[tuple, analysis.Paired | None] = {}
+
+
 def paired_against(row: TrialRow, other: TrialRow | None) -> analysis.Paired | None:
+    """`row` - `other` in the metric, paired over their shared eval conversations (a bootstrap, kept for the next
+    build of a running search's report: the final evals of two trials do not change)."""
     if other is None or row is other or row.final_eval is None or other.final_eval is None:
         return None
     if row.eval_step != other.eval_step:
         return None
-    return analysis.compare(row.final_eval, other.final_eval)
+    key = (row.trial_id, other.trial_id, row.eval_step, sum(row.final_eval["sums"]), sum(other.final_eval["sums"]))
+    if key not in _PAIRED:
+        _PAIRED[key] = analysis.compare(row.final_eval, other.final_eval)
+    return _PAIRED[key]
 
 
 def train_loss_at(row: TrialRow, step: int) -> float | None:

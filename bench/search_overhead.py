@@ -123,7 +123,7 @@ def run_fika(spec, storage: Path) -> tuple[Path, dict, float]:
     """Runs the search as `fika search` does (its progress lines and its live report too); returns its folder,
     its fit as `run.json` records it (start and end, unix time, and the trials at a time) and the seconds before
     the fit."""
-    from fika.search.driver import run_search
+    from fika.search.driver import SearchHooks, run_search
     from fika.search.progress import SearchProgress
     from fika.search.report.live import ReportRefresher
     from fika.search.run_folder import run_dir
@@ -132,7 +132,7 @@ def run_fika(spec, storage: Path) -> tuple[Path, dict, float]:
     directory = run_dir(spec)
     refresh = ReportRefresher(directory, storage / "report")
     progress = SearchProgress(directory, spec.num_trials(), spec.metric, spec.max_steps, on_trial_end=refresh)
-    run_search(spec, callbacks=[progress], on_done=refresh.final)
+    run_search(spec, hooks=SearchHooks(callbacks=[progress], on_done=refresh.final))
     refresh.finish()
     fit = read_json(directory / "run.json")["fits"][-1]
     return directory, fit, fit["started_at"] - began
@@ -290,7 +290,7 @@ def main() -> None:
         import ray
 
         # a local Ray started the usual way: fika's own has its workers import fika's trial libraries in advance
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         naive_run, naive_fit = run_naive(spec, run, storage, slots)
         rows = naive_rows(naive_run)
         slot = naive_fit * slots

@@ -117,10 +117,11 @@ def quiet_libraries() -> None:
 def cmd_search(args: argparse.Namespace) -> int:
     import fika.search
 
+    overrides = [*args.overrides, *([f"warm_start={json.dumps(args.warm_start)}"] if args.warm_start else [])]
     if args.dry_run:
-        print(fika.search.dry_run(args.spec, args.overrides, args.resume, address=args.address))
+        print(fika.search.dry_run(args.spec, overrides, args.resume, address=args.address))
         return 0
-    result = fika.search.run(args.spec, args.overrides, resume=args.resume, address=args.address)
+    result = fika.search.run(args.spec, overrides, resume=args.resume, address=args.address)
     print(f"report: {result.report_dir / 'index.html'} (also index.md, trials.csv, best.yaml)")
     return 0
 
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. num_samples=4")
     p.add_argument("--address", help="join a Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search from its storage folder")
+    p.add_argument("--warm-start", nargs="+", metavar="RUN_DIR", help="start from earlier searches (spec: warm_start)")
     p.add_argument(
         "--dry-run", action="store_true", help="validate the spec; print trials, budget, data, memory; no Ray"
     )

@@ -67,12 +67,13 @@ def load(run_dir: str | Path, report_dir: str | Path | None = None) -> SearchRes
 
 def resolved_spec(spec: SpecSource, overrides: Overrides = None) -> SearchSpec:
     """A validated spec with its local data paths made absolute and its trackers checked."""
+    from fika.search.warm_start import absolute_runs
     from fika.sources import resolve_local_paths
     from fika.trackers import check_reporting
 
     spec = load_spec(spec, overrides)
     base = spec.base.model_copy(update={"data": resolve_local_paths(spec.base.data, prefix="base.data.")})
-    spec = spec.model_copy(update={"base": base})
+    spec = spec.model_copy(update={"base": base, "warm_start": absolute_runs(spec.warm_start)})
     check_reporting("trackers", spec.trackers)
     check_reporting("base.train.report_to", spec.base.train.report_to)
     return spec
@@ -84,6 +85,7 @@ def dry_run(spec: SpecSource, overrides: Overrides = None, resume: bool = False,
     from fika.search.checks import AFTER_RAY, checks_before_ray
     from fika.search.plan import describe_search
     from fika.search.run_folder import run_dir
+    from fika.search.warm_start import plan_warm_start
 
     spec = resolved_spec(spec, overrides)
     if address is not None:
@@ -99,7 +101,8 @@ def dry_run(spec: SpecSource, overrides: Overrides = None, resume: bool = False,
         "finished": f"nothing: the search in {directory} has finished with this spec (its report is rebuilt)",
     }[state]
     checked = f"checked: everything the real run checks before Ray; not: {'; '.join(AFTER_RAY)}"
-    return "\n".join([describe_search(spec), f"run: {doing}", checked])
+    warm = [f"warm start: {e.describe()}" for e in plan_warm_start(spec)] if state == "new" else []
+    return "\n".join([describe_search(spec), f"run: {doing}", *warm, checked])
 
 
 def report_dir_of(spec: SearchSpec) -> Path:
@@ -133,14 +136,21 @@ def run(spec: SpecSource, overrides: Overrides = None, resume: bool = False, *, 
     """Runs a search to its end (or resumes an interrupted one) and returns it as a SearchResult; its report is
     written as trials end (`report_dir`, default `reports/<name>`). A search that already finished with the same
     spec is reported again, not run."""
-    from fika.search.driver import run_search
+    from fika.search.driver import SearchHooks, run_search
+    from fika.search.progress import SearchProgress
     from fika.search.run_folder import run_dir
 
     spec = resolved_spec(spec, overrides)
     directory, report_dir = run_dir(spec), report_dir_of(spec)
     with live_report(directory, report_dir, spec.num_trials(), spec.metric, spec.max_steps) as (progress, refresh):
+
+        def confirm_callbacks(names: set[str], total: int) -> list:
+            steps = max(spec.max_steps, spec.confirm.steps or 0)
+            return [SearchProgress(directory, total, spec.metric, steps, on_trial_end=refresh, only=names)]
+
         # the final report is drawn while a Ray instance the search started shuts down
-        state = run_search(spec, address=address, resume=resume, callbacks=[progress], on_done=refresh.final)
+        hooks = SearchHooks(callbacks=[progress], on_done=refresh.final, confirm_callbacks=confirm_callbacks)
+        state = run_search(spec, address=address, resume=resume, hooks=hooks)
         if state == "finished":
             say(f"search {spec.name}: already finished in {directory} with this spec; nothing to run")
             refresh.final()

@@ -10,7 +10,8 @@ from pathlib import Path
 from fika.errors import ConfigError, FikaError, first_line
 from fika.masking import mask_secrets
 from fika.search.run_folder import run_state
-from fika.search.spec import SearchSpec, encode_choice, split_key, trial_config
+from fika.search.spec import SearchSpec
+from fika.search.trials import encode_choice, split_key, trial_config
 
 AFTER_RAY = (
     "that a trial fits a node of the Ray cluster (needs Ray)",
@@ -47,7 +48,7 @@ def check_cluster_address(spec: SearchSpec, directory: Path, dry_run: bool) -> N
 def check_optuna_storage(spec: SearchSpec, directory: Path, dry_run: bool) -> None:
     """A team's Optuna database (`optuna_storage`) can be used: the real run opens it (creating its tables); the dry
     run parses the URL, finds its driver and connects, creating nothing (a SQLite file's folder must exist)."""
-    if spec.searcher != "optuna" or not spec.optuna_storage:
+    if spec.searcher not in ("optuna", "gp") or not spec.optuna_storage:
         return
     if not dry_run:
         from fika.search.tuner import study_storage
@@ -120,6 +121,13 @@ def check_space_data(spec: SearchSpec, directory: Path, dry_run: bool) -> None:
                 raise ConfigError(f"space.{key}: {err}") from None
 
 
+def check_warm_start(spec: SearchSpec, directory: Path, dry_run: bool) -> None:
+    """Every earlier search `warm_start` names is a search folder this fika can read."""
+    from fika.search.warm_start import plan_warm_start
+
+    plan_warm_start(spec)
+
+
 BEFORE_RAY = (
     check_storage,
     check_cluster_address,
@@ -128,6 +136,7 @@ BEFORE_RAY = (
     check_trial_memory,
     check_cache,
     check_space_data,
+    check_warm_start,
 )
 
 

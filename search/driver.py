@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fika.console import say
@@ -23,7 +24,8 @@ from fika.paths import out_of_space
 from fika.search.checks import checks_before_ray
 from fika.search.ray_session import connect_ray, end_ray, local_slots, stopping_gracefully
 from fika.search.run_folder import run_dir, run_state, spec_yaml, unfinished_search, write_run_json
-from fika.search.spec import SearchSpec, data_needs
+from fika.search.spec import SearchSpec
+from fika.search.trials import data_needs
 from fika.search.tuner import build_tuner, study_storage
 
 
@@ -62,20 +64,24 @@ def preflight(spec: SearchSpec, directory: Path, resume: bool, hold: contextlib.
     return state
 
 
-def run_search(
-    spec: SearchSpec,
-    address: str | None = None,
-    resume: bool = False,
-    callbacks: list | None = None,
-    log: Callable[[str], None] = say,
-    on_done: Callable[[], None] | None = None,
-) -> str:
-    """Runs (or resumes) a search to its end; returns `finished` when it had already finished, else `done`.
+@dataclass
+class SearchHooks:
+    """What a caller hands a search: Tune callbacks for the fit (progress, the live report), the log, `on_done()`
+    (called when the results are final, before a Ray instance the search started is shut down, which takes seconds:
+    work started there runs meanwhile), and `confirm_callbacks(names, total)`: the callbacks of the re-runs a spec's
+    `confirm:` asks for (the re-runs' folder names, how many)."""
 
-    `on_done()` is called when the results are final, before a Ray instance this call started is shut down
-    (which takes seconds: work started there runs meanwhile).
-    """
-    directory = run_dir(spec)
+    callbacks: list = field(default_factory=list)
+    log: Callable[[str], None] = say
+    on_done: Callable[[], None] | None = None
+    confirm_callbacks: Callable[[set[str], int], list] | None = None
+
+
+def run_search(spec: SearchSpec, address: str | None = None, resume: bool = False, hooks: SearchHooks | None = None):
+    """Runs (or resumes) a search to its end, its `confirm:` re-runs included; returns `finished` when it had
+    already finished, else `done`."""
+    hooks = hooks or SearchHooks()
+    directory, log = run_dir(spec), hooks.log
     if address is not None:
         spec = spec.model_copy(update={"address": address})
     with contextlib.ExitStack() as hold:
@@ -86,7 +92,7 @@ def run_search(
             log(f"search {spec.name}: nothing was saved in {directory} before it stopped; starting the search")
         log(f"search {spec.name}: {spec.num_trials()} trials of {spec.max_steps} steps; results in {directory}")
         try:
-            search_to_its_end(spec, directory, state, callbacks or [], log, on_done)
+            search_to_its_end(spec, directory, state, hooks)
         except KeyboardInterrupt:
             if (directory / "spec.yaml").exists():
                 log(
@@ -104,38 +110,49 @@ def run_search(
     return "done"
 
 
-def search_to_its_end(
-    spec: SearchSpec,
-    directory: Path,
-    state: str,
-    callbacks: list,
-    log: Callable[[str], None],
-    on_done: Callable[[], None] | None,
-) -> None:
-    """The body of `run_search` once its folder is held: Ray, data, the fit, the settling of what it left."""
+def search_to_its_end(spec: SearchSpec, directory: Path, state: str, hooks: SearchHooks) -> None:
+    """The body of `run_search` once its folder is held: Ray, data, the fit, the settling of what it left, the
+    re-runs of `confirm:`."""
     from fika.search.internals import actors_in_prestarted_workers
 
     # Ray first: a local Ray's workers import the trial's libraries while this process reads the data
     connected = connect_ray(spec, spec.address)
     started = time.time()
     try:
-        prepare_search_data(spec, log)  # before the search is written: a source that cannot be used leaves none
+        prepare_search_data(spec, hooks.log)  # before the search is written: a source that cannot be used leaves none
         cut_partial_line(directory / "optuna.journal")  # half a line, from a driver that died mid-append (a full disk)
         start_run_folder(spec, directory, state)
-        tuner = build_tuner(spec, directory, callbacks, resume=state == "resume")
+        tuner = build_tuner(spec, directory, hooks.callbacks, resume=state == "resume")
         local = connected and spec.address is None
         prestarted = actors_in_prestarted_workers() if local else contextlib.nullcontext()
         with recorded_fit(directory, spec), stopping_gracefully(directory), prestarted:
             tuner.fit()
+        settle(spec, directory)
+        if spec.confirm is not None:
+            confirm_in_run(spec, directory, hooks)
     except Exception:
         # a Ray this call started ends with it (a later search in this process starts its own)
         with contextlib.suppress(Exception):
             end_ray(connected, None)
         raise
-    settle(spec, directory)
     write_run_json(directory, finished_at=time.time())
-    log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
-    end_ray(connected, on_done)
+    hooks.log(f"search {spec.name}: done in {time.time() - started:.0f} s; results in {directory}")
+    end_ray(connected, hooks.on_done)
+
+
+def confirm_in_run(spec: SearchSpec, directory: Path, hooks: SearchHooks) -> None:
+    """The re-runs a spec's `confirm:` asks for, on the Ray the search ran on: its best trials with other seeds
+    and/or at a longer horizon (those that ran before a kill are replayed, not run again)."""
+    from fika.search.rerun import confirm_name, confirm_runs, run_confirm
+
+    c = spec.confirm
+    runs = confirm_runs(directory, spec, c.top, c.seeds, c.steps)
+    if not runs:
+        hooks.log(f"search {spec.name}: no completed trial to confirm")
+        return
+    names = {confirm_name(r) for r in runs}
+    callbacks = hooks.confirm_callbacks(names, len(runs)) if hooks.confirm_callbacks else []
+    run_confirm(directory, spec, runs, callbacks=callbacks, log=hooks.log, prepared=True)
 
 
 def start_run_folder(spec: SearchSpec, directory: Path, state: str) -> None:
@@ -150,6 +167,10 @@ def start_run_folder(spec: SearchSpec, directory: Path, state: str) -> None:
         from fika.search.internals import forget_tune_state
 
         forget_tune_state(directory)
+    if state in ("new", "restart") and spec.warm_start:
+        from fika.search.warm_start import add_warm_start
+
+        add_warm_start(spec, directory, study_storage(spec, directory))
     if not (read_json(directory / "run.json") or {}).get("id"):
         write_atomic(directory / "run.json", json.dumps({"id": uuid.uuid4().hex[:12], "created_at": time.time()}))
 
@@ -181,7 +202,7 @@ def settle(spec: SearchSpec, directory: Path) -> None:
     for folder in (directory / "trials").glob("*/"):
         if (folder / "config.yaml").exists() and read_json(folder / "result.json") is None:
             write_failed_result(folder, "interrupted: the driver was killed mid-trial")
-    if spec.searcher == "optuna":
+    if spec.searcher in ("optuna", "gp"):
         import optuna
 
         study = optuna.load_study(study_name=spec.name, storage=study_storage(spec, directory))

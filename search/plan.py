@@ -10,7 +10,8 @@ from fika.config import TrialConfig
 from fika.console import say
 from fika.errors import ConfigError, first_line
 from fika.memory import GIB, MemoryEstimate, estimate_memory
-from fika.search.spec import SearchSpec, encode_choice, split_key, trial_config
+from fika.search.spec import SearchSpec
+from fika.search.trials import encode_choice, split_key, trial_config
 
 GPU_SIZES_GB = (24, 40, 80)
 # The estimate's largest shortfall against measured peaks on GPU model shapes it was not fitted on
@@ -103,7 +104,8 @@ def describe_search(spec: SearchSpec) -> str:
     """What a search will run and cost, without starting Ray (`fika search --dry-run`)."""
     t = spec.base.train
     tokens = spec.max_steps * t.batch_size * t.gradient_accumulation * spec.base.model.max_seq_length
-    drawn = f", {spec.startup()} drawn at random before TPE" if spec.searcher == "optuna" else ""
+    model = {"optuna": "TPE", "gp": "GP"}.get(spec.searcher)
+    drawn = f", {spec.startup()} drawn at random before {model}" if model else ""
     capped = (
         f" (num_samples {spec.num_samples}, but the space holds {spec.num_trials()} configurations and none runs twice)"
         if spec.num_trials() < spec.num_samples
@@ -122,6 +124,16 @@ def describe_search(spec: SearchSpec) -> str:
         f"{spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial"
         + (f", {spec.max_concurrent} at once" if spec.max_concurrent else ""),
     ]
+    if spec.confirm is not None:
+        c = spec.confirm
+        runs = c.top * c.seeds + (c.top if c.steps else 0)
+        steps = c.top * (c.seeds * spec.max_steps + (c.steps or 0))
+        lines.append(
+            f"confirm: the best {c.top} re-run with {c.seeds} other seeds"
+            + (f" and once at {c.steps} steps" if c.steps else "")
+            + f" after the search: {runs} more trials, at most {steps:,} trial-steps "
+            f"({spec.num_trials() * spec.max_steps + steps:,} in all)"
+        )
     extremes = data_extremes(spec)
     if extremes:
         lines += ["data at the extremes of the space:", *extremes]

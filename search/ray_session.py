@@ -83,8 +83,9 @@ def connect_ray(spec: SearchSpec, address: str | None) -> bool:
     if connected:
         if address is None:
             os.environ.update(WORKER_ENV_VARS)
+            # `local`: a Ray of this search's own, even when another one runs on this machine (Ray would join that)
             with environment(local_ray_environment(spec)):  # the raylet, and through it the workers, inherit it
-                ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         else:
             try:
                 runtime_env = {"env_vars": WORKER_ENV_VARS}

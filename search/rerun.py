@@ -16,7 +16,8 @@ import yaml
 
 from fika.console import say
 from fika.errors import ConfigError, first_line
-from fika.search.spec import SearchSpec, encode_choice
+from fika.search.spec import SearchSpec
+from fika.search.trials import encode_choice
 from fika.validation import format_validation_error
 
 
@@ -44,10 +45,10 @@ def confirm_name(run: dict) -> str:
 def plan_confirm(
     run: Path, top: int, seeds: int, steps: int | None, trials: list[str] | None = None
 ) -> tuple[SearchSpec, list[dict]]:
-    """The re-runs to do: the `top` best completed trials (or the `trials` named), each with `seeds` other seeds
-    and/or once at `steps`."""
+    """The re-runs `fika confirm` does on a finished search: the `top` best completed trials (or the `trials`
+    named), each with `seeds` other seeds and/or once at `steps`."""
     from fika.search.report.folder import relative
-    from fika.search.report.rows import load_rows, rank, search_state
+    from fika.search.report.rows import search_state
 
     spec = load_run_spec(run)
     state = search_state(run)
@@ -65,7 +66,17 @@ def plan_confirm(
         raise ConfigError(f"--steps: {steps} is not allowed: give more than the search's {spec.max_steps} steps")
     if not seeds and not steps:
         raise ConfigError("--seeds: 0 is not allowed without --steps: nothing would run")
-    completed = [r for r in rank(load_rows(run, spec)) if r.status == "completed" and not r.confirm_of]
+    return spec, confirm_runs(run, spec, top, seeds, steps, trials)
+
+
+def confirm_runs(
+    run: Path, spec: SearchSpec, top: int, seeds: int, steps: int | None, trials: list[str] | None = None
+) -> list[dict]:
+    """The re-runs of the search in `run`: its `top` best completed trials (or the `trials` named), each with
+    `seeds` other seeds and/or once at `steps` (a search's own `confirm:` asks for them when its trials ended)."""
+    from fika.search.report.rows import load_rows, rank
+
+    completed = [r for r in rank(load_rows(run, spec, running=False)) if r.status == "completed" and not r.confirm_of]
     if trials:
         named = {r.trial_id: r for r in completed}
         missing = [t for t in trials if t not in named]
@@ -74,7 +85,7 @@ def plan_confirm(
         best = [named[t] for t in trials]
     else:
         best = completed[:top]
-    if not best:
+    if not best and not trials and top:
         raise ConfigError(f"--top: the search in {run} has no completed trial to re-run")
     runs = []
     for row in best:
@@ -83,7 +94,7 @@ def plan_confirm(
         runs += [{"of": row.trial_id, "params": params, "seed": base_seed + i} for i in range(1, seeds + 1)]
         if steps:
             runs.append({"of": row.trial_id, "params": params, "seed": base_seed, "steps": steps})
-    return spec, runs
+    return runs
 
 
 def run_confirm(
@@ -94,10 +105,12 @@ def run_confirm(
     callbacks: list | None = None,
     log: Callable[[str], None] = say,
     on_done: Callable[[], None] | None = None,
+    prepared: bool = False,
 ) -> None:
     """Runs the re-runs on Ray (one trial each, reused workers); those that already ran are replayed.
 
-    `on_done()` is called when they have ended, before a Ray instance this call started is shut down.
+    `on_done()` is called when they have ended, before a Ray instance this call started is shut down. `prepared`:
+    the data are ready and Ray is joined (the search's own `confirm:`).
     """
     from ray import tune
 
@@ -111,7 +124,8 @@ def run_confirm(
     if spec.address:
         check_address(spec.address)
     log(f"confirm: {len({r['of'] for r in runs})} trials, {len(runs)} re-runs")
-    prepare_search_data(spec, log)
+    if not prepared:
+        prepare_search_data(spec, log)
     connected = connect_ray(spec, spec.address)
     tuner = tune.Tuner(
         trainable_for(spec, run),

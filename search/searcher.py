@@ -31,14 +31,25 @@ class FikaOptunaSearch(OptunaSearch):
       when it keeps repeating itself (a choice space nearly exhausted). The study holds only trials that run:
       one per trial folder, plus the baseline and the trials the spec brings in.
     - Every draw is logged to `draws.jsonl` in the run folder: the trial, its params, and how it was drawn
-      (`baseline`, `random` during the start-up trials, `tpe`, or `untried` when the sampler kept repeating).
+      (`baseline`, `random` during the start-up trials, `tpe` or `gp`, or `untried` when the sampler kept
+      repeating; `warm` for a configuration an earlier search brought in).
     - `budget` caps the trials of the search, counting trials adopted from an interrupted run.
     """
 
     def __init__(
-        self, *args, run_dir: str, rungs: list[int], rung_key: str, max_steps: int, startup: int, budget: int, **kwargs
+        self,
+        *args,
+        run_dir: str,
+        rungs: list[int],
+        rung_key: str,
+        max_steps: int,
+        startup: int,
+        budget: int,
+        model: str = "tpe",
+        **kwargs,
     ):
         self.run_dir, self.rungs, self.rung_key, self.max_steps = run_dir, rungs, rung_key, max_steps
+        self.model = model  # how a draw of the sampler's model is named in draws.jsonl: tpe or gp
         self.startup, self.budget = startup, budget
         self.seen: dict[str, int] = {}  # params -> optuna trial number
         self.adopted = 0
@@ -79,12 +90,15 @@ class FikaOptunaSearch(OptunaSearch):
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         """Tune hands the space over at a fit's start (also before it restores an interrupted fit's searcher): the
-        study is set up, or loaded; a study that holds trials already has its baseline (it is not queued again)."""
+        study is set up, or loaded; a point (the baseline) the study already holds is not queued again."""
         import optuna
 
-        exists = self._points_to_evaluate and self._study_name in optuna.study.get_all_study_names(self._storage)
-        if exists and optuna.load_study(study_name=self._study_name, storage=self._storage).get_trials(deepcopy=False):
-            self._points_to_evaluate = None
+        if self._points_to_evaluate and self._study_name in optuna.study.get_all_study_names(self._storage):
+            trials = optuna.load_study(study_name=self._study_name, storage=self._storage).get_trials(deepcopy=False)
+            held = {config_key(t.params) for t in trials} | {
+                config_key(t.system_attrs["fixed_params"]) for t in trials if "fixed_params" in t.system_attrs
+            }
+            self._points_to_evaluate = [p for p in self._points_to_evaluate if config_key(p) not in held]
         ready = super().set_search_properties(metric, mode, config, **spec)
         if ready and isinstance(self._ot_study.sampler, NoRepeatSampler):
             self._ot_study.sampler.space = dict(self._space)
@@ -117,7 +131,7 @@ class FikaOptunaSearch(OptunaSearch):
         elif ot_trial.number in self._ot_study.sampler.fallbacks:
             drawn = "untried"
         else:
-            drawn = "random" if finished < self.startup else "tpe"
+            drawn = "random" if finished < self.startup else self.model
         ot_trial.set_user_attr("tune_trial_id", trial_id)
         ot_trial.set_user_attr("fika_drawn", drawn)
         self.seen[key] = ot_trial.number

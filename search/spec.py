@@ -23,18 +23,17 @@ A spec is YAML:
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from fika.config import Section, TrialConfig, build_config
-from fika.errors import ConfigError, shorten
-from fika.overrides import Overrides, apply_overrides, get_dotted, set_dotted
+from fika.config import Section, TrialConfig
+from fika.errors import ConfigError
+from fika.overrides import Overrides, apply_overrides
+from fika.search.trials import split_key
 from fika.validation import format_validation_error
 from fika.yaml_files import read_yaml
 
@@ -126,15 +125,40 @@ class ResourcesSpec(Section):
         return value
 
 
+class ConfirmSpec(Section):
+    """Re-runs of the best trials after the search, in the same run: the decision the report states."""
+
+    top: int = Field(3, ge=1, le=100)
+    """How many of the best completed trials are re-run."""
+    seeds: int = Field(2, ge=0, le=100)
+    """Other seeds per re-run trial (its own seed plus these: the seed spread)."""
+    steps: int | None = Field(None, gt=0)
+    """Also re-run each once at this longer horizon (does the short-horizon order hold?)."""
+
+    @model_validator(mode="after")
+    def _runs_something(self) -> ConfirmSpec:
+        if not self.seeds and not self.steps:
+            raise ValueError("seeds: 0 is not allowed without steps: nothing would run")
+        return self
+
+
 class SearchSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     base: TrialConfig
     space: dict[str, Param] = Field(min_length=1, max_length=64)
-    searcher: Literal["optuna", "grid", "random"] = "optuna"
+    searcher: Literal["optuna", "gp", "grid", "random"] = "optuna"
+    """optuna: Optuna's TPE; gp: Optuna's Gaussian-process sampler (suited to tens of trials); grid: every choice
+    combination; random."""
     num_samples: int = Field(8, gt=0, le=100_000)
-    """Trials for optuna and random; repeats of the whole grid for grid."""
+    """Trials for optuna, gp and random; repeats of the whole grid for grid."""
     startup_trials: int | None = Field(None, ge=0)
-    """optuna: trials drawn at random before TPE models the results (default: a third of num_samples, 3 to 10)."""
+    """optuna and gp: trials drawn at random before the sampler models the results (default: a third of
+    num_samples, 3 to 10)."""
+    warm_start: list[str] = Field(default_factory=list, max_length=32)
+    """Earlier searches (their run folders) to start from: the trials of one with the same model, data, eval set,
+    horizon and metric enter the study with their values; of one that differs, the best configurations run first."""
+    confirm: ConfirmSpec | None = None
+    """Re-run the best trials with other seeds and/or at a longer horizon after the search (same run, same Ray)."""
     seed: int = Field(0, ge=0, lt=2**32)
     baseline: bool = True
     """Run the base config's own values first (when they lie in the space), as the row to beat."""
@@ -192,6 +216,13 @@ class SearchSpec(Section):
                 f"scheduler.rung_eval_size: {self.scheduler.rung_eval_size} is not allowed: larger than "
                 f"base.data.eval_size {self.base.data.eval_size}"
             )
+        if self.confirm is not None and self.confirm.steps is not None and self.confirm.steps <= self.max_steps:
+            raise ValueError(
+                f"confirm.steps: {self.confirm.steps} is not allowed: give more than base.train.max_steps "
+                f"{self.max_steps}"
+            )
+        if self.warm_start and self.searcher not in ("optuna", "gp"):
+            raise ValueError(f"warm_start: not allowed with searcher {self.searcher}: give optuna or gp")
         if self.searcher == "grid":
             ranged = [key for key, p in self.space.items() if p.choice is None]
             if ranged:
@@ -246,7 +277,7 @@ class SearchSpec(Section):
         configurations = self.configurations()
         if self.searcher == "grid":  # a grid space is choices only (checked above)
             return self.num_samples * configurations
-        if self.searcher == "optuna" and configurations is not None:
+        if self.searcher in ("optuna", "gp") and configurations is not None:
             return min(self.num_samples, configurations)
         return self.num_samples
 
@@ -255,68 +286,6 @@ class SearchSpec(Section):
         if any(p.choice is None for p in self.space.values()):
             return None
         return math.prod(len(p.choice) for p in self.space.values())
-
-
-def split_key(key: str) -> list[str]:
-    return [part.strip() for part in key.split(",")]
-
-
-def apply_params(raw: dict, params: dict[str, Any], space: dict[str, Param]) -> dict:
-    """Sets one trial's sampled params in a raw TrialConfig dict (paired keys get one value each)."""
-    for key, value in params.items():
-        keys = split_key(key)
-        encoded = any(isinstance(c, (list, dict)) for c in (space[key].choice or [])) if key in space else False
-        values = decode_choice(value) if len(keys) > 1 else [decode_choice(value) if encoded else value]
-        if not isinstance(values, list) or len(values) != len(keys):
-            raise ConfigError(f"space.{key}: {shorten(value)} is not allowed: give {len(keys)} values, one per key")
-        for part, item in zip(keys, values, strict=True):
-            set_dotted(raw, part, item)
-    return raw
-
-
-def encode_choice(value: Any) -> Any:
-    """Searchers take scalars only: a paired value [8, 16] travels as the string '[8, 16]'."""
-    return yaml.safe_dump(value, default_flow_style=True).strip() if isinstance(value, (list, dict)) else value
-
-
-def decode_choice(value: Any) -> Any:
-    return yaml.safe_load(value) if isinstance(value, str) else value
-
-
-def trial_config(
-    spec: SearchSpec, params: dict[str, Any], output_dir: str, seed: int | None = None, max_steps: int | None = None
-) -> TrialConfig:
-    """The TrialConfig of one trial: the base config with the sampled params and the search's eval steps.
-
-    `seed` and `max_steps` re-run a trial with another seed or another horizon (`fika confirm`).
-    """
-    raw = apply_params(spec.base.model_dump(mode="json"), params, spec.space)
-    steps = max_steps or spec.max_steps
-    evals = spec.eval_steps() if steps == spec.max_steps else sorted({min(spec.max_steps, steps), steps})
-    raw["train"].update(max_steps=steps, eval_steps=evals, eval_every=None, num_evals=None, checkpoints=False)
-    if seed is not None:
-        raw["train"]["seed"] = seed
-    raw["output"].update(dir=output_dir, save_adapter=False, save_merged=False)
-    return build_config(raw)
-
-
-def baseline_params(spec: SearchSpec) -> dict[str, Any] | None:
-    """The base config's own values of every searched key, if each is a possible value of the space."""
-    raw = spec.base.model_dump(mode="json")
-    params = {}
-    for key, param in spec.space.items():
-        values = [get_dotted(raw, part) for part in split_key(key)]
-        value = values if len(values) > 1 else values[0]
-        if param.choice is not None:
-            if value not in param.choice:
-                return None
-            params[key] = encode_choice(param.choice[param.choice.index(value)])  # as spelled in the space
-        else:
-            low, high = param.uniform or param.loguniform
-            if not isinstance(value, (int, float)) or not low <= value <= high:
-                return None
-            params[key] = value
-    return params
 
 
 def spec_path(name_or_path: str | Path) -> Path:
@@ -364,48 +333,7 @@ def load_spec(spec: str | Path | dict | SearchSpec, overrides: Overrides = None)
         validated = SearchSpec.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, SearchSpec)) from None
+    from fika.search.trials import check_space
+
     check_space(validated)
     return validated
-
-
-def check_space(spec: SearchSpec) -> None:
-    """Every value of every searched key, and every combination of the data keys' values, must make a valid
-    TrialConfig: one line per bad key."""
-    errors = []
-    for key, param in spec.space.items():
-        for value in param.values():
-            try:
-                trial_config(spec, {key: encode_choice(value)}, "x")
-            except ConfigError as err:
-                errors.append(f"space.{key}: {err}")
-                break
-    data_keys = [k for k in spec.space if k.startswith("data.") and spec.space[k].choice is not None]
-    combos = itertools.islice(itertools.product(*(spec.space[k].choice for k in data_keys)), 4096)
-    for combo in combos if len(data_keys) > 1 and not errors else []:
-        params = {k: encode_choice(v) for k, v in zip(data_keys, combo, strict=True)}
-        try:
-            trial_config(spec, params, "x")
-        except ConfigError as err:
-            shown = ", ".join(f"{k}={shorten(v)}" for k, v in zip(data_keys, combo, strict=True))
-            errors.append(f"space: the combination {shown} is not allowed: {err}")
-            break
-    if errors:
-        raise ConfigError("\n".join(errors))
-
-
-def data_needs(spec: SearchSpec) -> tuple[list[int | None], list[int | None]]:
-    """How many usable rows each source cache must hold for every trial of the search (the largest limit)."""
-    from fika.data import reads_needed
-
-    configs = [spec.base]
-    for key, param in spec.space.items():
-        if any(part.startswith("data.") for part in split_key(key)) and param.choice is not None:
-            configs += [trial_config(spec, {key: encode_choice(v)}, "x") for v in param.choice]
-    needs = [reads_needed(c.data) for c in configs]
-
-    def most(values: list[int | None]) -> int | None:
-        return None if any(v is None for v in values) else max(values)
-
-    train = [most([n[0][i] for n in needs]) for i in range(len(spec.base.data.sources))]
-    evals = [most([n[1][i] for n in needs]) for i in range(len(needs[0][1]))]
-    return train, evals

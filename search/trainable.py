@@ -37,7 +37,8 @@ from fika.files import read_jsonl, write_atomic
 from fika.observe import TrialHooks
 from fika.result import TrialResult, load_result, write_failed_result
 from fika.search.rerun import confirm_name
-from fika.search.spec import SearchSpec, split_key, trial_config
+from fika.search.spec import SearchSpec
+from fika.search.trials import split_key, trial_config
 from fika.trial import run_trial
 
 INTERRUPTED = ".interrupted"  # in the run folder while its driver stops the search (see the module docstring)

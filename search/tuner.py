@@ -10,7 +10,8 @@ from typing import Any
 from fika.errors import ConfigError, first_line
 from fika.masking import mask_secrets
 from fika.search.ray_session import local_slots
-from fika.search.spec import SearchSpec, baseline_params, encode_choice
+from fika.search.spec import SearchSpec
+from fika.search.trials import baseline_params, encode_choice
 
 
 def tune_space(spec: SearchSpec) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def build_searcher(spec: SearchSpec, directory: Path):
 
     baseline = baseline_params(spec) if spec.baseline else None
     points = [baseline] if baseline else None
-    if spec.searcher != "optuna":
+    if spec.searcher not in ("optuna", "gp"):
         return BasicVariantGenerator(
             points_to_evaluate=points, random_state=spec.seed, max_concurrent=spec.max_concurrent or 0
         )
@@ -69,7 +70,7 @@ def build_searcher(spec: SearchSpec, directory: Path):
         metric=spec.metric,
         mode="min",
         points_to_evaluate=points,
-        sampler=optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup()),
+        sampler=optuna_sampler(spec),
         study_name=spec.name,
         storage=storage,
         run_dir=str(directory),
@@ -78,10 +79,25 @@ def build_searcher(spec: SearchSpec, directory: Path):
         max_steps=spec.max_steps,
         startup=spec.startup(),
         budget=spec.num_trials(),
+        model=model_name(spec),
     )
     slots = local_slots(spec)
     limit = spec.max_concurrent or (slots + 1 if slots else None)
     return ResumableConcurrencyLimiter(searcher, max_concurrent=limit) if limit else searcher
+
+
+def model_name(spec: SearchSpec) -> str:
+    """How the report names a draw of the searcher's model (after its random start-up draws): tpe or gp."""
+    return "gp" if spec.searcher == "gp" else "tpe"
+
+
+def optuna_sampler(spec: SearchSpec):
+    """The Optuna sampler of an optuna (TPE) or gp search, seeded, with the spec's random start-up trials."""
+    import optuna
+
+    if spec.searcher == "gp":
+        return optuna.samplers.GPSampler(seed=spec.seed, n_startup_trials=spec.startup())
+    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup())
 
 
 def build_scheduler(spec: SearchSpec):

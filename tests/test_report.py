@@ -131,10 +131,14 @@ def test_the_report_measures_its_claims(smoke_report):
     rung agreement, the edge warnings, how every trial was drawn and where its time went."""
     run, report = smoke_report
     md = (report / "index.md").read_text()
-    assert "(95% interval " in md and "paired over the same 16 conversations" in md
-    assert ("beyond the eval noise" in md) or ("within the eval noise" in md)
-    assert "## Seeds: re-runs of the top trials" in md and "+/-" in md and "the seeds (by the seed mean" in md
+    decision = next(line for line in md.splitlines() if line.startswith("> Decision: "))  # the first note
+    assert "paired over 3 seeds and the held-out conversations, 95% intervals; seed spread (std)" in decision
+    assert (" wins (" in decision) or ("cannot be told apart" in decision)
+    assert "## Seeds: re-runs of the top trials" in md and "+/-" in md and "| vs the leader [95% CI] |" in md
     assert "## Horizon: does the 12-step order hold at 24 steps?" in md and "Spearman rho" in md
+    assert "## What each searched key did" in md and (
+        "made no measurable difference at 12 steps" in md or "beyond the eval noise (trials" in md
+    )
     assert "## Rung agreement" in md and "rung 6 (train_loss_smooth) vs eval_loss at step 12" in md
     assert "Edge: " in md and "is the largest value searched: widen the space above it" in md
     assert "drawn: 1 baseline, " in md and " tpe" in md  # 3 start-up trials of 8: TPE drew the rest
@@ -172,7 +176,7 @@ def test_report_files_are_valid_and_hold_no_machine_paths(smoke_report):
 
     page = Collect()
     page.feed((report / "index.html").read_text())
-    assert page.tags.count("table") == 3  # ranking, horizon, data
+    assert page.tags.count("table") == 4  # ranking, seeds, horizon, data
     assert len(page.images) == len(pictures)
     assert all(base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC) for src in page.images)
     body = [line for line in (report / "best.yaml").read_text().splitlines() if not line.startswith("#")]

@@ -95,11 +95,11 @@ def test_declared_gpus_give_each_trial_its_own_device(tmp_path, ray_shutdown):
     """A CPU machine declaring 2 GPUs: trials asking 1 GPU each see distinct devices, 2 at a time at most."""
     import ray
 
-    from fika.search.driver import run_search
+    from fika.search.driver import SearchHooks, run_search
 
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)
     spec = load_spec(SMOKE, [f"storage={tmp_path}", "resources.gpu=1", "resources.cpu=1", "num_samples=6"])
-    run_search(spec, log=lambda _: None)
+    run_search(spec, hooks=SearchHooks(log=lambda _: None))
     assert ray.is_initialized()  # an instance the search did not start is left running
     rows = [r for r in tune_results(tmp_path / "smoke") if r.get("done")]
     assert len(rows) >= 3 and {row["cuda_visible_devices"] for row in rows} <= {"0", "1"}
@@ -144,7 +144,7 @@ def test_an_actor_that_tune_drops_before_its_first_step_trains_nothing(tmp_path,
 
     from fika.search.trainable import FikaTrainable
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     spec = load_spec(SMOKE, [f"storage={tmp_path}"])
     trainable = tune.with_parameters(FikaTrainable, spec=spec.model_dump(mode="json"), run_dir=str(tmp_path / "smoke"))
     params = {
@@ -529,7 +529,7 @@ def test_trials_read_a_relative_data_path_from_the_drivers_folder(tmp_path, monk
     (project / "chats.jsonl").write_text("".join(json.dumps({"conversations": t}) + "\n" for t in turns))
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         monkeypatch.chdir(project)
         assert (
@@ -614,6 +614,7 @@ def test_the_dry_run_makes_every_check_the_real_run_makes_before_ray(tmp_path, m
         "check_trial_memory",
         "check_cache",
         "check_space_data",
+        "check_warm_start",
     ]
     assert [n for n, d in dry if d] == expected and [n for n, d in ran if not d] == expected
     assert not ray.is_initialized()

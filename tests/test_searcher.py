@@ -252,7 +252,7 @@ def test_a_trial_that_never_started_goes_back_to_the_queue(tmp_path):
 def ray_local():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

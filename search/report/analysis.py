@@ -128,3 +128,24 @@ def edge_values(space: dict, best_params: dict, hard_floor: dict[str, float]) ->
             elif at_high:
                 notes.append(f"{part} = {value:g} is the largest value searched: widen the space above it")
     return notes
+
+
+def paired_over_seeds(a_evals: list[dict], b_evals: list[dict], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0):
+    """`a - b` in per-token eval loss, paired by seed (a_evals[i] and b_evals[i] ran with the same seed and data
+    order) and over the held-out conversations: the mean over seeds of each seed's paired difference, with a 95%
+    interval from resampling both the seeds and the conversations (the two sources of noise in a ranking of
+    re-run configs). None when a pair shares no conversation."""
+    pairs = [aligned(a, b) for a, b in zip(a_evals, b_evals, strict=True)]
+    if not pairs or any(p is None for p in pairs) or len({len(p[2]) for p in pairs}) != 1:
+        return None
+    a, b, c = (np.array([p[k] for p in pairs], float) for k in range(3))  # each: seeds x conversations
+    diff = float(((a - b).sum(axis=1) / np.maximum(c.sum(axis=1), 1)).mean())
+    rng = np.random.default_rng(seed)
+    seeds, conversations = a.shape
+    s = rng.integers(0, seeds, size=(samples, seeds))
+    v = rng.integers(0, conversations, size=(samples, conversations))
+    delta = (a - b)[s[:, :, None], v[:, None, :]].sum(axis=2) / np.maximum(
+        c[s[:, :, None], v[:, None, :]].sum(axis=2), 1
+    )
+    low, high = np.percentile(delta.mean(axis=1), [2.5, 97.5])
+    return Paired(diff, float(low), float(high), conversations)

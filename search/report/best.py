@@ -1,5 +1,6 @@
 """The best trial: the lines that say how to reproduce it and run it in full, the `fika confirm` commands that
-check it, and `best.yaml`, its config runnable as is."""
+check it, and `best.yaml`, its config runnable as is. When a re-run at a longer horizon found another winner with
+another learning rate, that one is the config of the full run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ import yaml
 from fika.search.report.folder import default_report_dir, relative
 from fika.search.report.render import fmt
 from fika.search.report.rows import Report, TrialRow
+from fika.search.report.verdicts import horizon_winner
+
+
+def chosen(r: Report) -> TrialRow:
+    """The trial whose config the full run uses: the longer horizon's winner when its learning rate differs from
+    the search's winner's, else the search's winner."""
+    return horizon_winner(r) or r.best
 
 
 def steps_per_epoch(best: TrialRow) -> int | None:
@@ -42,9 +50,14 @@ def confirm_commands(r: Report) -> list[str]:
 
 
 def best_lines(r: Report) -> list[str]:
-    best = r.best
+    best = chosen(r)
+    longer = (
+        f" (the winner at the longer horizon; at {r.spec.max_steps} steps `{r.best.trial_id}` won)"
+        if best is not r.best
+        else ""
+    )
     lines = [
-        f"`{best.trial_id}`: {r.spec.metric} {fmt(best.metric)}.",
+        f"`{best.trial_id}`: {r.spec.metric} {fmt(best.metric)} at step {r.spec.max_steps}{longer}.",
         f"Reproduce the trial: `fika train --config {relative(r.out / 'best.yaml')}`",
         f"The full run (3 epochs, 10 evals, checkpoints; `fika train --resume DIR` continues a killed run): "
         f"`{full_run_command(r)}`",
@@ -62,14 +75,14 @@ def best_lines(r: Report) -> list[str]:
 
 def best_config(r: Report) -> dict:
     """The best trial's full TrialConfig as a mapping, runnable as is (its outputs in `outputs/<name>-best`)."""
-    config = json.loads(json.dumps(r.best.config))
+    config = json.loads(json.dumps(chosen(r).config))
     config["output"].update(dir=f"outputs/{r.spec.name}-best", save_adapter=True)
     return config
 
 
 def best_yaml(r: Report) -> str:
     """`best.yaml`: the best trial's config; the header shows how to make it a full run."""
-    best, config = r.best, best_config(r)
+    best, config = chosen(r), best_config(r)
     header = (
         f"# The best trial of search '{r.spec.name}': {best.trial_id}, {r.spec.metric} {fmt(best.metric)} at step {best.steps}.\n"
         f"#   fika train --config {relative(r.out / 'best.yaml')}            # reproduces the trial\n"

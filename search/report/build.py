@@ -17,7 +17,7 @@ from fika.search.report.render import render_html, render_markdown
 from fika.search.report.rows import STATUS_ORDER, Report, load_rows, rank, search_state, train_loss_at
 from fika.search.report.sections import build_sections
 from fika.search.rerun import load_run_spec
-from fika.search.spec import encode_choice
+from fika.search.trials import encode_choice
 
 
 def ranking_frame(r: Report):

@@ -9,7 +9,8 @@ import io
 import warnings
 from typing import Any
 
-from fika.search.spec import SearchSpec, encode_choice
+from fika.search.spec import SearchSpec
+from fika.search.trials import encode_choice
 
 TOP_CURVES = 5
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from fika.search.spec import split_key
+from fika.search.trials import split_key
 
 
 def fmt(value: Any, digits: int = 4) -> str:

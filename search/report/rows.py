@@ -20,7 +20,8 @@ from fika.files import read_json, read_jsonl
 from fika.folder_lock import folder_holder
 from fika.overrides import get_dotted
 from fika.search.report import analysis
-from fika.search.spec import SearchSpec, baseline_params, encode_choice, split_key
+from fika.search.spec import SearchSpec
+from fika.search.trials import baseline_params, encode_choice, split_key
 
 STATUS_ORDER = {"completed": 0, "pruned": 1, "running": 2, "interrupted": 3, "diverged": 4, "failed": 5}
 

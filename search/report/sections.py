@@ -4,6 +4,8 @@ agreement, the data, the plots, and the spec."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fika.files import read_json
 from fika.masking import mask_secrets
 from fika.search.report import analysis, plots
@@ -12,6 +14,7 @@ from fika.search.report.folder import relative
 from fika.search.report.render import Section, Table, fmt, short_key
 from fika.search.report.reruns import horizon_section, seeds_section
 from fika.search.report.rows import STATUS_ORDER, Report, TrialRow, paired_against, train_loss_at
+from fika.search.report.verdicts import decision_lines, key_effects
 
 HARD_FLOOR = {"dropout": 0, "weight": 0, "limit": 0, "min_tokens": 0, "warmup_steps": 0, "weight_decay": 0}
 
@@ -82,39 +85,28 @@ def state_lines(r: Report) -> list[str]:
     return []
 
 
-def decision_lines(r: Report) -> list[str]:
-    """Whether the winner beats #2 and the baseline beyond the eval noise, in numbers."""
-    done, best = r.completed, r.best
-    if best is None:
-        if r.state != "finished":
-            return ["No trial has completed yet."]
-        return ["No trial completed, so there is no best config: the ranking says how each trial ended, and why."]
+def warm_start_lines(r: Report) -> list[str]:
+    """Which earlier searches the study started from, and what each brought."""
+    from fika.search.warm_start import read_warm_start
+
     lines = []
-    second = done[1] if len(done) > 1 else None
-    for other, name in ((second, "#2 (the baseline)" if second is r.baseline else "#2"), (r.baseline, "the baseline")):
-        if other is None or other is best or (name == "the baseline" and other is second):
-            continue
-        if other.status != "completed":
+    warm = [row.trial_id for row in r.ranked if row.drawn == "warm"]
+    for earlier in read_warm_start(r.run):
+        if earlier.values:
+            done = [v for v in earlier.values if v["state"] == "COMPLETE" and v["value"] is not None]
+            best = min(done, key=lambda v: v["value"]) if done else None
             lines.append(
-                f"The baseline `{other.trial_id}` was {other.status} at step {other.steps}"
-                + (": the scheduler ranked it below the others at its rung." if other.status == "pruned" else ".")
+                f"Warm start: {len(earlier.values)} trials of `{relative(Path(earlier.run))}` (the same configs) entered "
+                "the study with their values, so the sampler modelled the space from the first trial and none of their "
+                "configurations ran again"
+                + (f"; their best: {r.spec.metric} {best['value']:.4f} (`{best['trial']}` there)." if best else ".")
             )
-            continue
-        paired = paired_against(other, best)
-        if paired is None:
+        else:
             lines.append(
-                f"The best trial `{best.trial_id}` leads {name} (`{other.trial_id}`) by "
-                f"{other.metric - best.metric:.4f} (no per-conversation evals to compare them paired)."
+                f"Warm start: `{relative(Path(earlier.run))}` differs ({earlier.differs}), so its values were not "
+                f"reused; its best {len(earlier.first)} configurations ran first"
+                + (f" (here: {', '.join(f'`{t}`' for t in warm)})." if warm else ".")
             )
-            continue
-        beyond = "beyond the eval noise" if paired.significant else "within the eval noise"
-        lines.append(
-            f"The best trial `{best.trial_id}` beats {name} (`{other.trial_id}`) by {paired.diff:.4f} {r.spec.metric} "
-            f"(95% interval {paired.low:+.4f} to {paired.high:+.4f}, paired over the same {paired.conversations} "
-            f"conversations): {beyond}."
-        )
-    if r.baseline is best:
-        lines.append(f"The baseline `{best.trial_id}` (the base config's own values) is the best trial.")
     return lines
 
 
@@ -124,10 +116,11 @@ def warnings_lines(r: Report) -> list[str]:
     if r.best is not None:
         lines += [f"Edge: {note}." for note in analysis.edge_values(r.spec.space, r.best.params, HARD_FLOOR)]
     draws = [row.drawn for row in r.ranked if row.drawn]
-    if r.spec.searcher == "optuna" and draws and "tpe" not in draws:
+    model = "gp" if r.spec.searcher == "gp" else "tpe"
+    if r.spec.searcher in ("optuna", "gp") and draws and model not in draws:
         lines.append(
             f"Every trial was drawn at random ({draws.count('random')} random, {draws.count('baseline')} baseline): "
-            f"TPE starts modelling after {r.spec.startup()} finished trials; "
+            f"{model.upper()} starts modelling after {r.spec.startup()} finished trials; "
             + (
                 f"the space holds only {r.spec.num_trials()} configurations: widen it."
                 if r.spec.num_trials() < r.spec.num_samples
@@ -215,7 +208,7 @@ def compute_lines(rows: list[TrialRow], fits: list[dict]) -> list[str]:
 
 def build_sections(r: Report, images: dict[str, bytes], live: bool = False) -> list[Section]:
     """Every section of the report, in order."""
-    notes = state_lines(r) + decision_lines(r) + warnings_lines(r)
+    notes = state_lines(r) + decision_lines(r) + warm_start_lines(r) + warnings_lines(r)
     sections = [Section("", summary_lines(r)), Section("", notes, note=True)]
     pruned_note = (
         f"* a pruned trial's {r.spec.rung_key()} at the rung where ASHA stopped it; vs best and vs baseline: "
@@ -224,6 +217,9 @@ def build_sections(r: Report, images: dict[str, bytes], live: bool = False) -> l
         "every ranked trial reached (a later window holds other conversations, so it would not compare)."
     )
     sections.append(Section("Ranking", [pruned_note], ranking_table(r)))
+    effects = key_effects(r)
+    if effects:
+        sections.append(Section("What each searched key did", effects))
     if r.best is not None:
         sections.append(Section("Best config", best_lines(r)))
         sections.append(Section("Is the ranking real?", confirm_commands(r)))
@@ -244,7 +240,8 @@ def summary_lines(r: Report) -> list[str]:
     spec = r.spec
     counts = {s: sum(1 for row in r.ranked if row.status == s) for s in STATUS_ORDER}
     draws = [row.drawn for row in r.ranked if row.drawn]
-    drawn = ", ".join(f"{draws.count(k)} {k}" for k in ("baseline", "random", "tpe") if draws.count(k))
+    kinds = ("baseline", "warm", "random", "tpe", "gp", "untried")
+    drawn = ", ".join(f"{draws.count(k)} {k}" for k in kinds if draws.count(k))
     so_far = f" of {spec.num_trials()}" if r.state != "finished" else ""
     trials = f"- {len(r.ranked)}{so_far} trials{' so far' if so_far else ''}: "
     trials += ", ".join(f"{v} {k}" for k, v in counts.items() if v)

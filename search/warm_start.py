@@ -1,0 +1,179 @@
+"""Warm starts: a new search starts from earlier ones (`warm_start:` in the spec, `--warm-start RUN ...`).
+
+A trial of an earlier search whose resolved config is exactly the one this search would run for the same
+values (same model, data, eval set, horizon and every key the new space does not search) enters the study with its
+result: COMPLETE with its metric, or PRUNED with its rung values, without running again; the sampler models the
+space from the first new trial, and that configuration never runs twice. An earlier search none of whose trials
+match (another model, data, length or horizon) gives only its best configurations, which run first (`warm` in
+draws.jsonl). What was reused is written to `warm_start.json` in the run folder for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fika.errors import ConfigError
+from fika.files import read_json, write_atomic
+from fika.search.spec import SearchSpec
+from fika.search.trials import encode_choice, split_key, trial_config
+
+WARM_TOP = 3  # configurations run first from an earlier search that differs
+IGNORED = (  # keys that change a trial's outputs and evals, not its result
+    "output.",
+    "train.eval_steps",
+    "train.eval_every",
+    "train.num_evals",
+    "train.checkpoints",
+    "train.keep_checkpoints",
+    "train.report_to",
+    "train.logging_steps",
+)
+
+
+@dataclass
+class Earlier:
+    """What one earlier search brings: its trials' results (`values`) when they match, else its best configs."""
+
+    run: str
+    values: list[dict] = field(default_factory=list)  # {trial, params, state, value, intermediate}
+    first: list[dict] = field(default_factory=list)  # {trial, params}: configurations that run first
+    differs: str = ""  # the first key whose value differs, when none of its trials match
+
+    def describe(self) -> str:
+        if self.values:
+            return f"{self.run}: {len(self.values)} trials enter the study with their values (same configs)"
+        return f"{self.run} differs ({self.differs}): its best {len(self.first)} configurations run first"
+
+
+def absolute_runs(runs: list[str]) -> list[str]:
+    """The earlier searches' folders made absolute against the current folder (recorded so in spec.yaml)."""
+    return [os.path.abspath(Path(run).expanduser()) for run in runs]
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def first_difference(old: dict, new: dict) -> str | None:
+    """The first key whose value differs between two resolved trial configs, ignoring outputs and evals."""
+    a, b = flatten(old), flatten(new)
+    for key in sorted(set(a) | set(b)):
+        if not key.startswith(IGNORED) and a.get(key) != b.get(key):
+            return f"{key} {a.get(key)!r} -> {b.get(key)!r}"
+    return None
+
+
+def in_space(spec: SearchSpec, config: dict) -> dict | None:
+    """A trial's values of the new space's keys (encoded as the searcher takes them), or None when one lies outside
+    the new space."""
+    from fika.overrides import get_dotted
+
+    params = {}
+    for key, param in spec.space.items():
+        values = [get_dotted(config, part) for part in split_key(key)]
+        value = values if len(values) > 1 else values[0]
+        if param.choice is not None:
+            if value not in param.choice:
+                return None
+            params[key] = encode_choice(param.choice[param.choice.index(value)])
+        else:
+            low, high = param.uniform or param.loguniform
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                return None
+            params[key] = value
+    return params
+
+
+def earlier_search(spec: SearchSpec, run: str) -> Earlier:
+    """What the search in `run` brings to `spec` (see the module docstring)."""
+    from fika.search.report.rows import load_rows, rank
+    from fika.search.rerun import load_run_spec
+
+    folder = Path(run)
+    if not (folder / "spec.yaml").exists():
+        raise ConfigError(f"warm_start: {run} is not a search folder (no spec.yaml)")
+    old = load_run_spec(folder)
+    if old.metric != spec.metric:
+        return Earlier(run, differs=f"metric {old.metric!r} -> {spec.metric!r}", first=[])
+    earlier = Earlier(run)
+    rows = [r for r in rank(load_rows(folder, old, running=False)) if not r.confirm_of and r.config]
+    for row in rows:
+        params = in_space(spec, row.config)
+        if params is None or row.status not in ("completed", "pruned"):
+            continue
+        mine = trial_config(spec, params, row.config["output"]["dir"]).model_dump(mode="json")
+        difference = first_difference(row.config, mine)
+        if difference is None:
+            state = "COMPLETE" if row.status == "completed" else "PRUNED"
+            intermediate = {str(k): v for k, v in row.rung_values.items()}
+            earlier.values.append(
+                {
+                    "trial": row.trial_id,
+                    "params": params,
+                    "state": state,
+                    "value": row.metric,
+                    "intermediate": intermediate,
+                }
+            )
+        elif not earlier.differs:
+            earlier.differs = difference
+    if not earlier.values:
+        best = [r for r in rows if r.status == "completed" and in_space(spec, r.config) is not None][:WARM_TOP]
+        earlier.first = [{"trial": r.trial_id, "params": in_space(spec, r.config)} for r in best]
+        earlier.differs = earlier.differs or "no trial lies in this search's space"
+    return earlier
+
+
+def plan_warm_start(spec: SearchSpec) -> list[Earlier]:
+    """What every earlier search of the spec brings (checked before Ray starts)."""
+    return [earlier_search(spec, run) for run in spec.warm_start]
+
+
+def add_warm_start(spec: SearchSpec, directory: Path, study_storage) -> list[Earlier]:
+    """Puts what the earlier searches bring into the search's study (created here when new): finished trials with
+    their values, configurations queued to run first. Adds only what the study does not hold yet (a driver killed
+    midway runs this again), and records it in `warm_start.json`."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from fika.search.tuner import tune_space
+
+    if not spec.warm_start:
+        return []
+    plan = plan_warm_start(spec)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=spec.name, storage=study_storage, direction="minimize", load_if_exists=True)
+    distributions = OptunaSearch.convert_search_space(tune_space(spec))
+    held = {
+        (t.user_attrs.get("fika_warm_start"), t.user_attrs.get("fika_trial")) for t in study.get_trials(deepcopy=False)
+    }
+    for earlier in plan:
+        for trial in earlier.values + earlier.first:
+            if (earlier.run, trial["trial"]) in held:
+                continue
+            attrs = {"fika_warm_start": earlier.run, "fika_trial": trial["trial"]}
+            if trial in earlier.first:
+                study.enqueue_trial(trial["params"], user_attrs={**attrs, "fika_drawn": "warm"})
+                continue
+            state = optuna.trial.TrialState[trial["state"]]
+            finished = optuna.trial.create_trial(
+                params=trial["params"],
+                distributions=distributions,
+                state=state,
+                user_attrs=attrs,
+                value=trial["value"] if state == optuna.trial.TrialState.COMPLETE else None,
+                intermediate_values={int(k): v for k, v in trial["intermediate"].items()},
+            )
+            study.add_trial(finished)
+    write_atomic(directory / "warm_start.json", json.dumps([asdict(e) for e in plan], indent=1))
+    return plan
+
+
+def read_warm_start(directory: Path) -> list[Earlier]:
+    """What a search's warm start brought (its `warm_start.json`), for the report."""
+    return [Earlier(**e) for e in read_json(Path(directory) / "warm_start.json") or []]

@@ -38,6 +38,14 @@ from fika.validation import format_validation_error
 from fika.yaml_files import read_yaml
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
+EVAL_KEYS = (  # when a trial is evaluated and what it keeps: not what it learns
+    "train.eval_steps",
+    "train.eval_every",
+    "train.num_evals",
+    "train.checkpoints",
+    "train.keep_checkpoints",
+    "train.report_to",
+)
 # Keys a search may not vary: they define the run's outputs, or the eval set every trial is scored on
 # (the tokenizer, the sequence length, the held-out conversations), or the schedule of evals.
 UNSEARCHABLE = (
@@ -49,12 +57,7 @@ UNSEARCHABLE = (
     "model.trust_remote_code",
     "train.max_steps",
     "train.epochs",
-    "train.eval_steps",
-    "train.eval_every",
-    "train.num_evals",
-    "train.checkpoints",
-    "train.keep_checkpoints",
-    "train.report_to",
+    *EVAL_KEYS,
     "train.assistant_only_loss",
     "data.eval_size",
     "data.eval_sources",

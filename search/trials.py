@@ -61,10 +61,15 @@ def trial_config(
 
 def baseline_params(spec: SearchSpec) -> dict[str, Any] | None:
     """The base config's own values of every searched key, if each is a possible value of the space."""
-    raw = spec.base.model_dump(mode="json")
+    return space_values(spec, spec.base.model_dump(mode="json"))
+
+
+def space_values(spec: SearchSpec, config: dict) -> dict[str, Any] | None:
+    """A resolved config's values of the searched keys, encoded as the searcher takes them (a choice spelled as in
+    the space); None when one of them is not a possible value of the space."""
     params = {}
     for key, param in spec.space.items():
-        values = [get_dotted(raw, part) for part in split_key(key)]
+        values = [get_dotted(config, part) for part in split_key(key)]
         value = values if len(values) > 1 else values[0]
         if param.choice is not None:
             if value not in param.choice:

@@ -17,20 +17,11 @@ from pathlib import Path
 
 from fika.errors import ConfigError
 from fika.files import read_json, write_atomic
-from fika.search.spec import SearchSpec
-from fika.search.trials import encode_choice, split_key, trial_config
+from fika.search.spec import EVAL_KEYS, SearchSpec
+from fika.search.trials import space_values, trial_config
 
 WARM_TOP = 3  # configurations run first from an earlier search that differs
-IGNORED = (  # keys that change a trial's outputs and evals, not its result
-    "output.",
-    "train.eval_steps",
-    "train.eval_every",
-    "train.num_evals",
-    "train.checkpoints",
-    "train.keep_checkpoints",
-    "train.report_to",
-    "train.logging_steps",
-)
+IGNORED = ("output.", *EVAL_KEYS, "train.logging_steps")  # keys that change a trial's outputs and evals, not its result
 
 
 @dataclass
@@ -68,27 +59,6 @@ def first_difference(old: dict, new: dict) -> str | None:
     return None
 
 
-def in_space(spec: SearchSpec, config: dict) -> dict | None:
-    """A trial's values of the new space's keys (encoded as the searcher takes them), or None when one lies outside
-    the new space."""
-    from fika.overrides import get_dotted
-
-    params = {}
-    for key, param in spec.space.items():
-        values = [get_dotted(config, part) for part in split_key(key)]
-        value = values if len(values) > 1 else values[0]
-        if param.choice is not None:
-            if value not in param.choice:
-                return None
-            params[key] = encode_choice(param.choice[param.choice.index(value)])
-        else:
-            low, high = param.uniform or param.loguniform
-            if not isinstance(value, (int, float)) or not low <= value <= high:
-                return None
-            params[key] = value
-    return params
-
-
 def earlier_search(spec: SearchSpec, run: str) -> Earlier:
     """What the search in `run` brings to `spec` (see the module docstring)."""
     from fika.search.report.rows import load_rows, rank
@@ -103,7 +73,7 @@ def earlier_search(spec: SearchSpec, run: str) -> Earlier:
     earlier = Earlier(run)
     rows = [r for r in rank(load_rows(folder, old, running=False)) if not r.confirm_of and r.config]
     for row in rows:
-        params = in_space(spec, row.config)
+        params = space_values(spec, row.config)
         if params is None or row.status not in ("completed", "pruned"):
             continue
         mine = trial_config(spec, params, row.config["output"]["dir"]).model_dump(mode="json")
@@ -123,8 +93,8 @@ def earlier_search(spec: SearchSpec, run: str) -> Earlier:
         elif not earlier.differs:
             earlier.differs = difference
     if not earlier.values:
-        best = [r for r in rows if r.status == "completed" and in_space(spec, r.config) is not None][:WARM_TOP]
-        earlier.first = [{"trial": r.trial_id, "params": in_space(spec, r.config)} for r in best]
+        best = [r for r in rows if r.status == "completed" and space_values(spec, r.config) is not None][:WARM_TOP]
+        earlier.first = [{"trial": r.trial_id, "params": space_values(spec, r.config)} for r in best]
         earlier.differs = earlier.differs or "no trial lies in this search's space"
     return earlier
 

@@ -93,7 +93,8 @@ def earlier_search(spec: SearchSpec, run: str) -> Earlier:
         elif not earlier.differs:
             earlier.differs = difference
     if not earlier.values:
-        best = [r for r in rows if r.status == "completed" and space_values(spec, r.config) is not None][:WARM_TOP]
+        ranked = [r for r in rows if r.status in ("completed", "pruned")]  # in the report's order
+        best = [r for r in ranked if space_values(spec, r.config) is not None][:WARM_TOP]
         earlier.first = [{"trial": r.trial_id, "params": space_values(spec, r.config)} for r in best]
         earlier.differs = earlier.differs or "no trial lies in this search's space"
     return earlier

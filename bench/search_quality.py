@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-TABLE = HERE / "demo_grid.json"
+TABLES = (HERE / "demo_grid.json", HERE / "english_grid.json")  # the replays' two problems
 
 
 # --- the table --------------------------------------------------------------------------------------
@@ -149,6 +149,30 @@ def asha(rungs_grace: int, reduction: float, max_t: int, metric: str):
     )
 
 
+def make_study(table: Table, searcher: str, seed: int, startup: int, seen: dict):
+    """An Optuna study over the table's space with fika's sampler for `searcher` (tpe or gp), wrapped as a search
+    wraps it: a configuration that ran is never proposed again (fika.search.sampler.NoRepeatSampler)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from fika.search.sampler import NoRepeatSampler, config_key
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = {k: CategoricalDistribution([json.dumps(c) for c in table.space[k]["choice"]]) for k in table.keys}
+    if searcher == "gp":
+        inner = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    else:
+        inner = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+
+    def untried() -> list[dict]:
+        configs = [{k: json.dumps(r["params"][k]) for k in table.keys} for r in table.rows]
+        return [c for c in configs if config_key(c) not in seen]
+
+    sampler = NoRepeatSampler(inner, seen, untried)
+    sampler.space = space
+    return optuna.create_study(direction="minimize", sampler=sampler), space
+
+
 def replay(
     table: Table,
     searcher: str,
@@ -158,16 +182,28 @@ def replay(
     trials: int,
     startup: int,
     rung_metric: str = "train_loss_smooth",
+    first: list[int] | None = None,
+    known: list[int] | None = None,
 ) -> list[tuple[int, float, int]]:
-    """One simulated search; returns (trial-steps spent, best final eval loss so far) after each completed trial."""
+    """One simulated search; returns (trial-steps spent, best final eval loss so far, the trial) after each completed
+    trial. `first`: configs that run first (a warm start from a search that differs); `known`: configs whose final
+    eval losses enter the study before the search starts, never run (a warm start from the same configs)."""
     import optuna
-    from optuna.distributions import CategoricalDistribution
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    from fika.search.sampler import config_key
+
     rng = random.Random(seed)
-    distributions = {k: CategoricalDistribution([json.dumps(c) for c in table.space[k]["choice"]]) for k in table.keys}
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup) if searcher == "tpe" else None
-    study = optuna.create_study(direction="minimize", sampler=sampler) if sampler else None
+    seen: dict[str, int] = {}
+    optuna_searcher = searcher in ("tpe", "gp")
+    study, space = make_study(table, searcher, seed, startup, seen) if optuna_searcher else (None, None)
+    params_of = [{k: json.dumps(r["params"][k]) for k in table.keys} for r in table.rows]
+    for i in known or []:
+        seen[config_key(params_of[i])] = i
+        if study is not None:
+            study.add_trial(
+                optuna.trial.create_trial(params=params_of[i], distributions=space, value=float(table.final[i]))
+            )
+    queue = [i for i in first or [] if config_key(params_of[i]) not in seen]
     order = list(range(len(table.rows)))
     rng.shuffle(order)
     grace, reduction = table.grace, table.reduction
@@ -175,30 +211,31 @@ def replay(
     rungs = (
         sorted({int(grace * reduction**k) for k in range(6) if grace * reduction**k < table.max_steps}) if sched else []
     )
-    seen: set[int] = set()
     events: list[tuple[float, int, str, int]] = []  # (time, slot, kind, trial index)
     spent, best, curve = 0, float("inf"), []
     started = 0
     asked: dict[int, object] = {}
 
     def draw() -> int | None:
-        if searcher == "tpe":
-            for _ in range(21):
-                t = study.ask(distributions)
-                i = table.index[json.dumps({k: json.loads(t.params[k]) for k in table.keys}, sort_keys=True)]
-                if i not in seen:
-                    asked[i] = t
-                    return i
-                study.tell(t, state=optuna.trial.TrialState.FAIL)
-            left = [i for i in order if i not in seen]
+        if optuna_searcher:
+            if queue:
+                study.enqueue_trial(params_of[queue.pop(0)])
+            if len(seen) >= len(table.rows):
+                return None
+            t = study.ask(space)
+            i = table.index[json.dumps({k: json.loads(t.params[k]) for k in table.keys}, sort_keys=True)]
+            seen[config_key(params_of[i])] = i
+            asked[i] = t
+            return i
+        if queue:
+            i = queue.pop(0)
+        else:
+            left = [i for i in order if config_key(params_of[i]) not in seen]
             if not left:
                 return None
-            i = left[0]
-            study.enqueue_trial({k: json.dumps(table.rows[i]["params"][k]) for k in table.keys})
-            asked[i] = study.ask(distributions)
-            return i
-        left = [i for i in order if i not in seen]
-        return (left[0] if searcher == "grid" else rng.choice(left)) if left else None
+            i = left[0] if searcher == "grid" else rng.choice(left)
+        seen[config_key(params_of[i])] = i
+        return i
 
     def launch(now: float, slot: int) -> None:
         nonlocal started
@@ -207,7 +244,6 @@ def replay(
         i = draw()
         if i is None:
             return
-        seen.add(i)
         started += 1
         if sched:
             sched.on_trial_add(None, Trial(str(i)))
@@ -226,13 +262,13 @@ def replay(
         if kind.startswith("rung"):
             step = int(kind[4:])
             value = table.rung_value(i, step, rung_metric)
-            if sampler:
+            if optuna_searcher:
                 asked[i].report(value, step)
             action = sched.on_trial_result(None, Trial(str(i)), {"step": step, rung_metric: value})
             if action == "STOP":
                 stopped.add(i)
                 spent += step
-                if sampler:
+                if optuna_searcher:
                     study.tell(asked[i], state=optuna.trial.TrialState.PRUNED)
                 events[:] = [e for e in events if e[3] != i]
                 launch(now, slot)
@@ -240,7 +276,7 @@ def replay(
         spent += table.max_steps
         best = min(best, float(table.final[i]))
         curve.append((spent, best, i))
-        if sampler:
+        if optuna_searcher:
             study.tell(asked[i], float(table.final[i]))
         launch(now, slot)
     return curve
@@ -300,6 +336,80 @@ def eval_size_agreement(table: Table, size: int, trials: int = 6, draws: int = 2
     return agree / draws
 
 
+SEARCHERS = (("tpe", "asha"), ("tpe", "fifo"), ("gp", "asha"), ("gp", "fifo"), ("random", "asha"), ("random", "fifo"))
+
+
+def show(pair) -> str:
+    value, share = pair
+    return f"{value:,.0f} ({100 * share:.0f}%)" if value is not None else f"- ({100 * share:.0f}%)"
+
+
+def startup_of(trials: int) -> int:
+    """A search's random start-up draws for this many trials (fika.search.spec.SearchSpec.startup)."""
+    return min(10, max(3, trials // 3))
+
+
+def compare_searchers(table: Table, seeds: int, trial_counts: list[int]) -> None:
+    budget = len(table.rows) * table.max_steps
+    print("\n| trials | searcher | to within 1% (reached) | to within the noise (reached) | regret at 25% |")
+    print("|---:|---|---:|---:|---:|")
+    for trials in trial_counts:
+        for searcher, scheduler in (*SEARCHERS, ("grid", "fifo")):
+            curves = [
+                replay(table, searcher, scheduler, seed, budget, trials, startup_of(trials)) for seed in range(seeds)
+            ]
+            s = summarize(table, curves, budget)
+            name = (
+                f"{searcher.upper() if searcher != 'random' and searcher != 'grid' else searcher} + {scheduler.upper()}"
+            )
+            print(f"| {trials} | {name} | {show(s['to_1pct'])} | {show(s['to_noise'])} | {s['regret_25']:.4f} |")
+
+
+def best_configs(source: Table, target: Table, k: int) -> list[int]:
+    """The target table's indices of the source table's `k` best configs (the same values of every key)."""
+    ranked = sorted(range(len(source.rows)), key=lambda i: source.final[i])
+    keys = [json.dumps(source.rows[i]["params"], sort_keys=True) for i in ranked]
+    return [target.index[key] for key in keys if key in target.index][:k]
+
+
+def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str) -> None:
+    """Trial-steps to the noise band with a warm start against a cold start: from the other table (its best 3 configs
+    run first) and from a half-finished search of the same table (its trials enter the study with their values)."""
+    print(
+        f"\n| warm start ({searcher.upper()} + ASHA, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |"
+    )
+    print("|---|---:|---:|---:|")
+    for name, table in tables.items():
+        budget = len(table.rows) * table.max_steps
+        cold = summarize(
+            table,
+            [replay(table, searcher, "asha", s, budget, trials, startup_of(trials)) for s in range(seeds)],
+            budget,
+        )["to_noise"]
+        for other_name, other in tables.items():
+            if other is table:
+                continue
+            first = best_configs(other, table, 3)
+            curves = [
+                replay(table, searcher, "asha", s, budget, trials, startup_of(trials), first=first)
+                for s in range(seeds)
+            ]
+            warm = summarize(table, curves, budget)["to_noise"]
+            ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
+            print(f"| {name}: from {other_name}'s best 3 configs | {show(cold)} | {show(warm)} | {ratio} |")
+        half = trials // 2
+        curves = []
+        for s in range(seeds):
+            before = replay(table, searcher, "asha", 1000 + s, budget, half, startup_of(half))
+            known = [i for _, _, i in before]
+            curves.append(replay(table, searcher, "asha", s, budget, trials - half, startup_of(trials), known=known))
+        warm = summarize(table, curves, budget)["to_noise"]
+        ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
+        print(
+            f"| {name}: from its own first {half} trials, then {trials - half} more | {show(cold)} | {show(warm)} | {ratio} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -311,14 +421,23 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--trials", type=int, nargs="+", default=[6, 12, 20])
-    parser.add_argument("--table", default=str(TABLE))
+    parser.add_argument("--table", nargs="+", default=[str(t) for t in TABLES if t.exists()])
     args = parser.parse_args()
     if args.grid:
-        run_grid(args.grid, Path(args.table))
-    table = Table(json.loads(Path(args.table).read_text()))
+        run_grid(args.grid, Path(args.table[0]))
+    tables = {Path(t).stem: Table(json.loads(Path(t).read_text())) for t in args.table}
+    for name, table in tables.items():
+        describe_table(name, table)
+        compare_searchers(table, args.seeds, args.trials)
+    if len(tables) > 1:
+        for searcher in ("tpe", "gp"):
+            warm_starts(tables, args.seeds, 12, searcher)
+
+
+def describe_table(name: str, table: Table) -> None:
     budget = len(table.rows) * table.max_steps
     print(
-        f"grid: {len(table.rows)} configs x {table.max_steps} steps = {budget} trial-steps; best eval loss "
+        f"\n## {name}: {len(table.rows)} configs x {table.max_steps} steps = {budget} trial-steps; best eval loss "
         f"{table.final[table.best]:.4f} ({table.rows[table.best]['params']}); {sum(table.within_noise)} configs within "
         f"its eval noise; the median config {float(np.median(table.final)):.4f}"
     )
@@ -334,30 +453,6 @@ def main() -> None:
     print("\n| eval conversations | two disjoint sets name the same winner of 6 trials |\n|---:|---:|")
     for size in (4, 6, 8, 12)[: conversations // 2]:
         print(f"| {size} | {100 * eval_size_agreement(table, size):.1f}% |")
-    for trials in args.trials:
-        print(
-            f"\n{trials} trials, 2 at a time, {args.seeds} seeds (steps: trial-steps of training; the grid spends {budget})"
-        )
-        print(
-            "| searcher | steps to within 1% of the best (reached) | steps to within the eval noise (reached) | "
-            "median regret at 25% of the grid's steps |\n|---|---:|---:|---:|"
-        )
-        for searcher, scheduler in (
-            ("tpe", "asha"),
-            ("tpe", "fifo"),
-            ("random", "asha"),
-            ("random", "fifo"),
-            ("grid", "fifo"),
-        ):
-            startup = min(10, max(3, trials // 3))
-            curves = [replay(table, searcher, scheduler, seed, budget, trials, startup) for seed in range(args.seeds)]
-            s = summarize(table, curves, budget)
-
-            def show(pair):
-                value, share = pair
-                return f"{value:,.0f} ({100 * share:.0f}%)" if value is not None else f"- ({100 * share:.0f}%)"
-
-            print(f"| {searcher} + {scheduler} | {show(s['to_1pct'])} | {show(s['to_noise'])} | {s['regret_25']:.4f} |")
 
 
 if __name__ == "__main__":

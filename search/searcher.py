@@ -128,7 +128,7 @@ class FikaOptunaSearch(OptunaSearch):
             drawn = frozen.user_attrs["fika_drawn"]
         elif "fixed_params" in frozen.system_attrs:
             drawn = "baseline"
-        elif ot_trial.number in self._ot_study.sampler.fallbacks:
+        elif ot_trial.number in getattr(self._ot_study.sampler, "fallbacks", ()):
             drawn = "untried"
         else:
             drawn = "random" if finished < self.startup else self.model

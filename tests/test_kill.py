@@ -99,7 +99,8 @@ def test_a_driver_killed_at_any_moment_resumes_to_every_trial_exactly_once(tmp_p
     study = load_study(run, "smoke")  # the study holds exactly the trials that ran, with what happened to them
     expected = {"completed": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
     told = {t.user_attrs.get("tune_trial_id"): t.state.name for t in study.trials}
-    assert told == {t: expected[r["status"]] for t, r in results.items()}, told
+    trials = "\n".join(f"{t.number} {t.state.name} {t.user_attrs} {t.system_attrs}" for t in study.trials)
+    assert told == {t: expected[r["status"]] for t, r in results.items()}, f"{trials}\n{(run / 'draws.jsonl').read_text()}"
     draws = {d["trial"] for d in map(json.loads, (run / "draws.jsonl").read_text().splitlines())}
     assert set(results) <= draws
     report = json.loads((tmp_path / "report" / "report.json").read_text())

@@ -570,7 +570,7 @@ def test_a_search_saved_with_relative_data_paths_still_resumes(tmp_path, monkeyp
         update={"base": spec.base.model_copy(update={"data": resolve_local_paths(spec.base.data)})}
     )
     assert resolved.base.data.sources[0].path == str(tmp_path / "data" / "chat.jsonl")
-    assert folder_state(resolved, run, resume=True) == "new"  # the same spec (no Tune state to restore here)
+    assert folder_state(resolved, run, resume=True) == "restart"  # the same spec; no Tune state: a new fit over it
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # from another folder, the saved path names another file
     with pytest.raises(ConfigError, match="with another spec"):

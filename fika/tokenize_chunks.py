@@ -13,7 +13,6 @@ import os
 import pickle
 import signal
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -118,17 +117,19 @@ def tokenized_chunks(
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
+    context = multiprocessing.get_context("spawn")  # never a fork: the caller may run Ray or other threads
+    stop = context.Event()  # set when the chunks are no longer wanted (the end, an error, Ctrl-C)
     pool = ProcessPoolExecutor(
         workers,
-        mp_context=multiprocessing.get_context("spawn"),  # never a fork: the caller may run Ray or other threads
+        mp_context=context,
         initializer=start_worker,
-        initargs=(pickle.dumps(tokenizer), schema, os.getpid()),
+        initargs=(pickle.dumps(tokenizer), schema, os.getpid(), stop),
     )
     pending: deque = deque()
     try:
-        for start, stop in spans():
+        for start, stop_at in spans():
             pending.append(
-                pool.submit(tokenize_in_worker, rows.values(start, stop), start, rows.fmt, max_length, overlong)
+                pool.submit(tokenize_in_worker, rows.values(start, stop_at), start, rows.fmt, max_length, overlong)
             )
             if len(pending) > workers * AHEAD:
                 yield pending.popleft().result()
@@ -141,24 +142,25 @@ def tokenized_chunks(
         ) from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        stop.set()  # a process in the middle of a chunk nobody will read ends now, not after it
 
 
 WORKER: dict = {}  # a pool process's tokenizer and schema
 
 
-def start_worker(tokenizer_pickle: bytes, schema, parent: int) -> None:
+def start_worker(tokenizer_pickle: bytes, schema, parent: int, stop) -> None:
     """Sets up a pool process: the tokenizer on one thread (the pool has a process per core), Ctrl-C left to the
-    parent (which ends the pool), and an end of its own when the parent is gone (killed, it ends nothing)."""
+    parent, and an end of its own as soon as `stop` is set or the parent is gone (a killed parent ends nothing)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     WORKER.update(tokenizer=pickle.loads(tokenizer_pickle), schema=schema)
-    threading.Thread(target=end_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=end_when_stopped, args=(parent, stop), daemon=True).start()
 
 
-def end_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1)
-    os._exit(1)
+def end_when_stopped(parent: int, stop) -> None:
+    while os.getppid() == parent and not stop.wait(0.5):
+        pass
+    os._exit(0)
 
 
 def tokenize_in_worker(values: list, start: int, fmt: str, max_length: int, overlong: str) -> Chunk:

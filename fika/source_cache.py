@@ -24,6 +24,7 @@ from pathlib import Path
 from fika.chat_tokens import tokenizer_fingerprint
 from fika.config import DataSource
 from fika.console import RowsProgress, log
+from fika.errors import FikaError
 from fika.files import folder_written_whole, write_atomic
 from fika.paths import cache_dir, writing_cache
 from fika.source_rows import SourceRows, open_source
@@ -184,8 +185,11 @@ def nothing_usable(meta: dict, max_length: int, overlong: str) -> DataError:
 def data_workers() -> int:
     """How many processes tokenize a source: FIKA_DATA_WORKERS when set (a search's trial sets its CPU share),
     else every CPU this process may use."""
-    if os.environ.get("FIKA_DATA_WORKERS"):
-        return max(1, int(os.environ["FIKA_DATA_WORKERS"]))
+    value = os.environ.get("FIKA_DATA_WORKERS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise FikaError(f"FIKA_DATA_WORKERS: {value!r} is not allowed: give a number of processes, 1 or more")
+        return int(value)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

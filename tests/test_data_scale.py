@@ -17,7 +17,8 @@ import fika.source_cache
 import fika.tokenize_chunks
 from fika.config import DataConfig, DataSource
 from fika.data import prepare_data
-from fika.source_cache import load_rows, source_cache
+from fika.errors import FikaError
+from fika.source_cache import data_workers, load_rows, source_cache
 from fika.sources import builtin_sharegpt_path, read_sharegpt_v3
 
 from .conftest import write_jsonl
@@ -116,3 +117,18 @@ def test_a_build_killed_midway_leaves_no_cache_a_later_run_trusts(tiny_tokenizer
     monkeypatch.setenv("FIKA_CACHE", str(tmp_path / "fresh"))
     fresh = source_cache(DataSource(path="builtin:sharegpt"), tiny_tokenizer, 256, "truncate", 0, 50)
     assert later.rows.to_dict() == fresh.rows.to_dict() and later.meta == fresh.meta
+
+
+def test_the_number_of_tokenizing_processes(monkeypatch):
+    import os
+
+    monkeypatch.delenv("FIKA_DATA_WORKERS", raising=False)
+    assert data_workers() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("FIKA_DATA_WORKERS", "3")
+    assert data_workers() == 3
+    for value in ("0", "two", "-1"):
+        monkeypatch.setenv("FIKA_DATA_WORKERS", value)
+        with pytest.raises(
+            FikaError, match=rf"^FIKA_DATA_WORKERS: '{value}' is not allowed: give a number of processes"
+        ):
+            data_workers()

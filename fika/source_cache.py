@@ -85,7 +85,12 @@ def read_source(
     chunks = tokenized_chunks(
         rows, tokenizer, max_length, overlong, schema, workers, lambda: None if need is None else need - kept
     )
-    with closing(chunks), pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with (
+        closing(chunks),
+        closing(progress),
+        pa.OSFile(str(out), "wb") as sink,
+        pa.ipc.new_stream(sink, schema) as writer,
+    ):
         for chunk in chunks:  # a pool's processes end when this loop does
             batch, read, chunk_drops = chunk.rows, chunk.stop, chunk.drops
             if need is not None and kept + batch.num_rows >= need:  # the rows past the last one needed are not read
@@ -98,7 +103,6 @@ def read_source(
             progress.update(read if need is None else kept)
             if need is not None and kept >= need:
                 break
-    progress.close()
     return {
         "path": rows.path,
         "format": rows.fmt,

@@ -13,6 +13,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -110,15 +111,17 @@ def tokenized_chunks(
             start += size
 
     if workers <= 1:
-        for start, stop in spans():
-            yield tokenize_chunk(rows.values(start, stop), start, rows.fmt, tokenizer, max_length, overlong, schema)
+        for start, stop_at in spans():
+            yield tokenize_chunk(rows.values(start, stop_at), start, rows.fmt, tokenizer, max_length, overlong, schema)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")  # never a fork: the caller may run Ray or other threads
-    stop = context.Event()  # set when the chunks are no longer wanted (the end, an error, Ctrl-C)
+    # 1 when the chunks are no longer wanted (the end, an error, Ctrl-C): a flag in shared memory, no lock (setting
+    # a multiprocessing.Event waits for every process that waited on it, and one that has ended never answers)
+    stop = context.RawValue("b", 0)
     pool = ProcessPoolExecutor(
         workers,
         mp_context=context,
@@ -142,7 +145,7 @@ def tokenized_chunks(
         ) from None
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
-        stop.set()  # a process in the middle of a chunk nobody will read ends now, not after it
+        stop.value = 1  # a process in the middle of a chunk nobody will read ends now, not after it
 
 
 WORKER: dict = {}  # a pool process's tokenizer and schema
@@ -150,7 +153,7 @@ WORKER: dict = {}  # a pool process's tokenizer and schema
 
 def start_worker(tokenizer_pickle: bytes, schema, parent: int, stop) -> None:
     """Sets up a pool process: the tokenizer on one thread (the pool has a process per core), Ctrl-C left to the
-    parent, and an end of its own as soon as `stop` is set or the parent is gone (a killed parent ends nothing)."""
+    parent, and an end of its own as soon as `stop` is 1 or the parent is gone (a killed parent ends nothing)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     WORKER.update(tokenizer=pickle.loads(tokenizer_pickle), schema=schema)
@@ -158,8 +161,8 @@ def start_worker(tokenizer_pickle: bytes, schema, parent: int, stop) -> None:
 
 
 def end_when_stopped(parent: int, stop) -> None:
-    while os.getppid() == parent and not stop.wait(0.5):
-        pass
+    while os.getppid() == parent and not stop.value:
+        time.sleep(0.2)
     os._exit(0)
 
 

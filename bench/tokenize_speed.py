@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 import time
+from pathlib import Path
+
+from datasets import Dataset
 
 from fika.chat_tokens import assistant_turns, fit_to_length
 from fika.config import DataSource, ModelConfig
 from fika.model import load_tokenizer
 from fika.source_cache import read_source
+from fika.source_rows import open_source
 from fika.sources import STANDARDIZERS, Dropped, load_source, repair
 
 
@@ -57,8 +62,11 @@ def main() -> None:
             reference = one_encoding_per_conversation(source, tokenizer, length, args.need)
             slow = time.perf_counter() - began
             began = time.perf_counter()
-            rows, meta = read_source(source, tokenizer, length, "truncate", 0, args.need)
-            fast = time.perf_counter() - began
+            with tempfile.TemporaryDirectory() as folder:
+                out = Path(folder) / "rows.arrow"
+                meta = read_source(open_source(source, 0), tokenizer, length, "truncate", args.need, out)
+                fast = time.perf_counter() - began
+                rows = Dataset.from_file(str(out)).to_list()
             got = sorted(
                 [(r["read_pos"], r["input_ids"], r["labels"], r["truncated"], r["n_assistant"]) for r in rows]
                 + meta["drops"]

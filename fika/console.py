@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
+
+LOG_EVERY_S = 10  # seconds between two progress lines where no bar is shown
 
 
 def log(message: str) -> None:
@@ -55,3 +58,40 @@ class TrainProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class RowsProgress:
+    """How far a long pass over rows is: done of total, rows per second and the time left, as a bar in a terminal
+    and as a line every LOG_EVERY_S seconds in a log (a search's driver log, CI, a batch job's output)."""
+
+    def __init__(self, what: str, total: int, unit: str = "rows"):
+        from tqdm.auto import tqdm
+
+        self.what, self.total, self.unit = what, total, unit
+        self.bar = tqdm(total=total, desc=what, unit=" " + unit.split()[-1], disable=None, leave=False)
+        self.started = self.logged = time.monotonic()
+
+    def update(self, done: int) -> None:
+        self.bar.update(done - self.bar.n)
+        now = time.monotonic()
+        if self.bar.disable and now - self.logged >= LOG_EVERY_S:
+            self.logged = now
+            log(f"{self.what}: {self.line(done, now - self.started)}")
+
+    def line(self, done: int, seconds: float) -> str:
+        rate = done / seconds if seconds > 0 else 0.0
+        left = f", {duration((self.total - done) / rate)} left" if rate > 0 and done < self.total else ""
+        return f"{done:,} of {self.total:,} {self.unit} ({done / max(self.total, 1):.0%}), {rate:,.0f}/s{left}"
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    """`45 s`, `3 min 20 s`, `1 h 05 min`."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -53,7 +53,7 @@ def disk_full(err: BaseException) -> str | None:
     if isinstance(err, FikaError):
         return None
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return err.strerror
+        return os.strerror(err.errno)  # pyarrow's strerror is a longer sentence around it
     return next((text for text in ("No space left on device", "Disk quota exceeded") if text in str(err)), None)
 
 

@@ -86,6 +86,8 @@ class FikaTrainable(tune.Trainable):
             # a worker that imported torch before it was given this trial's CPUs (fika.search.worker) has one thread
             # per core; two such trials on the same cores would slow each other down several times over
             torch.set_num_threads(max(1, math.floor(self.spec.resources.cpu)))
+            # a trial that must tokenize its data (a node without the driver's cache) uses its CPU share for it
+            os.environ["FIKA_DATA_WORKERS"] = str(max(1, math.floor(self.spec.resources.cpu)))
         if 0 < self.spec.resources.gpu < 1 and torch.cuda.is_available():  # a shared GPU: its share, no more
             torch.cuda.set_per_process_memory_fraction(self.spec.resources.gpu)
         self.thread: threading.Thread | None = None

@@ -10,6 +10,7 @@ from fika.chat_tokens import assistant_turns, chat_tokens, fit_to_length
 from fika.config import DataConfig, DataSource
 from fika.data import DROP_REASONS, prepare_data, weighted_take
 from fika.source_cache import read_source
+from fika.source_rows import open_source
 from fika.sources import (
     STANDARDIZERS,
     DataError,
@@ -277,6 +278,14 @@ def test_overlong_conversations_are_cut_after_a_whole_assistant_turn(tiny_tokeni
         tokenize_conversation(tiny_tokenizer, messages, 20, "truncate")  # not one assistant token fits
 
 
+def read_rows(source: DataSource, tokenizer, max_length: int, overlong: str, need: int | None, folder):
+    """`read_source`'s rows (written to an Arrow file in `folder`, memory-mapped) and how it read them."""
+    import datasets
+
+    meta = read_source(open_source(source, 0), tokenizer, max_length, overlong, need, folder / "rows.arrow")
+    return datasets.Dataset.from_file(str(folder / "rows.arrow")), meta
+
+
 def one_at_a_time(source: DataSource, tokenizer, max_length: int, overlong: str, need: int | None) -> list[tuple]:
     """What `read_source` must keep: each row of the seeded order encoded whole, on its own, until `need` are kept."""
     import random
@@ -309,10 +318,10 @@ def one_at_a_time(source: DataSource, tokenizer, max_length: int, overlong: str,
     ],
 )
 def test_batched_tokenizing_keeps_what_one_at_a_time_keeps(
-    data_files, tiny_tokenizer, path, max_length, overlong, need
+    data_files, tiny_tokenizer, tmp_path, path, max_length, overlong, need
 ):
     source = DataSource(path=str(data_files.get(path, path)))
-    rows, meta = read_source(source, tiny_tokenizer, max_length, overlong, 0, need)
+    rows, meta = read_rows(source, tiny_tokenizer, max_length, overlong, need, tmp_path)
     got = sorted(
         [(r["read_pos"], r["input_ids"], r["labels"], r["truncated"], r["n_assistant"]) for r in rows] + meta["drops"]
     )
@@ -320,7 +329,7 @@ def test_batched_tokenizing_keeps_what_one_at_a_time_keeps(
     assert meta["rows_read"] == len(got) and meta["usable"] == len(rows) > 0
 
 
-def test_a_template_error_names_the_conversation_not_the_batch(data_files, tiny_tokenizer):
+def test_a_template_error_names_the_conversation_not_the_batch(data_files, tiny_tokenizer, tmp_path):
     import copy
 
     tokenizer = copy.deepcopy(tiny_tokenizer)
@@ -330,7 +339,7 @@ def test_a_template_error_names_the_conversation_not_the_batch(data_files, tiny_
         "<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
     )
     with pytest.raises(Exception, match="no capitals: Canberra. Many peop"):
-        read_source(DataSource(path=str(data_files["sharegpt_english"])), tokenizer, 256, "truncate", 0, None)
+        read_rows(DataSource(path=str(data_files["sharegpt_english"])), tokenizer, 256, "truncate", None, tmp_path)
 
 
 def test_weights_set_the_shares_of_the_training_mix():

@@ -78,5 +78,6 @@ def test_the_data_mix_spec_validates_and_shows_the_rows_each_extreme_would_use(c
     assert len(corners) == 16  # weights and limits of the data keys, smallest and largest of each
     assert (
         "data.sources.finetome.weight=1, data.sources.sharegpt_english.weight=0, data.sources.ultrachat.weight=2, "
-        "data.sources.ultrachat.limit=5000: at most finetome 2,500, sharegpt_english 0, ultrachat 5,000 training rows"
+        "data.sources.ultrachat.limit=20000: at most finetome all (weight 1), sharegpt_english 0, ultrachat 20,000 "
+        "(weight 2) training rows"
     ) in out

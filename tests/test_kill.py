@@ -100,7 +100,9 @@ def test_a_driver_killed_at_any_moment_resumes_to_every_trial_exactly_once(tmp_p
     expected = {"completed": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
     told = {t.user_attrs.get("tune_trial_id"): t.state.name for t in study.trials}
     trials = "\n".join(f"{t.number} {t.state.name} {t.user_attrs} {t.system_attrs}" for t in study.trials)
-    assert told == {t: expected[r["status"]] for t, r in results.items()}, f"{trials}\n{(run / 'draws.jsonl').read_text()}"
+    assert told == {t: expected[r["status"]] for t, r in results.items()}, (
+        f"{trials}\n{(run / 'draws.jsonl').read_text()}"
+    )
     draws = {d["trial"] for d in map(json.loads, (run / "draws.jsonl").read_text().splitlines())}
     assert set(results) <= draws
     report = json.loads((tmp_path / "report" / "report.json").read_text())

@@ -34,15 +34,17 @@ TABLES = (HERE / "demo_grid.json", HERE / "english_grid.json")  # the replays' t
 # --- the table --------------------------------------------------------------------------------------
 
 
-def run_grid(spec_path: str, out: Path) -> None:
+def run_grid(spec_path: str, out: Path, storage: Path | None = None) -> None:
     """Runs every config of a spec's space (FIFO; full evals at its rungs, a third and two thirds of the steps, and
-    the end) and writes the table."""
+    the end) and writes the table. With `storage` holding a grid that was stopped, it goes on from there."""
     from fika.files import read_json, read_jsonl
     from fika.search.driver import run_search
     from fika.search.report.rows import param_value
     from fika.search.spec import load_spec
 
-    storage = Path(tempfile.mkdtemp(prefix="fika-grid-"))
+    resume = storage is not None and (storage / "grid-table").exists()
+    storage = storage or Path(tempfile.mkdtemp(prefix="fika-grid-"))
+    print(f"the grid runs in {storage} (a stopped one goes on with --storage {storage})", flush=True)
     searched = load_spec(spec_path)
     evals = sorted({*searched.rungs(), searched.max_steps // 3, 2 * searched.max_steps // 3})
     spec = load_spec(
@@ -57,7 +59,7 @@ def run_grid(spec_path: str, out: Path) -> None:
             f"storage={storage}",
         ],
     )
-    run_search(spec)
+    run_search(spec, resume=resume)
     rows = []
     for folder in sorted((storage / "grid-table" / "trials").iterdir()):
         import yaml
@@ -419,12 +421,13 @@ def main() -> None:
         metavar="SPEC",
         help="run a spec's whole space (default: bench/demo_grid.yaml, the demo's space) and write the table first",
     )
+    parser.add_argument("--storage", type=Path, help="where --grid runs its search (a stopped one goes on there)")
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--trials", type=int, nargs="+", default=[6, 12, 20])
     parser.add_argument("--table", nargs="+", default=[str(t) for t in TABLES if t.exists()])
     args = parser.parse_args()
     if args.grid:
-        run_grid(args.grid, Path(args.table[0]))
+        run_grid(args.grid, Path(args.table[0]), args.storage)
     tables = {Path(t).stem: Table(json.loads(Path(t).read_text())) for t in args.table}
     for name, table in tables.items():
         describe_table(name, table)

@@ -10,10 +10,11 @@ Ray:
   points, the baseline) before it restores an interrupted fit's searcher, so `FikaOptunaSearch` drops the points
   of a study that holds trials already;
 - Tune's state files (`experiment_state-*.json`, `search_gen_state-*.json`, `searcher-state-*.pkl`, and the name
-  of the searcher's staging file, `.<uuid>-tmp-searcher-state-<session>.pkl`): Ray writes them in a driver staging
-  folder and copies them into storage without an atomic rename, so a driver killed mid-copy leaves them cut short;
-  `FikaOptunaSearch.save` keeps one consistent copy of them in the run folder (written atomically) and
-  `restore_tune_state` puts it back before a resume;
+  of the searcher's staging file, `.<uuid>-tmp-searcher-state-<session>.pkl`), and the Tuner's `tuner.pkl`: Ray
+  writes the state files in a driver staging folder and copies them, and a resumed fit's `tuner.pkl`, into storage
+  without an atomic rename, so a driver killed mid-copy leaves them cut short; `FikaOptunaSearch.save` keeps one
+  consistent copy of them in the run folder (written atomically) and `restore_tune_state` puts it back before a
+  resume;
 - `ConcurrencyLimiter.live_trials` and `.num_unfinished_live_trials` (the trials it suggested and that have not
   completed) and its `set_state`: Tune saves them with the search generator's state, one save behind, so fika
   restores the limiter without them (`ResumableConcurrencyLimiter`);
@@ -45,6 +46,7 @@ from pathlib import Path
 from fika.files import write_atomic
 
 TUNE_STATE = "tune-state.pkl"
+TUNER_PKL = "tuner.pkl"  # the Tuner Ray pickles into its folder when it is made
 TUNE_STOP_HANDLER = "signal_interrupt_tune_run"
 
 
@@ -63,12 +65,14 @@ def tune_actor_env_vars() -> dict[str, str]:
 
 def keep_tune_state(checkpoint_path: str, run_dir: Path) -> None:
     """After Tune saved the searcher's state to `checkpoint_path`: a copy of Tune's state files of that driver
-    session in the run folder, written whole (see `restore_tune_state`).
+    session, and of the Tuner's `tuner.pkl`, in the run folder, written whole (see `restore_tune_state`).
 
     Ray writes the search generator's state after the searcher's, so the copy holds the previous save's: its
     counts are behind, which is harmless (the searcher's budget decides how many trials run, and the limiter
     drops its live trials on restore). A fit's first save has none yet: no copy is written then (a resume
     without the generator's state would create no trial), and Ray's own files stand until the next save.
+    Ray's upload of a resumed fit's folder rewrites `tuner.pkl` in place (a kill then leaves it cut short): the
+    copy keeps the last whole one.
     """
     staging, saved = Path(checkpoint_path).parent, Path(checkpoint_path)
     if "-tmp-searcher-state-" not in saved.name:  # not Tune's own save (`.<uuid>-tmp-searcher-state-<session>.pkl`)
@@ -79,30 +83,46 @@ def keep_tune_state(checkpoint_path: str, run_dir: Path) -> None:
         return
     files = {f"searcher-state-{session}.pkl": saved.read_bytes()}
     files.update({name: (staging / name).read_bytes() for name in names})
+    tuner = whole_file(Path(run_dir) / "tune" / TUNER_PKL) or kept_tune_state(run_dir).get(TUNER_PKL)
+    if tuner is not None:
+        files[TUNER_PKL] = tuner
     write_atomic(Path(run_dir) / TUNE_STATE, pickle.dumps(files))
 
 
+def kept_tune_state(run_dir: Path) -> dict[str, bytes]:
+    """fika's whole copy of Tune's files (`keep_tune_state`), by name; empty when there is none."""
+    path = Path(run_dir) / TUNE_STATE
+    return pickle.loads(path.read_bytes()) if path.exists() else {}
+
+
+def whole_file(path: Path) -> bytes | None:
+    """The bytes of one of Tune's JSON or pickle files, or None where it is missing or cut short (a kill while Ray
+    wrote it). A pickle is read opcode by opcode to its end, without building what it holds."""
+    import pickletools
+
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            json.loads(data)
+        else:
+            for _ in pickletools.genops(data):  # raises at a cut; ends at the pickle's STOP
+                pass
+        return data
+    except Exception:  # missing, or cut short
+        return None
+
+
 def tune_state_restorable(run_dir: Path) -> bool:
-    """Whether Tune can resume the fit saved in `run_dir/tune`: its `tuner.pkl` (written when the Tuner is made,
-    before the fit) and a whole set of state files (fika's copy, or Ray's own, which the first save writes). A
-    driver killed between the two left a Tuner Tune would restore without its searcher's state."""
-    tune_dir = Path(run_dir) / "tune"
-    if not (tune_dir / "tuner.pkl").exists():
+    """Whether Tune can resume the fit saved in `run_dir/tune`: a whole `tuner.pkl` (written when the Tuner is
+    made, before the fit) and a whole set of state files (fika's copy, or Ray's own, which the first save writes).
+    A driver killed between the two left a Tuner Tune would restore without its searcher's state."""
+    tune_dir, kept = Path(run_dir) / "tune", kept_tune_state(run_dir)
+    if TUNER_PKL not in kept and whole_file(tune_dir / TUNER_PKL) is None:
         return False
-    if (Path(run_dir) / TUNE_STATE).exists():
+    if kept:
         return True
-
-    def whole(pattern: str) -> bool:
-        for path in tune_dir.glob(pattern):
-            try:
-                data = path.read_bytes()
-                json.loads(data) if path.suffix == ".json" else pickle.loads(data)
-                return True
-            except Exception:  # cut short by the kill
-                continue
-        return False
-
-    return all(whole(p) for p in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"))
+    patterns = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+    return all(any(whole_file(path) is not None for path in tune_dir.glob(pattern)) for pattern in patterns)
 
 
 def forget_tune_state(run_dir: Path) -> None:
@@ -115,15 +135,14 @@ def forget_tune_state(run_dir: Path) -> None:
 
 
 def restore_tune_state(run_dir: Path) -> None:
-    """Before a resume: puts the last consistent copy of Tune's state files back into `run_dir/tune`.
+    """Before a resume: puts the last whole copy of Tune's files back into `run_dir/tune`.
 
     The copy is never older than what Ray copied into storage (it is written before Ray's copy starts), and it
     is whole where Ray's copy may be cut short by the kill.
     """
-    path = Path(run_dir) / TUNE_STATE
-    if not path.exists():
+    files = kept_tune_state(run_dir)
+    if not files:
         return
-    files = pickle.loads(path.read_bytes())
     tune_dir = Path(run_dir) / "tune"
     for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
         for old in tune_dir.glob(pattern):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -13,10 +14,12 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from fika.files import append_line, read_json
+from fika.files import append_line, read_json, write_atomic
 from fika.result import write_failed_result
 from fika.search.internals import keep_tune_state
 from fika.search.sampler import MAX_DRAWS, NoRepeatSampler, config_key
+
+PRUNED_AT = "pruned.json"  # in a trial's folder: the step at which the scheduler stopped it (`mark_pruned`)
 
 
 class FikaOptunaSearch(OptunaSearch):
@@ -85,6 +88,8 @@ class FikaOptunaSearch(OptunaSearch):
             and step not in frozen.intermediate_values
         ):
             ot_trial.report(rung_value, step)  # Tune withholds the result that stopped the trial
+        if status == "stopped":
+            mark_pruned(Path(self.run_dir) / "trials" / trial_id, step)
         ot_trial.set_user_attr("fika_status", "pruned" if status == "stopped" else status)
         tell_final(self._ot_study, ot_trial, status, (result or {}).get(self.metric), error)
 
@@ -238,6 +243,16 @@ class ResumableConcurrencyLimiter(ConcurrencyLimiter):
             if trial_id in self.live_trials:
                 self.live_trials.remove(trial_id)
                 self.num_unfinished_live_trials -= 1
+
+
+def mark_pruned(folder: Path, step: int) -> None:
+    """Records in a trial's folder that the scheduler stopped it at `step`, before the study is told PRUNED.
+
+    Tune tells the searcher of a stop before the trial's worker has ended it: a driver killed in between leaves a
+    study that says PRUNED and a trial that Tune runs again after the resume. That run stops at the same step
+    (`FikaTrainable`), so the trial's folder says what the study says."""
+    if folder.is_dir():
+        write_atomic(folder / PRUNED_AT, json.dumps({"step": step}))
 
 
 def settle_from_folder(study, frozen: FrozenTrial, folder: Path, metric: str) -> bool:

@@ -33,10 +33,11 @@ from ray import tune
 
 from fika.config import dump_config
 from fika.errors import error_text
-from fika.files import read_jsonl, write_atomic
+from fika.files import read_json, read_jsonl, write_atomic
 from fika.observe import TrialHooks
 from fika.result import TrialResult, load_result, write_failed_result
 from fika.search.rerun import confirm_name
+from fika.search.searcher import PRUNED_AT
 from fika.search.spec import SearchSpec
 from fika.search.trials import split_key, trial_config
 from fika.trial import run_trial
@@ -108,6 +109,7 @@ class FikaTrainable(tune.Trainable):
         self.stop_requested = threading.Event()
         self.interrupted = threading.Event()
         self.last: dict = {}
+        self.pruned_at: int | None = None
         self.thread = threading.Thread(target=self._run, args=(params, confirm), daemon=True)
         finished = finished_trial(out)
         if finished is not None:  # it ended before a resume (or an earlier confirm): do not run it again
@@ -115,6 +117,8 @@ class FikaTrainable(tune.Trainable):
             self.records.put_nowait(("done", result))
         else:
             (out / "result.json").unlink(missing_ok=True)  # an interrupted run's: this one replaces it
+            # the scheduler's stop that the study was told of before the driver was killed: it stops there again
+            self.pruned_at = (read_json(out / PRUNED_AT) or {}).get("step")
             self.thread.start()
 
     def _run(self, params: dict, confirm: dict | None) -> None:
@@ -149,6 +153,8 @@ class FikaTrainable(tune.Trainable):
     def _report(self, record: dict) -> bool:
         self.records.put(("record", record))
         self.sent += 1
+        if self.pruned_at is not None and record["step"] >= self.pruned_at:
+            return True
         if record["step"] in self.spec.rungs():
             with self.turn:
                 self.turn.wait_for(lambda: self.asked > self.sent or self.stop_requested.is_set())

@@ -5,7 +5,7 @@ started included), at one chosen moment of its life: the tests' way to hit every
 
 PLAN is JSON: `{"target": "module:function" or "module:Class.method", "when": "before" | "after", "nth": N}` kills
 at the N-th call of that function (before it runs, or after it returned; `"returns": "X"` counts only calls that
-returned a value whose str is X); `{"rename": "NAME", "nth": N}` kills just before the N-th rename onto a file
+returned a value whose str is X, `"called_with": "Y"` only calls given an argument whose str is Y); `{"rename": "NAME", "nth": N}` kills just before the N-th rename onto a file
 called NAME (an atomic write's last act: its temporary file is whole, the file itself not yet replaced). `"arm":
 "module:function"` counts only what happens after that function was first called. Tracing only: fika runs as is.
 """
@@ -78,6 +78,8 @@ def install(plan: dict) -> None:
         return
 
     def traced(original, args, kwargs):
+        if "called_with" in plan and plan["called_with"] not in map(str, [*args, *kwargs.values()]):
+            return original(*args, **kwargs)
         if plan.get("when") == "before" and hit():
             kill()
         value = original(*args, **kwargs)

@@ -42,6 +42,11 @@ MOMENTS = {
     "the first draw logged, its trial not started": {"target": "fika.files:append_line", "when": "after"},
     "fika's whole copy of Tune's state half-written": {"rename": "tune-state.pkl", "nth": 2},
     "a trial midway": {"target": "fika.search.progress:SearchProgress.on_trial_result", "when": "after", "nth": 5},
+    "the study told of an ASHA stop, the trial not yet ended": {
+        "target": "fika.search.searcher:tell_final",
+        "when": "after",
+        "called_with": "stopped",
+    },
     "ASHA stopped a trial at its rung": {
         "target": "ray.tune.schedulers.async_hyperband:AsyncHyperBandScheduler.on_trial_result",
         "when": "after",

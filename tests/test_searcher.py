@@ -137,6 +137,49 @@ def test_the_copy_of_tunes_state_is_written_only_with_the_search_generators(tmp_
     assert sorted(files) == ["experiment_state-s1.json", "search_gen_state-s1.json", "searcher-state-s1.pkl"]
 
 
+def test_a_tuner_pkl_cut_short_by_a_kill_is_put_back_whole(tmp_path):
+    """Ray's upload of a resumed fit's folder rewrites `tune/tuner.pkl` in place: a driver killed during it left an
+    empty file that `Tuner.restore` cannot read. fika's copy keeps the last whole one and puts it back."""
+    from fika.search.internals import TUNE_STATE, restore_tune_state, tune_state_restorable, whole_file
+
+    search, staging, tune_dir = searcher(tmp_path), tmp_path / "staging", tmp_path / "tune"
+    staging.mkdir()
+    tune_dir.mkdir()
+    whole = pickle.dumps({"trainable": list(range(2000))})
+    (tune_dir / "tuner.pkl").write_bytes(whole)
+    (staging / "experiment_state-s1.json").write_text("{}")
+    (staging / "search_gen_state-s1.json").write_text("{}")
+    search.save(str(staging / ".u1-tmp-searcher-state-s1.pkl"))
+    assert pickle.loads((tmp_path / TUNE_STATE).read_bytes())["tuner.pkl"] == whole
+    for cut in (b"", whole[: len(whole) // 2]):
+        (tune_dir / "tuner.pkl").write_bytes(cut)
+        assert whole_file(tune_dir / "tuner.pkl") is None
+        search.save(str(staging / ".u2-tmp-searcher-state-s1.pkl"))  # a save while it is cut keeps the whole one
+        assert tune_state_restorable(tmp_path)
+        restore_tune_state(tmp_path)
+        assert (tune_dir / "tuner.pkl").read_bytes() == whole
+    (tmp_path / TUNE_STATE).unlink()  # Ray's own files, with a cut tuner.pkl: a new fit, not a failed restore
+    for name in ("experiment_state-s1.json", "search_gen_state-s1.json", "searcher-state-s1.pkl"):
+        assert whole_file(tune_dir / name) is not None
+    assert tune_state_restorable(tmp_path)
+    (tune_dir / "tuner.pkl").write_bytes(b"")
+    assert not tune_state_restorable(tmp_path)
+
+
+def test_a_scheduler_stop_is_recorded_in_the_trials_folder_before_the_study_is_told(tmp_path):
+    """Tune tells the searcher of an ASHA stop before the trial's worker ends it; the folder says where it was
+    stopped, so that a run of it after a killed driver stops there too (`FikaTrainable`)."""
+    from fika.search.searcher import PRUNED_AT
+
+    search = searcher(tmp_path)
+    search.suggest("a")
+    (tmp_path / "trials" / "a").mkdir()
+    search.on_trial_result("a", {"step": 4, "train_loss_smooth": 2.5})
+    search.on_trial_complete("a", {"step": 4, "train_loss_smooth": 2.5})
+    assert json.loads((tmp_path / "trials" / "a" / PRUNED_AT).read_text()) == {"step": 4}
+    assert search._ot_study.trials[0].state.name == "PRUNED"
+
+
 def test_the_study_gets_what_happened_to_each_trial(tmp_path):
     search = searcher(tmp_path, points=[{"train.learning_rate": 2e-4, "lora.r": 8}])
     configs = {t: search.suggest(t) for t in ("a", "b", "c")}

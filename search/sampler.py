@@ -5,6 +5,7 @@ kept whenever they are new."""
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -24,9 +25,11 @@ class NoRepeatSampler(BaseSampler):
     of the configurations that ran or run), and after `MAX_DRAWS` such proposals takes one of the configurations not
     yet run (`untried()`, a choice space's) at random. The trials that got such a configuration are in `fallbacks`.
 
-    A full proposal (relative sampling: TPE after its start-up trials, GP) is checked whole. A trial whose keys are
-    drawn one by one (random start-up draws) is checked at its last key, which is then drawn again, or taken from
-    the untried configurations that share the keys already drawn.
+    A full proposal (relative sampling: GP, a multivariate TPE) is checked whole. A trial whose keys are drawn one by
+    one (random draws, TPE) is checked at each key: a value is drawn again while every configuration that starts
+    with the keys drawn so far has run (in a choice space; at the last key, while the configuration has run), and
+    then taken from an untried configuration that shares the keys already drawn. So the last key always has a value
+    left that makes the configuration new.
     """
 
     def __init__(self, sampler: BaseSampler, seen: dict[str, int], untried: Callable[[], list[dict] | None]):
@@ -50,18 +53,30 @@ class NoRepeatSampler(BaseSampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         value = self.sampler.sample_independent(study, trial, param_name, param_distribution)
         names = list(self.space)
-        if not names or param_name != names[-1] or set(trial.params) != set(names[:-1]):
+        if param_name not in names or set(trial.params) != set(names[: names.index(param_name)]):
             return value
         for _ in range(MAX_DRAWS - 1):
-            if config_key({**trial.params, param_name: value}) not in self.seen:
+            if self.open({**trial.params, param_name: value}):
                 return value
             value = self.sampler.sample_independent(study, trial, param_name, param_distribution)
         return self.new_configuration(trial, {**trial.params, param_name: value}, trial.params)[param_name]
 
+    def open(self, drawn: dict) -> bool:
+        """Whether a configuration that starts with the keys `drawn` so far has not run: for all keys, whether it
+        is not in `seen`; for fewer, in a choice space, whether fewer of its completions ran than it has (a trial
+        whose first keys allow only configurations that ran would have to repeat one at its last key)."""
+        if len(drawn) == len(self.space):
+            return config_key(drawn) not in self.seen
+        rest = [self.space[name] for name in self.space if name not in drawn]
+        if not all(hasattr(d, "choices") for d in rest):
+            return True
+        ran = sum(all(config.get(k) == v for k, v in drawn.items()) for config in map(json.loads, self.seen))
+        return ran < math.prod(len(d.choices) for d in rest)
+
     def new_configuration(self, trial, proposed: dict, fixed: dict) -> dict:
-        """The proposal when it is new, else an untried configuration that keeps the keys already `fixed` (the
-        proposal again when there is none: the searcher then closes the trial)."""
-        if config_key(proposed) not in self.seen:
+        """The proposal (all keys, or the first ones) when it is still open, else an untried configuration that keeps
+        the keys already `fixed` (the proposal again when there is none: the searcher then closes the trial)."""
+        if self.open(proposed):
             return proposed
         untried = [c for c in self.untried() or [] if all(c[k] == v for k, v in fixed.items())]
         if not untried:

@@ -220,6 +220,34 @@ def test_no_combination_runs_twice_and_the_budget_holds(tmp_path):
     assert budget.suggest("z") == Searcher.FINISHED
 
 
+def test_a_trial_drawn_key_by_key_never_gets_first_keys_whose_every_configuration_ran():
+    """TPE and random draws take a trial's keys one at a time. A sampler that likes one learning rate, once every
+    rank of it has run, must move to another learning rate at the first key: at the last key no rank would be new,
+    and the study would be told a FAIL for a repeat."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.samplers import RandomSampler
+
+    from fika.search.sampler import NoRepeatSampler, config_key
+
+    class FavouriteSampler(RandomSampler):  # always its first choice while it can
+        def sample_independent(self, study, trial, name, distribution):
+            return distribution.choices[0]
+
+    space = {"lr": CategoricalDistribution([1e-4, 2e-4]), "r": CategoricalDistribution([8, 16])}
+    seen = {config_key({"lr": 1e-4, "r": 8}): 0, config_key({"lr": 1e-4, "r": 16}): 1}
+    names = list(space)
+    untried = [{"lr": 2e-4, "r": 8}, {"lr": 2e-4, "r": 16}]
+    sampler = NoRepeatSampler(FavouriteSampler(seed=0), seen, lambda: [c for c in untried if config_key(c) not in seen])
+    sampler.space = space
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(2):
+        trial = study.ask()
+        config = {name: trial.suggest_categorical(name, space[name].choices) for name in names}
+        assert config["lr"] == 2e-4 and config_key(config) not in seen
+        seen[config_key(config)] = trial.number
+        study.tell(trial, 1.0)
+
+
 def test_after_a_killed_driver_the_study_trials_tune_never_saw_are_settled(tmp_path):
     search = searcher(tmp_path)
     for trial_id in ("known", "finished", "cut", "told"):

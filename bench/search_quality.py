@@ -38,6 +38,7 @@ def run_grid(spec_path: str, out: Path, storage: Path | None = None) -> None:
     """Runs every config of a spec's space (FIFO; full evals at its rungs, a third and two thirds of the steps, and
     the end) and writes the table. With `storage` holding a grid that was stopped, it goes on from there."""
     from fika.files import read_json, read_jsonl
+    from fika.search.api import resolved_spec
     from fika.search.driver import run_search
     from fika.search.report.rows import param_value
     from fika.search.spec import load_spec
@@ -47,7 +48,7 @@ def run_grid(spec_path: str, out: Path, storage: Path | None = None) -> None:
     print(f"the grid runs in {storage} (a stopped one goes on with --storage {storage})", flush=True)
     searched = load_spec(spec_path)
     evals = sorted({*searched.rungs(), searched.max_steps // 3, 2 * searched.max_steps // 3})
-    spec = load_spec(
+    spec = resolved_spec(
         spec_path,
         [
             "name=grid-table",

@@ -55,6 +55,17 @@ def with_absolute_data_paths(saved: dict) -> dict:
     return saved
 
 
+def with_defaults(saved: dict) -> dict:
+    """A saved spec with the keys a later fika added set to their defaults (a search saved before a key existed ran
+    with what its default does), or as saved when it is not a valid spec now (the comparison then names why)."""
+    from pydantic import ValidationError
+
+    try:
+        return spec_dict(SearchSpec.model_validate(saved))
+    except (ValidationError, TypeError, ValueError):
+        return saved
+
+
 def spec_differences(old: dict, new: dict) -> list[str]:
     """The keys whose values differ between two resolved specs (settings that do not change results ignored)."""
     a, b = flatten(old), flatten(new)
@@ -87,7 +98,7 @@ def folder_state(spec: SearchSpec, directory: Path, resume: bool) -> str:
         old = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError):
         old = None
-    differences = spec_differences(with_absolute_data_paths(old or {}), spec_dict(spec))
+    differences = spec_differences(with_defaults(with_absolute_data_paths(old or {})), spec_dict(spec))
     if differences:
         raise ConfigError(
             f"name: {spec.name!r} already has a search in {directory} with another spec ({'; '.join(differences[:6])}"

@@ -552,8 +552,9 @@ def test_trials_read_a_relative_data_path_from_the_drivers_folder(tmp_path, monk
 
 
 def test_a_search_saved_with_relative_data_paths_still_resumes(tmp_path, monkeypatch):
-    """A search saved by an earlier fika holds its local data paths as written; `fika search` now records them
-    absolute, and the saved spec still matches from the folder it ran in (and only there)."""
+    """A search saved by an earlier fika holds its local data paths as written, and none of the keys added since;
+    `fika search` now records paths absolute, and the saved spec still matches from the folder it ran in (and only
+    there), its missing keys read as their defaults."""
     from fika.config import ConfigError
     from fika.search.run_folder import folder_state, spec_yaml
     from fika.sources import resolve_local_paths
@@ -564,7 +565,9 @@ def test_a_search_saved_with_relative_data_paths_still_resumes(tmp_path, monkeyp
     spec = load_spec(str(SMOKE), ["base.data.sources=[{path: data/chat.jsonl}]", f"storage={tmp_path}"])
     run = tmp_path / "smoke"
     run.mkdir()
-    (run / "spec.yaml").write_text(spec_yaml(spec))  # as an earlier fika saved it: the path as written
+    saved = yaml.safe_load(spec_yaml(spec))  # as an earlier fika saved it: the path as written, no later keys
+    del saved["warm_start"], saved["confirm"]
+    (run / "spec.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     (run / "run.json").write_text("{}")
     resolved = spec.model_copy(
         update={"base": spec.base.model_copy(update={"data": resolve_local_paths(spec.base.data)})}

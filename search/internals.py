@@ -9,7 +9,8 @@ Ray:
 - `OptunaSearch._points_to_evaluate`, `._storage` and `._study_name`: Tune sets a searcher's space up (queuing its
   points, the baseline) before it restores an interrupted fit's searcher, so `FikaOptunaSearch` drops the points
   of a study that holds trials already;
-- Tune's state files (`experiment_state-*.json`, `search_gen_state-*.json`, `searcher-state-*.pkl`, and the name
+- Tune's state files (`experiment_state-*.json`, `search_gen_state-*.json`, `searcher-state-*.pkl`, a grid or
+  random search's `basic-variant-state-*.json` (a pickle), and the name
   of the searcher's staging file, `.<uuid>-tmp-searcher-state-<session>.pkl`), and the Tuner's `tuner.pkl`: Ray
   writes the state files in a driver staging folder and copies them, and a resumed fit's `tuner.pkl`, into storage
   without an atomic rename, so a driver killed mid-copy leaves them cut short; `FikaOptunaSearch.save` keeps one
@@ -96,33 +97,46 @@ def kept_tune_state(run_dir: Path) -> dict[str, bytes]:
 
 
 def whole_file(path: Path) -> bytes | None:
-    """The bytes of one of Tune's JSON or pickle files, or None where it is missing or cut short (a kill while Ray
-    wrote it). A pickle is read opcode by opcode to its end, without building what it holds."""
+    """The bytes of one of Tune's state files (JSON, or a pickle, whatever its name says), or None where it is
+    missing or cut short (a kill while Ray wrote it). A pickle is read opcode by opcode to its end, without building
+    what it holds."""
     import pickletools
 
     try:
         data = path.read_bytes()
-        if path.suffix == ".json":
-            json.loads(data)
-        else:
-            for _ in pickletools.genops(data):  # raises at a cut; ends at the pickle's STOP
-                pass
+    except OSError:
+        return None
+    try:
+        json.loads(data)
         return data
-    except Exception:  # missing, or cut short
+    except ValueError:
+        pass
+    try:
+        for _ in pickletools.genops(data):  # raises at a cut; ends at the pickle's STOP
+            pass
+        return data
+    except Exception:  # cut short
         return None
 
 
 def tune_state_restorable(run_dir: Path) -> bool:
     """Whether Tune can resume the fit saved in `run_dir/tune`: a whole `tuner.pkl` (written when the Tuner is
-    made, before the fit) and a whole set of state files (fika's copy, or Ray's own, which the first save writes).
-    A driver killed between the two left a Tuner Tune would restore without its searcher's state."""
+    made, before the fit) and a whole set of state files (fika's copy, or Ray's own, which the first save writes):
+    the experiment's, and the searcher's (an Optuna search's generator and searcher; a grid or random search's
+    variant generator). A driver killed between the two left a Tuner Tune would restore without its searcher."""
     tune_dir, kept = Path(run_dir) / "tune", kept_tune_state(run_dir)
     if TUNER_PKL not in kept and whole_file(tune_dir / TUNER_PKL) is None:
         return False
     if kept:
         return True
-    patterns = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
-    return all(any(whole_file(path) is not None for path in tune_dir.glob(pattern)) for pattern in patterns)
+
+    def whole(pattern: str) -> bool:
+        return any(whole_file(path) is not None for path in tune_dir.glob(pattern))
+
+    searcher = whole("basic-variant-state-*.json") or (
+        whole("search_gen_state-*.json") and whole("searcher-state-*.pkl")
+    )
+    return whole("experiment_state-*.json") and searcher
 
 
 def forget_tune_state(run_dir: Path) -> None:

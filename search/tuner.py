@@ -54,7 +54,9 @@ def build_searcher(spec: SearchSpec, directory: Path):
     together, and the next trial is drawn while they run, as Tune does, ready when a slot frees."""
     from ray.tune.search import BasicVariantGenerator
 
-    baseline = baseline_params(spec) if spec.baseline else None
+    # a grid runs the baseline's configuration as one of its own (Tune would spend one of its passes over the
+    # grid on a queued point: with num_samples 1, the point alone would run)
+    baseline = baseline_params(spec) if spec.baseline and spec.searcher != "grid" else None
     points = [baseline] if baseline else None
     if spec.searcher not in ("optuna", "gp"):
         return BasicVariantGenerator(

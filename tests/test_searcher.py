@@ -48,6 +48,7 @@ def test_the_internals_fika_relies_on_are_still_there(tmp_path):
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.execution import class_cache
     from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.search_generator import SearchGenerator
 
     from fika.search.internals import TUNE_STOP_HANDLER
@@ -68,6 +69,7 @@ def test_the_internals_fika_relies_on_are_still_there(tmp_path):
     assert Searcher.CKPT_FILE_TMPL == "searcher-state-{}.pkl"
     assert SearchGenerator.CKPT_FILE_TMPL == "search_gen_state-{}.json"
     assert TuneController.CKPT_FILE_TMPL == "experiment_state-{}.json"
+    assert BasicVariantGenerator.CKPT_FILE_TMPL == "basic-variant-state-{}.json"
     assert '-tmp-{file_name}"' in inspect.getsource(Searcher.save_to_dir)
     assert isinstance(class_cache.DEFAULT_ENV_VARS, dict) and isinstance(class_cache.ENV_VARS_TO_PROPAGATE, set)
     assert f"def {TUNE_STOP_HANDLER}(" in inspect.getsource(ray.tune.tune)
@@ -163,6 +165,27 @@ def test_a_tuner_pkl_cut_short_by_a_kill_is_put_back_whole(tmp_path):
         assert whole_file(tune_dir / name) is not None
     assert tune_state_restorable(tmp_path)
     (tune_dir / "tuner.pkl").write_bytes(b"")
+    assert not tune_state_restorable(tmp_path)
+
+
+def test_a_grid_or_random_search_resumes_from_its_variant_generators_state(tmp_path):
+    """A grid or random search has no Optuna searcher: Tune saves its variant generator instead (a pickle named
+    .json). A resume restores that fit (before, fika did not know the file, started a new fit, and the grid ran
+    its configurations again from the first)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    from fika.search.internals import tune_state_restorable
+
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    (tune_dir / "tuner.pkl").write_bytes(pickle.dumps({"trainable": "x"}))
+    (tune_dir / "experiment_state-s1.json").write_text("{}")
+    generator = BasicVariantGenerator()
+    generator.save_to_dir(str(tune_dir), "s1")
+    state = tune_dir / "basic-variant-state-s1.json"
+    assert state.exists()
+    assert tune_state_restorable(tmp_path)
+    state.write_bytes(state.read_bytes()[:20])  # cut short by a kill
     assert not tune_state_restorable(tmp_path)
 
 

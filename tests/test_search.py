@@ -245,6 +245,24 @@ def test_a_reused_worker_reports_each_trials_own_peak(tmp_path, ray_shutdown):
     assert large["peak_memory_mb"] > small["peak_memory_mb"] + 20  # not the worker's lifetime peak
 
 
+def test_a_grid_with_its_baseline_runs_every_configuration_once(tmp_path, ray_shutdown):
+    """The baseline's configuration is one of the grid's: it runs once, as part of the grid (a queued point would
+    have taken Tune's one pass over the grid, and only the point would have run)."""
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec.update(searcher="grid", num_samples=1, scheduler={"kind": "fifo"})
+    spec["base"]["train"]["max_steps"] = 4
+    spec["space"] = {"train.learning_rate": {"choice": [1.0e-3, 5.0e-3]}, "lora.dropout": {"choice": [0.0, 0.1]}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["search", str(path), f"storage={tmp_path}", f"report_dir={tmp_path / 'report'}"]) == 0
+    configs = [
+        yaml.safe_load((tmp_path / "smoke" / "trials" / t / "config.yaml").read_text())
+        for t in trial_results(tmp_path / "smoke")
+    ]
+    assert len({(c["train"]["learning_rate"], c["lora"]["dropout"]) for c in configs}) == len(configs) == 4
+    assert "(baseline)" in (tmp_path / "report" / "index.md").read_text()
+
+
 def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path, ray_shutdown, smoke_report, capsys):
     """One trial raises (LoRA on a layer peft cannot adapt); the others complete; the report lists it last.
     Its report folder held the report of a search whose run folder is gone: replaced, said once."""

@@ -164,7 +164,8 @@ class SearchSpec(Section):
     """Re-run the best trials with other seeds and/or at a longer horizon after the search (same run, same Ray)."""
     seed: int = Field(0, ge=0, lt=2**32)
     baseline: bool = True
-    """Run the base config's own values first (when they lie in the space), as the row to beat."""
+    """Run the base config's own values first (when they lie in the space), as the row to beat; a grid runs them as
+    one of its configurations."""
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     metric: Literal["eval_loss", "train_loss_smooth"] = "eval_loss"
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

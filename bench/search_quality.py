@@ -433,6 +433,9 @@ def main() -> None:
         help="run a spec's whole space (default: bench/demo_grid.yaml, the demo's space) and write the table first",
     )
     parser.add_argument("--storage", type=Path, help="where --grid runs its search (a stopped one goes on there)")
+    parser.add_argument(
+        "--only", choices=("searchers", "warm"), help="print only the searchers' or the warm starts' tables"
+    )
     parser.add_argument("--seeds", type=int, default=30)
     parser.add_argument("--trials", type=int, nargs="+", default=[6, 12, 20])
     parser.add_argument("--table", nargs="+", default=[str(t) for t in TABLES if t.exists()])
@@ -440,10 +443,10 @@ def main() -> None:
     if args.grid:
         run_grid(args.grid, Path(args.table[0]), args.storage)
     tables = {Path(t).stem: Table(json.loads(Path(t).read_text())) for t in args.table}
-    for name, table in tables.items():
+    for name, table in tables.items() if args.only != "warm" else ():
         describe_table(name, table)
         compare_searchers(table, args.seeds, args.trials)
-    if len(tables) > 1:
+    if len(tables) > 1 and args.only != "searchers":
         for searcher in ("tpe", "gp"):
             warm_starts(tables, args.seeds, 12, searcher)
 

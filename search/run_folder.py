@@ -23,6 +23,10 @@ from fika.folder_lock import LOCK_FILE
 from fika.masking import mask_secrets
 from fika.search.spec import SearchSpec
 
+# In a trial's folder: the step at which the scheduler stopped it, written before the study is told
+# (fika.search.searcher.mark_pruned; a run of that trial after a killed driver stops there, FikaTrainable)
+PRUNED_AT = "pruned.json"
+
 # Settings that change where and how fast a search runs, not its results: a resume may change them.
 IGNORED_WHEN_COMPARING = ("storage", "address", "report_dir", "trackers", "max_concurrent", "max_failures", "resources")
 

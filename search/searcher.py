@@ -17,9 +17,8 @@ from ray.tune.search.optuna import OptunaSearch
 from fika.files import append_line, read_json, write_atomic
 from fika.result import write_failed_result
 from fika.search.internals import keep_tune_state
+from fika.search.run_folder import PRUNED_AT
 from fika.search.sampler import MAX_DRAWS, NoRepeatSampler, config_key
-
-PRUNED_AT = "pruned.json"  # in a trial's folder: the step at which the scheduler stopped it (`mark_pruned`)
 
 
 class FikaOptunaSearch(OptunaSearch):

@@ -37,7 +37,7 @@ from fika.files import read_json, read_jsonl, write_atomic
 from fika.observe import TrialHooks
 from fika.result import TrialResult, load_result, write_failed_result
 from fika.search.rerun import confirm_name
-from fika.search.searcher import PRUNED_AT
+from fika.search.run_folder import PRUNED_AT
 from fika.search.spec import SearchSpec
 from fika.search.trials import split_key, trial_config
 from fika.trial import run_trial

@@ -192,7 +192,7 @@ def test_a_grid_or_random_search_resumes_from_its_variant_generators_state(tmp_p
 def test_a_scheduler_stop_is_recorded_in_the_trials_folder_before_the_study_is_told(tmp_path):
     """Tune tells the searcher of an ASHA stop before the trial's worker ends it; the folder says where it was
     stopped, so that a run of it after a killed driver stops there too (`FikaTrainable`)."""
-    from fika.search.searcher import PRUNED_AT
+    from fika.search.run_folder import PRUNED_AT
 
     search = searcher(tmp_path)
     search.suggest("a")

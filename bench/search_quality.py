@@ -169,13 +169,11 @@ def make_study(table: Table, searcher: str, seed: int, startup: int, seen: dict)
     from optuna.distributions import CategoricalDistribution
 
     from fika.search.sampler import NoRepeatSampler, config_key
+    from fika.search.tuner import optuna_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = {k: CategoricalDistribution([json.dumps(c) for c in table.space[k]["choice"]]) for k in table.keys}
-    if searcher == "gp":
-        inner = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    else:
-        inner = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    inner = optuna_sampler(searcher, seed, startup)
 
     def untried() -> list[dict]:
         configs = [{k: json.dumps(r["params"][k]) for k in table.keys} for r in table.rows]

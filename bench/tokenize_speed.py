@@ -15,12 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from datasets import Dataset
-
 from fika.chat_tokens import assistant_turns, fit_to_length
 from fika.config import DataSource, ModelConfig
 from fika.model import load_tokenizer
-from fika.source_cache import read_source
+from fika.source_cache import ROWS_FILE, load_rows, read_source
 from fika.source_rows import open_source
 from fika.sources import STANDARDIZERS, Dropped, load_source, repair
 
@@ -63,10 +61,10 @@ def main() -> None:
             slow = time.perf_counter() - began
             began = time.perf_counter()
             with tempfile.TemporaryDirectory() as folder:
-                out = Path(folder) / "rows.arrow"
+                out = Path(folder) / ROWS_FILE
                 meta = read_source(open_source(source, 0), tokenizer, length, "truncate", args.need, out)
                 fast = time.perf_counter() - began
-                rows = Dataset.from_file(str(out)).to_list()
+                rows = load_rows(Path(folder)).to_list()
             got = sorted(
                 [(r["read_pos"], r["input_ids"], r["labels"], r["truncated"], r["n_assistant"]) for r in rows]
                 + meta["drops"]

@@ -31,8 +31,6 @@ class TrainProgress:
         self.started: float | None = None
 
     def on_start(self, max_steps: int) -> None:
-        import time
-
         t = self.config.train
         self.started = time.perf_counter()
         self.bar.total = max_steps
@@ -42,8 +40,6 @@ class TrainProgress:
         )
 
     def report(self, record: dict) -> None:
-        import time
-
         bar = self.bar
         bar.update(record["step"] - bar.n)
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", avg10=f"{record['train_loss_smooth']:.4f}")

@@ -66,7 +66,7 @@ def with_defaults(saved: dict) -> dict:
 
     try:
         return spec_dict(SearchSpec.model_validate(saved))
-    except (ValidationError, TypeError, ValueError):
+    except ValidationError:
         return saved
 
 

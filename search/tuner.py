@@ -72,7 +72,7 @@ def build_searcher(spec: SearchSpec, directory: Path):
         metric=spec.metric,
         mode="min",
         points_to_evaluate=points,
-        sampler=optuna_sampler(spec),
+        sampler=optuna_sampler(spec.searcher, spec.seed, spec.startup()),
         study_name=spec.name,
         storage=storage,
         run_dir=str(directory),
@@ -93,13 +93,13 @@ def model_name(spec: SearchSpec) -> str:
     return "gp" if spec.searcher == "gp" else "tpe"
 
 
-def optuna_sampler(spec: SearchSpec):
-    """The Optuna sampler of an optuna (TPE) or gp search, seeded, with the spec's random start-up trials."""
+def optuna_sampler(searcher: str, seed: int, startup: int):
+    """The Optuna sampler of an optuna (TPE) or gp search, seeded, with `startup` random draws first."""
     import optuna
 
-    if spec.searcher == "gp":
-        return optuna.samplers.GPSampler(seed=spec.seed, n_startup_trials=spec.startup())
-    return optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=spec.startup())
+    if searcher == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
 
 
 def build_scheduler(spec: SearchSpec):

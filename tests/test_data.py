@@ -9,7 +9,7 @@ import pytest
 from fika.chat_tokens import assistant_turns, chat_tokens, fit_to_length
 from fika.config import DataConfig, DataSource
 from fika.data import DROP_REASONS, prepare_data, weighted_take
-from fika.source_cache import read_source
+from fika.source_cache import ROWS_FILE, load_rows, read_source
 from fika.source_rows import open_source
 from fika.sources import (
     STANDARDIZERS,
@@ -280,10 +280,8 @@ def test_overlong_conversations_are_cut_after_a_whole_assistant_turn(tiny_tokeni
 
 def read_rows(source: DataSource, tokenizer, max_length: int, overlong: str, need: int | None, folder):
     """`read_source`'s rows (written to an Arrow file in `folder`, memory-mapped) and how it read them."""
-    import datasets
-
-    meta = read_source(open_source(source, 0), tokenizer, max_length, overlong, need, folder / "rows.arrow")
-    return datasets.Dataset.from_file(str(folder / "rows.arrow")), meta
+    meta = read_source(open_source(source, 0), tokenizer, max_length, overlong, need, folder / ROWS_FILE)
+    return load_rows(folder), meta
 
 
 def one_at_a_time(source: DataSource, tokenizer, max_length: int, overlong: str, need: int | None) -> list[tuple]:

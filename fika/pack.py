@@ -184,7 +184,7 @@ class Pack:
         live = list(self.members.values())
         for member in live:
             member.trial.result.pack_size = max(member.trial.result.pack_size or 0, len(live))
-        size = self.group_size or len(live)
+        size = self.group_size or max(len(live), 1)
         for start in range(0, len(live), size):
             ended += self.train_group(live[start : start + size])
         done = [m for m in live if m.key in self.members and m.step_done]
@@ -266,37 +266,42 @@ class Pack:
     def run_evals(self, members: list[PackMember]) -> list[TrialResult]:
         """The evals due now, packed: the members that evaluate the same rows of the same eval set share each
         forward pass."""
-        from fika.evaluate import evaluate_copies
-
         groups: dict[tuple, list[PackMember]] = {}
         for member in members:
             rows = member.trial.eval_rows(member.step)
             groups.setdefault((self.eval_keys[member.key], None if rows is None else tuple(rows)), []).append(member)
         ended = []
         for (_, rows), group in groups.items():
-
-            def route(n: int, width: int, group=group) -> None:
-                self.routing.segments = [Segment(m.key, i * n, (i + 1) * n, width) for i, m in enumerate(group)]
-
-            began = time.perf_counter()
-            try:
-                results = evaluate_copies(
-                    self.base,
-                    group[0].trial.eval_dataset,
-                    self.tokenizer.pad_token_id,
-                    len(group),
-                    route,
-                    rows=None if rows is None else list(rows),
-                )
-            except Exception as err:
-                ended += [self.leave(m, "failed", error_text(err)) for m in group]
-                continue
-            finally:
-                self.routing.segments = []
-            spent = time.perf_counter() - began
-            for member, result in zip(group, results, strict=True):
-                member.trial.record_eval(member.step, result, spent)
+            ended += self.evaluate_group(group, None if rows is None else list(rows))
         return ended
+
+    def evaluate_group(self, group: list[PackMember], rows: list[int] | None) -> list[TrialResult]:
+        """Evaluates `group`'s members on their shared eval rows in one pass per eval batch; after an out-of-memory
+        error, the same split in two, down to one member, which then fails."""
+        from fika.evaluate import evaluate_copies
+
+        def route(n: int, width: int) -> None:
+            self.routing.segments = [Segment(m.key, i * n, (i + 1) * n, width) for i, m in enumerate(group)]
+
+        began = time.perf_counter()
+        dataset = group[0].trial.eval_dataset
+        try:
+            results = evaluate_copies(self.base, dataset, self.tokenizer.pad_token_id, len(group), route, rows=rows)
+        except torch.OutOfMemoryError as err:
+            if self.device_kind == "cuda":
+                torch.cuda.empty_cache()
+            if len(group) == 1:
+                return [self.leave(group[0], "failed", error_text(err))]
+            half = (len(group) + 1) // 2
+            return self.evaluate_group(group[:half], rows) + self.evaluate_group(group[half:], rows)
+        except Exception as err:
+            return [self.leave(m, "failed", error_text(err)) for m in group]
+        finally:
+            self.routing.segments = []
+        spent = time.perf_counter() - began
+        for member, result in zip(group, results, strict=True):
+            member.trial.record_eval(member.step, result, spent)
+        return []
 
 
 def stack_batches(keyed: list[tuple[str, dict]], pad_token_id: int):

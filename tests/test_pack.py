@@ -90,7 +90,8 @@ def first_q_proj_lora_a(base, adapter: str):
 
 
 def hooks_for(name: str, records: list[dict], lora_a) -> TrialHooks:
-    """Records every step; `diverges` gets a NaN in its own adapter after step 5, `stopped` asks to stop at 8."""
+    """Records every step; `diverges` gets a NaN in its own adapter after step 5, `stopped` asks to stop at 8 and
+    has a scheduler's quick eval (8 conversations) at step 3."""
 
     def report(record: dict) -> bool:
         records.append(record)
@@ -99,7 +100,7 @@ def hooks_for(name: str, records: list[dict], lora_a) -> TrialHooks:
                 lora_a()[0, 0] = float("nan")
         return name == "stopped" and record["step"] == STOP_STEP
 
-    return TrialHooks(report=report)
+    return TrialHooks(report=report, quick_evals=([3], 8) if name == "stopped" else None)
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,8 @@ def test_every_member_matches_its_solo_run_step_by_step(runs):
     for name in MEMBERS:
         assert [r["step"] for r in packed[name]] == [r["step"] for r in solo[name]], name
         assert [r["tokens_seen"] for r in packed[name]] == [r["tokens_seen"] for r in solo[name]], name
-        for key in ("train_loss", "train_loss_smooth", "grad_norm", "learning_rate", "eval_loss"):
-            worst = max(differences(solo[name], packed[name], key))
+        for key in ("train_loss", "train_loss_smooth", "grad_norm", "learning_rate", "eval_loss", "eval_loss_subset"):
+            worst = max(differences(solo[name], packed[name], key), default=0.0)
             assert worst < TOLERANCE, f"{name} {key}: {worst}"
         assert packed_results[name].status == solo_results[name].status, name
         assert packed_results[name].trainable_params == solo_results[name].trainable_params
@@ -166,6 +167,7 @@ def test_every_member_matches_its_solo_run_step_by_step(runs):
     }
     assert packed_results["diverges"].steps == POISON_STEP + 1 and packed_results["stopped"].steps == STOP_STEP
     assert packed_results["joins_late"].steps == 12 and packed_results["dropout"].pack_size == len(MEMBERS)
+    assert [r["step"] for r in packed["stopped"] if "eval_loss_subset" in r] == [3]
 
 
 def test_members_write_the_files_a_solo_run_writes(runs):
@@ -224,27 +226,32 @@ def test_the_base_model_is_left_as_loaded(runs):
 
 
 def test_an_out_of_memory_error_splits_the_pack_and_a_member_too_big_alone_fails(runs, tmp_path):
-    """A forward pass of more than two rows raises CUDA's out-of-memory error (injected by a hook on the decoder):
-    the three members (2, 1 and 3 rows) are retried in halves; the one whose micro-batch alone has three rows ends
-    as `failed`, and the others still give their solo numbers."""
+    """CUDA's out-of-memory error, injected by a hook on the decoder, for a training pass of more than two rows and
+    an eval pass of more than one member: the four members (2, 1, 3 and 2 rows) are retried in halves, and the two
+    that evaluate at the same micro-steps one after the other; the member whose micro-batch alone has three rows
+    ends as `failed`, and the others still give their solo numbers."""
     _, solo, *_ = runs
     pack = Pack(member_config(tmp_path, "dropout").model)
+    raised = []
 
-    def too_many_rows(module, args, kwargs):
-        if module.training and kwargs["input_ids"].shape[0] > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (injected: more than 2 rows)")
+    def too_big(module, args, kwargs):
+        rows, members = kwargs["input_ids"].shape[0], len(pack.routing.segments)
+        if (module.training and rows > 2) or (not module.training and members > 1):
+            raised.append("train" if module.training else "eval")
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    pack.base.model.register_forward_pre_hook(too_many_rows, with_kwargs=True)
-    packed = {name: [] for name in ("dropout", "accumulates", "joins_late")}
+    pack.base.model.register_forward_pre_hook(too_big, with_kwargs=True)
+    packed = {name: [] for name in ("dropout", "accumulates", "joins_late", "stopped")}
     for name, records in packed.items():
         pack.add(member_config(tmp_path, name), TrialHooks(report=records.append))
     results = {Path(r.output_dir).name: r for r in train_packed(pack)}
     assert results["joins_late"].status == "failed" and "out of memory" in results["joins_late"].error
-    assert pack.group_size == 1
-    for name in ("dropout", "accumulates"):
+    assert pack.group_size == 1 and set(raised) == {"train", "eval"}
+    for name in ("dropout", "accumulates", "stopped"):
         assert results[name].status == "completed"
-        assert max(differences(solo[name], packed[name], "train_loss")) < TOLERANCE
-        assert max(differences(solo[name], packed[name], "eval_loss")) < TOLERANCE
+        steps = len(solo[name])  # `stopped` was stopped at step 8 when it ran alone
+        assert max(differences(solo[name], packed[name][:steps], "train_loss")) < TOLERANCE
+        assert max(differences(solo[name], packed[name][:steps], "eval_loss"), default=0.0) < TOLERANCE
 
 
 def test_a_member_removed_by_the_caller_stops_with_its_files_written(tmp_path):

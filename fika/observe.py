@@ -137,28 +137,45 @@ class TrialRun:
 
         began = time.perf_counter()
         result = evaluate(model, self.eval_dataset, self.pad_token_id, rows=rows)
-        spent = time.perf_counter() - began
-        self.result.eval_time_s += spent
-        return result, spent
+        return result, time.perf_counter() - began
 
     def step_end(self, model, step: int) -> None:
         """Times the step just trained, then runs the evals due at this step (full, or a scheduler's subset)."""
+        self.step_timed(step)
+        if self.eval_due(step):
+            result, spent = self.run_eval(model, step, self.eval_rows(step))
+            self.record_eval(step, result, spent)
+
+    def step_timed(self, step: int) -> None:
+        """Records the time of the step just trained (and raises the simulated fault when one is asked for)."""
         self.step_times.append(time.perf_counter() - self.step_began)
         self.result.step_time_s += self.step_times[-1]
         if self.result.time_to_first_step_s is None:
             self.result.time_to_first_step_s = round(time.perf_counter() - self.started, 3)
         if self.fail_at and step >= self.fail_at:
             raise RuntimeError(f"CUDA out of memory (simulated by {FAULT_ENV}={self.fail_at})")
-        if step in self.eval_steps:
-            result, spent = self.run_eval(model, step)
-            self.evals.write(json.dumps(result.record(step)) + "\n")
-            self.evals.flush()
-            self.pending.update(eval_loss=result.loss, eval_per_source=result.per_source(), eval_time_s=round(spent, 3))
-        elif step in self.quick_steps:
-            from fika.evaluate import subset_rows
 
-            result, spent = self.run_eval(model, step, subset_rows(self.eval_dataset["source"], self.quick_size))
+    def eval_due(self, step: int) -> bool:
+        """Whether an eval runs after `step`: a full one, or a scheduler's subset."""
+        return step in self.eval_steps or step in self.quick_steps
+
+    def eval_rows(self, step: int) -> list[int] | None:
+        """The eval rows of `step`'s eval: None for the whole eval set, else a scheduler's stratified subset."""
+        if step in self.eval_steps:
+            return None
+        from fika.evaluate import subset_rows
+
+        return subset_rows(self.eval_dataset["source"], self.quick_size)
+
+    def record_eval(self, step: int, result, spent: float) -> None:
+        """Keeps an eval of `step` for the step's record (a full eval also goes to evals.jsonl)."""
+        self.result.eval_time_s += spent
+        if step not in self.eval_steps:
             self.pending.update(eval_loss_subset=result.loss, eval_time_s=round(spent, 3))
+            return
+        self.evals.write(json.dumps(result.record(step)) + "\n")
+        self.evals.flush()
+        self.pending.update(eval_loss=result.loss, eval_per_source=result.per_source(), eval_time_s=round(spent, 3))
 
     def observe(self, step: int, logs: dict, tokens_seen: int) -> bool:
         """Records one logged step, reports it, and returns True when training must stop."""

@@ -44,6 +44,7 @@ class TrialResult:
     resumed_from: int | None = None
     error: str | None = None
     stopped_by: str | None = None  # the signal that interrupted it (SIGINT, SIGTERM)
+    pack_size: int | None = None  # trained in a pack: the most trials in one micro-step (its peak memory is the pack's)
 
 
 def load_result(directory: Path) -> TrialResult | None:

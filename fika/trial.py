@@ -55,8 +55,8 @@ class TrialInputs:
     """What a run trains from: the tokenizer, the tokenized mix and the base model of its config, loaded when
     first asked for; kept in this process for the next trial when `keep_loaded` (a search worker)."""
 
-    def __init__(self, config: TrialConfig, keep_loaded: bool = False, base_model=None):
-        self.config, self.base_model = config, base_model
+    def __init__(self, config: TrialConfig, keep_loaded: bool = False, base_model=None, tokenizer=None):
+        self.config, self.base_model, self.loaded_tokenizer = config, base_model, tokenizer
         self.keep_loaded = keep_loaded
         self.keep = kept if keep_loaded else lambda _kind, _key, load: load()
         self.model_key = config.model.model_dump_json()
@@ -64,6 +64,8 @@ class TrialInputs:
     def tokenizer(self):
         from fika.model import load_tokenizer
 
+        if self.loaded_tokenizer is not None:
+            return self.loaded_tokenizer
         return self.keep("tokenizer", self.model_key, lambda: load_tokenizer(self.config.model))
 
     def mix(self):
@@ -151,9 +153,12 @@ def train_in_folder(config: TrialConfig, out: Path, hooks: TrialHooks, inputs: T
     return trial.finish("completed")
 
 
-def start_trial(config: TrialConfig, out: Path, hooks: TrialHooks, inputs: TrialInputs, resume: bool):
+def start_trial(
+    config: TrialConfig, out: Path, hooks: TrialHooks, inputs: TrialInputs, resume: bool, fresh_peak: bool = True
+):
     """Loads the data, writes the run's config and data summary, opens its metrics files (cut back to the last
-    complete checkpoint when resuming); returns the observed run and that checkpoint (or None)."""
+    complete checkpoint when resuming); returns the observed run and that checkpoint (or None). `fresh_peak=False`
+    keeps the peak memory measured so far (a pack's trials share one process)."""
     import torch
 
     from fika.model import device_kind, wants_4bit
@@ -174,7 +179,8 @@ def start_trial(config: TrialConfig, out: Path, hooks: TrialHooks, inputs: Trial
     trial.result.cpu_threads = torch.get_num_threads()
     trial.result.quantized = wants_4bit(config.model)
     trial.result.data_fingerprint = mix.fingerprint
-    reset_peak_memory(trial.result.device)
+    if fresh_peak:
+        reset_peak_memory(trial.result.device)
     return trial, checkpoint
 
 
@@ -187,11 +193,8 @@ def build_trainer(config: TrialConfig, out: Path, trial: TrialRun, inputs: Trial
 
     from fika.model import lora_config
 
-    tokenizer, mix = inputs.tokenizer(), inputs.mix()
-    train_dataset, eval_dataset = mix.train, mix.eval
-    if not config.train.assistant_only_loss:  # the collator then trains on every token
-        train_dataset = train_dataset.remove_columns("labels")
-        eval_dataset = eval_dataset.map(lambda row: {"labels": row["input_ids"]})
+    tokenizer = inputs.tokenizer()
+    train_dataset, eval_dataset = trial_datasets(config, inputs.mix())
     trial.eval_dataset, trial.pad_token_id = eval_dataset, tokenizer.pad_token_id
     set_seed(config.train.seed)
     model = get_peft_model(inputs.base(), lora_config(config.lora))
@@ -207,6 +210,15 @@ def build_trainer(config: TrialConfig, out: Path, trial: TrialRun, inputs: Trial
     )
     trainer.remove_callback(PrinterCallback)  # fika reports steps itself
     return model, trainer
+
+
+def trial_datasets(config: TrialConfig, mix):
+    """The train and eval datasets of a trial's mix; without `assistant_only_loss` every token is a label."""
+    train_dataset, eval_dataset = mix.train, mix.eval
+    if not config.train.assistant_only_loss:  # the collator then trains on every token
+        train_dataset = train_dataset.remove_columns("labels")
+        eval_dataset = eval_dataset.map(lambda row: {"labels": row["input_ids"]})
+    return train_dataset, eval_dataset
 
 
 def save_adapter(config: TrialConfig, out: Path, trial: TrialRun, model, tokenizer) -> None:

@@ -34,6 +34,12 @@ id (`FikaOptunaSearch`, `close_interrupted`, `tell_final`).
 
 trl: `trl.trainer.utils._use_triton`, which decides whether trl's fused LM head skips the positions without a
 label; patched by `fika.trial.score_labelled_positions_only` (it lives in fika/, which never imports this package).
+
+peft: a LoRA layer's `lora_A`, `lora_B`, `lora_dropout` and `scaling`, keyed by adapter name: `fika.pack_lora`
+takes a new adapter's modules out of peft's layers into a pack's, and puts them back into peft's layers to save
+them. What a pack reproduces of a solo run (transformers' data order and random draws, trl's loss normalisation and
+its bf16 LoRA weights on a quantized model, accelerate's gradient clipping) is not an attribute to check: the
+packed runs of tests/test_pack.py are compared with real solo runs, step by step.
 """
 
 from __future__ import annotations

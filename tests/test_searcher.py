@@ -45,6 +45,7 @@ def test_the_internals_fika_relies_on_are_still_there(tmp_path):
     import ray.tune.tune
     import trl.trainer.utils
     from optuna.distributions import CategoricalDistribution
+    from peft.tuners.lora import LoraLayer
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.execution import class_cache
     from ray.tune.execution.tune_controller import TuneController
@@ -80,6 +81,8 @@ def test_the_internals_fika_relies_on_are_still_there(tmp_path):
         and "_trial_runs" in inspect.getsource(MLflowLoggerCallback.log_trial_start)
     )
     assert callable(trl.trainer.utils._use_triton)
+    assert {"lora_A", "lora_B"} <= set(LoraLayer.adapter_layer_names)
+    assert {"lora_dropout", "scaling"} <= set(LoraLayer.other_param_names)
 
 
 def test_a_trial_restored_by_a_resume_reaches_the_study_through_the_concurrency_limiter(tmp_path):

@@ -64,6 +64,7 @@ class Pack:
             enable({"use_reentrant": False})
         self.routing = Routing()
         self.members: dict[str, PackMember] = {}
+        self.held: set[str] = set()  # members that wait (a scheduler's decision at a rung): they train no micro-step
         self.eval_keys: dict[str, str] = {}
         self.joined = 0
         self.group_size: int | None = None  # after an out-of-memory error: the most members one forward pass takes
@@ -138,6 +139,15 @@ class Pack:
                 module.remove(key)
         drop_empty_layers(self.base)
 
+    def hold(self, key: str) -> None:
+        """The member trains no micro-step until `release(key)` (the others go on); it stays at a step boundary."""
+        if key in self.members:
+            self.held.add(key)
+
+    def release(self, key: str) -> None:
+        """A held member trains again from the next micro-step."""
+        self.held.discard(key)
+
     def remove(self, key: str, status: str = "stopped") -> TrialResult:
         """A member leaves before its run ends (an early-stopping decision: `stopped`), its files written."""
         member = self.members[key]
@@ -156,6 +166,7 @@ class Pack:
         finally:
             self.members.pop(member.key, None)
             self.eval_keys.pop(member.key, None)
+            self.held.discard(member.key)
             self.detach_adapter(member.key)
         return result
 
@@ -179,11 +190,12 @@ class Pack:
     # --- one micro-step ------------------------------------------------------------------------------
 
     def step(self) -> list[TrialResult]:
-        """Trains one micro-batch of every member; returns the results of the members whose runs ended in it."""
-        ended = self.each(list(self.members.values()), PackMember.take_micro_batch)
-        live = list(self.members.values())
+        """Trains one micro-batch of every member not held; returns the results of the members whose runs ended in it."""
+        active = [m for m in self.members.values() if m.key not in self.held]
+        ended = self.each(active, PackMember.take_micro_batch)
+        live = [m for m in active if m.key in self.members]
         for member in live:
-            member.trial.result.pack_size = max(member.trial.result.pack_size or 0, len(live))
+            member.trial.result.pack_size = max(member.trial.result.pack_size or 0, len(self.members))
         size = self.group_size or max(len(live), 1)
         for start in range(0, len(live), size):
             ended += self.train_group(live[start : start + size])

@@ -179,7 +179,7 @@ def start_run_folder(spec: SearchSpec, directory: Path, state: str) -> None:
 def recorded_fit(directory: Path, spec: SearchSpec):
     """Records a Tune fit in `run.json` (`fits`: its start, its end, the trials it could run at once on a local
     Ray, null on a cluster), so that a report can say how much of the slots the trials used. A fit whose driver
-    was killed keeps no end."""
+    was killed keeps no end. A packed fit's packs end with it."""
     slots = local_slots(spec)
     if slots and spec.max_concurrent:
         slots = min(slots, spec.max_concurrent)
@@ -189,6 +189,9 @@ def recorded_fit(directory: Path, spec: SearchSpec):
     try:
         yield
     finally:
+        from fika.search.pack_server import end_packs
+
+        end_packs()  # a packed fit's packs end with it (their base models free the GPU)
         fit["ended_at"] = time.time()
         write_run_json(directory, fits=[*fits, fit])
 

@@ -18,6 +18,8 @@ GPU_SIZES_GB = (24, 40, 80)
 # (bench/memory_estimate.py on Qwen2.5-1.5B and SmolLM2-1.7B shapes): a trial estimated this close to its
 # share may still run out of memory.
 ESTIMATE_LOW = 0.21
+SHARED_PARTS = ("weights", "runtime")  # what the trials of a pack hold once (fika.memory's parts)
+MAX_AUTO_PACK = 16  # the most trials `resources.pack: auto` puts in one pack
 
 
 def largest_trial(spec: SearchSpec, device: str) -> tuple[TrialConfig, MemoryEstimate]:
@@ -46,23 +48,54 @@ def gpu_memory(spec: SearchSpec) -> float | None:
     return None
 
 
+def pack_memory(estimate: MemoryEstimate, members: int) -> float:
+    """The estimated peak of a pack of `members` such trials: the base model and the runtime once, the rest (adapter,
+    optimizer, activations, loss head) once per member (their micro-batches go through the base together)."""
+    shared = sum(estimate.parts.get(part, 0.0) for part in SHARED_PARTS)
+    return shared + members * (estimate.total - shared)
+
+
+def pack_size(spec: SearchSpec) -> int:
+    """How many trials one pack trains: `resources.pack`, or for auto the most whose estimated memory (with the
+    estimate's known error) fits the pack's share of the GPU; 1 on a CPU or where the GPU's memory is unknown."""
+    if spec.resources.pack != "auto":
+        return spec.resources.pack
+    memory = gpu_memory(spec) if spec.resources.gpu > 0 else None
+    if memory is None:
+        return 1
+    _, estimate = largest_trial(spec, "cuda")
+    share = spec.resources.gpu * memory * (1 - ESTIMATE_LOW)
+    fits = [k for k in range(1, MAX_AUTO_PACK + 1) if pack_memory(estimate, k) <= share]
+    return fits[-1] if fits else 1
+
+
 def check_memory(spec: SearchSpec) -> None:
-    """Refuses a GPU search whose largest trial would not fit its share of a GPU (one line, before Ray)."""
+    """Refuses a GPU search whose largest trial (or pack of them) would not fit its share of a GPU (one line, before
+    Ray)."""
     memory = gpu_memory(spec) if spec.resources.gpu > 0 else None
     if memory is None:
         return
     _, estimate = largest_trial(spec, "cuda")
+    members = pack_size(spec)
+    need = pack_memory(estimate, members)
+    what = "the largest trial" if members == 1 else f"a pack of {members} of the largest trial"
+    key = "resources.gpu" if members == 1 else "resources.pack"
+    value = f"{spec.resources.gpu:g}" if members == 1 else str(spec.resources.pack)
     share = spec.resources.gpu * memory
-    if estimate.total > share:
+    if need > share:
         raise ConfigError(
-            f"resources.gpu: {spec.resources.gpu:g} is not allowed: the largest trial needs about {estimate.total / GIB:.1f}"
-            f" GiB ({estimate.describe()}), more than its share of a {memory / GIB:.0f} GiB GPU ({share / GIB:.1f} GiB); "
-            "give a larger share, or lower batch_size, max_seq_length or r"
+            f"{key}: {value} is not allowed: {what} needs about {need / GIB:.1f} GiB ({estimate.describe()} per trial), "
+            f"more than its share of a {memory / GIB:.0f} GiB GPU ({share / GIB:.1f} GiB); "
+            + (
+                "give a larger share, or lower batch_size, max_seq_length or r"
+                if members == 1
+                else "give a smaller pack"
+            )
         )
-    if estimate.total / (1 - ESTIMATE_LOW) > share:
+    if need / (1 - ESTIMATE_LOW) > share:
         say(
-            f"warning: resources.gpu: the largest trial needs about {estimate.total / GIB:.1f} GiB by the estimate, "
-            f"{estimate.total / share:.0%} of its share ({share / GIB:.1f} GiB); the estimate has been up to "
+            f"warning: {key}: {what} needs about {need / GIB:.1f} GiB by the estimate, "
+            f"{need / share:.0%} of its share ({share / GIB:.1f} GiB); the estimate has been up to "
             f"{ESTIMATE_LOW:.0%} low, so it may run out of memory (lower batch_size, max_seq_length or r to be sure)"
         )
 
@@ -100,6 +133,20 @@ def data_extremes(spec: SearchSpec, limit: int = 16) -> list[str]:
     return lines
 
 
+def resources_line(spec: SearchSpec) -> str:
+    """What a trial (or a pack of trials) runs on, for the dry run."""
+    at_once = f", {spec.max_concurrent} at once" if spec.max_concurrent else ""
+    r = spec.resources
+    members = pack_size(spec)
+    if members == 1:
+        alone = " (resources.pack auto: alone)" if r.pack == "auto" else ""
+        return f"{r.cpu:g} CPU + {r.gpu:g} GPU per trial{alone}{at_once}"
+    return (
+        f"packs of {members} trials on one loaded base model (resources.pack {r.pack}), {r.cpu:g} CPU + {r.gpu:g} GPU "
+        f"per pack{at_once}"
+    )
+
+
 def describe_search(spec: SearchSpec) -> str:
     """What a search will run and cost, without starting Ray (`fika search --dry-run`)."""
     t = spec.base.train
@@ -121,8 +168,7 @@ def describe_search(spec: SearchSpec) -> str:
         f"scheduler: {spec.scheduler.kind}"
         + (f", rungs at steps {spec.rungs()} on {spec.scheduler.rung_metric}" if spec.rungs() else ""),
         f"budget: at most {spec.num_trials() * spec.max_steps:,} trial-steps, {spec.num_trials() * tokens:,} tokens; "
-        f"{spec.resources.cpu:g} CPU + {spec.resources.gpu:g} GPU per trial"
-        + (f", {spec.max_concurrent} at once" if spec.max_concurrent else ""),
+        + resources_line(spec),
     ]
     if spec.confirm is not None:
         c = spec.confirm

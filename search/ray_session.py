@@ -45,11 +45,13 @@ def local_slots(spec: SearchSpec) -> int | None:
 
     if spec.address is not None:
         return None
+    from fika.search.plan import pack_size
+
     have = ray.cluster_resources()
     fits = [have.get("CPU", 0) / spec.resources.cpu]
     if spec.resources.gpu:
         fits.append(have.get("GPU", 0) / spec.resources.gpu)
-    return max(1, int(min(fits) + 1e-9))
+    return max(1, int(min(fits) + 1e-9)) * pack_size(spec)  # a pack's trials share its resources
 
 
 def check_address(address: str) -> None:
@@ -123,7 +125,8 @@ def local_ray_environment(spec: SearchSpec) -> dict[str, str]:
 
     values = {**tune_actor_env_vars(), "RAY_idle_worker_killing_time_threshold_ms": "60000"}
     at_once = min(spec.num_trials(), spec.max_concurrent or spec.num_trials())
-    if spec.resources.cpu <= 1 and at_once >= (os.cpu_count() or 1) and device_kind() == "cpu":
+    solo = spec.resources.pack == 1  # a packed search's workers are relays: its packs train
+    if solo and spec.resources.cpu <= 1 and at_once >= (os.cpu_count() or 1) and device_kind() == "cpu":
         values.update(
             RAY_preload_python_modules="fika.search.worker", FIKA_HIDE_LIBRARIES=",".join(unused_libraries(spec))
         )

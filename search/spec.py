@@ -26,7 +26,7 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -116,6 +116,10 @@ class ResourcesSpec(Section):
     """GPUs per trial: 1, or a fraction to share a GPU between small trials (a trial uses one GPU at most)."""
     gpu_memory_gb: float | None = Field(None, gt=0)
     """The memory of the cluster's GPUs: a trial whose estimated peak exceeds its share is refused up front."""
+    pack: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
+    """Trials trained together on one loaded base model, in the same forward passes (fika.pack): 1 runs each trial
+    alone; a number, or auto (as many as the estimated memory of the whole pack allows on a GPU; 1 on a CPU, where
+    packing is slower). With a pack, cpu and gpu are the resources of one pack, shared by its trials."""
 
     @field_validator("gpu")
     @classmethod
@@ -225,6 +229,8 @@ class SearchSpec(Section):
                 f"confirm.steps: {self.confirm.steps} is not allowed: give more than base.train.max_steps "
                 f"{self.max_steps}"
             )
+        if self.resources.pack != 1:
+            self._check_packable()
         if self.warm_start and self.searcher not in ("optuna", "gp"):
             raise ValueError(f"warm_start: not allowed with searcher {self.searcher}: give optuna or gp")
         if self.searcher == "grid":
@@ -237,6 +243,25 @@ class SearchSpec(Section):
             if param.choice is None and any(INTEGER_KEYS.search(part) for part in split_key(key)):
                 raise ValueError(f"space.{key}: a range over an integer key is not allowed; give a choice list")
         return self
+
+    def _check_packable(self) -> None:
+        """Raises ValueError for a packed search whose trials could not share one base model and its passes."""
+        pack = self.resources.pack
+        model_keys = [key for key in self.space if any(p.startswith("model.") for p in split_key(key))]
+        if model_keys:
+            raise ValueError(
+                f"resources.pack: {pack} is not allowed with a searched model key ({', '.join(model_keys)}): a pack's "
+                "trials share one base model; give pack: 1"
+            )
+        train = self.base.train
+        if train.checkpoints:
+            raise ValueError(
+                f"resources.pack: {pack} is not allowed with base.train.checkpoints (a packed trial keeps none)"
+            )
+        if train.report_to:
+            raise ValueError(
+                f"resources.pack: {pack} is not allowed with base.train.report_to (use the search's trackers)"
+            )
 
     @property
     def max_steps(self) -> int:

@@ -36,6 +36,7 @@ from fika.errors import error_text
 from fika.files import read_json, read_jsonl, write_atomic
 from fika.observe import TrialHooks
 from fika.result import TrialResult, load_result, write_failed_result
+from fika.search.pack_server import run_in_pack
 from fika.search.rerun import confirm_name
 from fika.search.run_folder import PRUNED_AT
 from fika.search.spec import SearchSpec
@@ -73,11 +74,19 @@ def unused_libraries(spec: SearchSpec) -> list[str]:
 class FikaTrainable(tune.Trainable):
     """Runs one fika trial per Tune trial; see the module docstring."""
 
-    def setup(self, config: dict, spec: dict, run_dir: str, cwd: str | None = None) -> None:
-        import torch
-
+    def setup(self, config: dict, spec: dict, run_dir: str, cwd: str | None = None, packs: str | None = None) -> None:
         self.spec = SearchSpec.model_validate(spec)
         self.run_dir = Path(run_dir)
+        self.packs = packs  # a packed search: the directory of its packs (fika.search.pack_server); this is a relay
+        if packs is None:
+            self.prepare_worker(cwd)
+        self.thread: threading.Thread | None = None
+        self.pending: dict | None = config  # the trial to start at the next step() call
+
+    def prepare_worker(self, cwd: str | None) -> None:
+        """Readies this process to train trials: the driver's folder, its CPU share, its GPU share."""
+        import torch
+
         if ray.get_runtime_context().get_actor_id() is not None:  # a worker that runs only this search's trials
             if cwd and os.path.isdir(cwd):  # the driver's folder (on a node that has it): relative data paths hold
                 os.chdir(cwd)
@@ -91,8 +100,6 @@ class FikaTrainable(tune.Trainable):
             os.environ["FIKA_DATA_WORKERS"] = str(max(1, math.floor(self.spec.resources.cpu)))
         if 0 < self.spec.resources.gpu < 1 and torch.cuda.is_available():  # a shared GPU: its share, no more
             torch.cuda.set_per_process_memory_fraction(self.spec.resources.gpu)
-        self.thread: threading.Thread | None = None
-        self.pending: dict | None = config  # the trial to start at the next step() call
 
     def _start(self, params: dict) -> None:
         confirm = json.loads(params["_confirm"]) if "_confirm" in params else None
@@ -137,7 +144,11 @@ class FikaTrainable(tune.Trainable):
             hooks = TrialHooks(
                 report=self._report, interrupted=self.interrupted.is_set, quick_evals=self.spec.quick_evals()
             )
-            result = run_trial(config, hooks=hooks, keep_loaded=True)
+            if self.packs is not None:
+                hold_at = sorted({*self.spec.rungs(), *([self.pruned_at] if self.pruned_at else [])})
+                result = run_in_pack(self.packs, config, hooks, hold_at, stopping=self.stop_requested.is_set)
+            else:
+                result = run_trial(config, hooks=hooks, keep_loaded=True)
             self.records.put(("done", result))
         except BaseException as err:  # handed to step(), which raises it in Tune's thread
             try:

@@ -144,13 +144,18 @@ def tracker_callbacks(spec: SearchSpec, directory: Path) -> list:
 
 
 def trainable_for(spec: SearchSpec, directory: Path):
+    """The trainable of a search's trials with their resources; for a packed search, it starts the fit's packs."""
     from ray import tune
 
+    from fika.search.pack_server import start_packs
+    from fika.search.plan import pack_size
     from fika.search.trainable import FikaTrainable
 
-    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    members = pack_size(spec)  # a packed search's trial holds its share of a pack's resources
+    resources = {"cpu": spec.resources.cpu / members, "gpu": spec.resources.gpu / members}
+    packs = start_packs(spec, members, os.getcwd()) if members > 1 else None
     trainable = tune.with_parameters(
-        FikaTrainable, spec=spec.model_dump(mode="json"), run_dir=str(directory), cwd=os.getcwd()
+        FikaTrainable, spec=spec.model_dump(mode="json"), run_dir=str(directory), cwd=os.getcwd(), packs=packs
     )
     return tune.with_resources(trainable, resources)
 

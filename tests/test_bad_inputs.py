@@ -264,6 +264,21 @@ CASES: list[tuple[str, str, bool]] = [
     ("search smoke storage=fresh resources.gpu=1", r"^resources.gpu: 1 is not allowed: this machine has no GPU", False),
     ("search smoke storage=fresh resources.cpu=0", r"^resources.cpu: 0 is not allowed", False),
     (
+        "search smoke storage=fresh resources.pack=0",
+        r"^resources.pack: 0 is not allowed: .*or input should be 'auto'",
+        False,
+    ),
+    (
+        "search smoke storage=fresh resources.pack=2 base.train.checkpoints=true",
+        r"^resources.pack: 2 is not allowed with base.train.checkpoints \(a packed trial keeps none\)$",
+        False,
+    ),
+    (
+        "search smoke storage=fresh resources.pack=auto space.model.load_in_4bit={choice: [true, false]}",
+        r"^resources.pack: auto is not allowed with a searched model key \(model.load_in_4bit\)",
+        False,
+    ),
+    (
         "search smoke storage=refused resources.cpu=512",
         r"^resources.cpu: 512 is not allowed: this machine has \d+ CPUs",
         True,

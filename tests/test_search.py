@@ -356,6 +356,8 @@ KILL_POINTS = {  # when to stop the driver, and how often to look (tests/test_ki
     "during a trial": (a_trial_is_midway, 0.05),
     "by Ctrl-C during a trial": (a_trial_is_midway, 0.05),  # SIGINT to the driver, Ray and the workers
     "by SIGTERM during a trial": (a_trial_is_midway, 0.05),  # to the driver alone (`kill`, a preempting scheduler)
+    "during a packed trial": (a_trial_is_midway, 0.05),  # resources.pack 2: the packs end with the driver's Ray
+    "by SIGTERM during a packed trial": (a_trial_is_midway, 0.05),  # the relays stop their members, as interrupted
 }
 
 
@@ -372,7 +374,11 @@ def driver_files(run: Path) -> dict[str, bytes]:
 def test_a_killed_driver_resumes_every_trial_exactly_once(tmp_path, point, capsys):
     import ray
 
-    extra = ["base.train.max_steps=60", "scheduler.grace_period=20"]
+    extra = [
+        "base.train.max_steps=60",
+        "scheduler.grace_period=20",
+        *(["resources.pack=2"] if "packed" in point else []),
+    ]
     args, process = spawn_search(tmp_path, *extra)
     run = tmp_path / "smoke"
     when, every_s = KILL_POINTS[point]

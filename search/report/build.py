@@ -48,6 +48,7 @@ def ranking_frame(r: Report):
                 "wall_time_s": row.wall_time_s,
                 "step_time_s": row.step_time_s,
                 "peak_memory_mb": row.peak_memory_mb,
+                "pack_size": row.pack_size,
                 "baseline": row.baseline,
                 "drawn": row.drawn,
                 "error": row.error,

@@ -49,6 +49,7 @@ class TrialRow:
     eval_time_s: float = 0.0
     seconds_per_step: float | None = None
     peak_memory_mb: float = 0.0
+    pack_size: int | None = None  # trained in a pack (fika.pack): the most trials in one of its micro-steps
     trainable_params: int = 0
     device: str = ""
     seed: int | None = None
@@ -164,6 +165,7 @@ def load_row(directory: Path, spec: SearchSpec, running: bool) -> TrialRow | Non
         eval_time_s=result.get("eval_time_s") or sum(r.get("eval_time_s") or 0.0 for r in records),
         seconds_per_step=result.get("seconds_per_step"),
         peak_memory_mb=result.get("peak_memory_mb", 0.0),
+        pack_size=result.get("pack_size"),
         trainable_params=result.get("trainable_params", 0),
         device=result.get("device", ""),
         seed=get_dotted(config, "train.seed"),

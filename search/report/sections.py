@@ -39,7 +39,8 @@ def ranking_table(r: Report) -> Table:
     rows, classes = [], []
     for i, row in enumerate(r.ranked, 1):
         ranked = row.status in ("completed", "pruned")
-        status = row.status + (" (baseline)" if row.baseline else "") + (f": {row.error}" if row.error else "")
+        packed = f" (pack of {row.pack_size})" if row.pack_size else ""
+        status = row.status + (" (baseline)" if row.baseline else "") + packed + (f": {row.error}" if row.error else "")
         at = (
             f" @{max(row.rung_values)}" + ("*" if spec.rung_key() != spec.metric else "")
             if row.status == "pruned" and row.rung_values

@@ -1,0 +1,97 @@
+"""Packed searches (`resources.pack` > 1) on the tiny model, in a real Ray Tune search: the solo search's trials,
+numbers, ranking and study; ASHA stopping a member in the middle of a pack while a waiting trial takes its place.
+A killed driver of a packed search resumes as a solo one does: tests/test_search.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from fika.cli import main
+from fika.files import read_jsonl
+from tests.test_search import SMOKE, load_study, trial_results
+
+
+def run_smoke(storage: Path, name: str, *overrides: str) -> Path:
+    report = storage / f"{name}-report"
+    args = ["search", str(SMOKE), f"name={name}", f"storage={storage}", f"report_dir={report}", *overrides]
+    assert main(args) == 0
+    return storage / name
+
+
+def by_config(run: Path) -> dict[str, dict]:
+    """Each trial's result, keyed by what it trained (its lora and train settings)."""
+    keyed = {}
+    for trial_id, result in trial_results(run).items():
+        config = yaml.safe_load((run / "trials" / trial_id / "config.yaml").read_text())
+        keyed[json.dumps({k: config[k] for k in ("lora", "train")}, sort_keys=True)] = {**result, "id": trial_id}
+    return keyed
+
+
+def test_a_packed_search_gives_the_solo_searchs_trials_numbers_ranking_and_study(tmp_path):
+    # random draws only (start-up longer than the search) and FIFO: what runs does not depend on timing
+    common = ["num_samples=6", "startup_trials=8", "scheduler={kind: fifo}"]
+    solo = run_smoke(tmp_path, "solo", *common)
+    packed = run_smoke(tmp_path, "packed", *common, "resources.pack=3")
+    solo_trials, packed_trials = by_config(solo), by_config(packed)
+    assert solo_trials.keys() == packed_trials.keys() and len(solo_trials) == 6
+    for key, alone in solo_trials.items():
+        together = packed_trials[key]
+        assert alone.get("pack_size") is None and together["pack_size"] >= 2, together
+        assert together["status"] == alone["status"] == "completed"
+        assert abs(together["eval_loss"] - alone["eval_loss"]) < 1e-4, (together["eval_loss"], alone["eval_loss"])
+        steps = [
+            [r["train_loss"] for r in read_jsonl(run / "trials" / t["id"] / "metrics.jsonl")]
+            for run, t in ((solo, alone), (packed, together))
+        ]
+        assert len(steps[0]) == len(steps[1]) == 12
+        assert max(abs(a - b) for a, b in zip(*steps, strict=True)) < 1e-4
+    ranks = [
+        [by_id[t] for t in pd.read_csv(tmp_path / f"{name}-report" / "trials.csv")["trial"]]
+        for name, by_id in (
+            ("solo", {t["id"]: k for k, t in solo_trials.items()}),
+            ("packed", {t["id"]: k for k, t in packed_trials.items()}),
+        )
+    ]
+    assert ranks[0] == ranks[1]
+    assert "completed (pack of " in (tmp_path / "packed-report" / "index.md").read_text()
+    studies = []
+    for run, name in ((solo, "solo"), (packed, "packed")):
+        studies.append(
+            sorted((json.dumps(t.params, sort_keys=True), t.state.name, t.value) for t in load_study(run, name).trials)
+        )
+    assert [s[:2] for s in studies[0]] == [s[:2] for s in studies[1]]
+    assert all(abs(a[2] - b[2]) < 1e-4 for a, b in zip(*studies, strict=True))
+
+
+def test_asha_stops_a_member_mid_pack_and_a_waiting_trial_takes_its_place(tmp_path):
+    # one pack of 2 on the machine's CPUs; 120 steps, rungs at 40 and 80
+    run = run_smoke(
+        tmp_path,
+        "asha",
+        "num_samples=6",
+        "resources.cpu=2",
+        "resources.pack=2",
+        "base.train.max_steps=120",
+        "scheduler.grace_period=40",
+    )
+    results = trial_results(run)
+    assert len(results) == 6 and {r["status"] for r in results.values()} <= {"completed", "stopped"}, results
+    stopped = [r for r in results.values() if r["status"] == "stopped"]
+    assert stopped, results
+    for trial_id, r in results.items():  # a stopped member trained no step past its rung
+        last = [rec["step"] for rec in read_jsonl(run / "trials" / trial_id / "metrics.jsonl")][-1]
+        assert last == r["steps"] == (120 if r["status"] == "completed" else r["steps"]) and r["steps"] in (40, 80, 120)
+    assert max(r["pack_size"] for r in results.values()) == 2
+    # a member left at its rung while another trained on, and a waiting trial joined that one's pack
+    took_place = [
+        (a, b, c)
+        for a in stopped
+        for b in results.values()
+        for c in results.values()
+        if b["started_at"] < a["ended_at"] < b["ended_at"] and a["ended_at"] <= c["started_at"] < b["ended_at"]
+    ]
+    assert took_place, sorted((r["started_at"], r["ended_at"], r["status"]) for r in results.values())

@@ -7,16 +7,17 @@ and the peak memory of each way.
 
 | way | what |
 | --- | --- |
-| usual | one trial at a time, the base model loaded (and quantized) for every trial, as a notebook loop does |
-| solo | fika's search worker: one trial at a time, the base model loaded once (`run_trial(keep_loaded=True)`) |
-| sharedN | N processes share the GPU, each training its share of the trials as `solo` does (`resources.gpu: 1/N`) |
-| packedK | one process, one base model, a pack of K trials (`fika.pack`); a waiting trial joins when one ends |
+| usual | one trial at a time, the base model loaded (and quantized) for every trial, as a notebook loop does (no Ray) |
+| solo | a fika search (Ray Tune, FIFO, the grid below): one trial at a time, its worker keeps the base model loaded |
+| sharedN | the same search with N trials at once on the GPU, each in its own worker (`resources.gpu: 1/N`) |
+| packedK | the same search with a pack of K trials on one loaded base model (`resources.pack: K`); a waiting trial joins
+  the pack when one ends |
 
-The trials are a grid of rank (8, 16, 32, 64) x learning rate (1e-4, 2e-4, 5e-4, 1e-3), half of them with dropout
-0.05, each with its own seed, at the notebook's batch 2 x accumulation 4, on synthetic ShareGPT conversations
-(made here, seeded) of up to `--length` byte tokens. Ways run in the order given and print their row as they end,
-so a run cut short keeps the rows it finished. Memory is the largest peak of one trial (`peak_memory_mb`: CUDA's
-allocated bytes, or the resident set on a CPU); for sharedN the sum over its processes.
+The trials are the grid of rank (8, 16, 32, 64, alpha = r) x learning rate (1e-4, 2e-4, 5e-4, 1e-3), LoRA dropout
+0.05, at the notebook's batch 2 x accumulation 4, on synthetic ShareGPT conversations (made here, seeded) of up to
+`--length` byte tokens. Ways run in the order given and print their row as they end, so a run cut short keeps the
+rows it finished. Memory is the largest peak of one trial (`peak_memory_mb`: CUDA's allocated bytes, or the
+resident set on a CPU; a packed trial's peak is its pack's); for sharedN the sum of the N largest.
 
 On a lent GPU machine without a package registry, carry the packages its image lacks as wheels (bench/README.md).
 """
@@ -26,16 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from trial_speed import SHAPES, build_shape
 
 from fika.config import dump_config, load_config
-from fika.pack import Pack
+from fika.result import load_result
 from fika.trial import TrialInputs, run_trial
 
 SHAPES["tiny-llama"] = dict(  # the smoke test's shape: seconds on a CPU
@@ -82,11 +82,14 @@ def write_conversations(path: Path, count: int, length: int, seed: int = 0) -> P
     return path
 
 
+RANKS, RATES = (8, 16, 32, 64), (1e-4, 2e-4, 5e-4, 1e-3)
+
+
 def trial_configs(model_dir: str, data: Path, out: Path, trials: int, steps: int, length: int) -> list:
-    """`trials` points of the grid, each with its own seed and output folder."""
+    """The first `trials` points of the grid, each with its own output folder."""
     configs = []
     for i in range(trials):
-        r, lr = (8, 16, 32, 64)[i % 4], (1e-4, 2e-4, 5e-4, 1e-3)[(i // 4) % 4]
+        r, lr = RANKS[i % 4], RATES[(i // 4) % 4]
         overrides = [
             f"model.name={model_dir}",
             "model.chat_template=chatml",
@@ -100,9 +103,8 @@ def trial_configs(model_dir: str, data: Path, out: Path, trials: int, steps: int
             "train.gradient_accumulation=4",
             f"lora.r={r}",
             f"lora.alpha={r}",
-            f"lora.dropout={0.05 if i % 2 else 0.0}",
+            "lora.dropout=0.05",
             f"train.learning_rate={lr}",
-            f"train.seed={i}",
             f"output.dir={out / f'trial{i}'}",
         ]
         configs.append(load_config(None, overrides))
@@ -113,52 +115,43 @@ def run_usual(configs: list) -> list:
     return [run_trial(c) for c in configs]
 
 
-def run_solo(configs: list) -> list:
-    return [run_trial(c, keep_loaded=True) for c in configs]
+def run_search(way: str, configs: list, gpu: bool) -> list:
+    """The trials as a fika search on Ray Tune (see the module docstring): solo, sharedN or packedK."""
+    import fika.search
 
-
-def run_shared(configs: list, processes: int) -> list:
-    """`processes` workers at once, each training every `processes`-th trial in its own process."""
-    from fika.result import load_result
-
-    folder = Path(configs[0].output.dir).parent / "configs"
+    folder = Path(configs[0].output.dir).parent
     folder.mkdir(parents=True, exist_ok=True)
-    workers = []
-    for w in range(processes):
-        paths = []
-        for i, config in enumerate(configs[w::processes]):
-            paths.append(folder / f"worker{w}-{i}.yaml")
-            paths[-1].write_text(dump_config(config))
-        workers.append(subprocess.Popen([sys.executable, __file__, "--worker", *map(str, paths)]))
-    if any(worker.wait() for worker in workers):
-        raise RuntimeError("a shared worker failed")
-    return [load_result(Path(c.output.dir)) for c in configs]
+    (folder / "base.yaml").write_text(dump_config(configs[0]))
+    n = len(configs)
+    pairs = [[r, r] for r in RANKS[: min(4, n)]]
+    rates = list(RATES[: max(1, (n + 3) // 4)])
+    at_once = int(way.removeprefix("shared")) if way.startswith("shared") else 1
+    pack = int(way.removeprefix("packed")) if way.startswith("packed") else 1
+    cpu = 2 if not gpu and at_once == 1 else 1
+    spec = {
+        "name": way,
+        "base": str(folder / "base.yaml"),
+        "space": {"lora.r,lora.alpha": {"choice": pairs}, "train.learning_rate": {"choice": rates}},
+        "searcher": "grid",
+        "num_samples": 1,
+        "baseline": False,
+        "scheduler": {"kind": "fifo"},
+        "resources": {"cpu": cpu, "gpu": (1 / at_once) if gpu else 0, "pack": pack},
+        "storage": str(folder / "runs"),
+        "report_dir": str(folder / "report"),
+    }
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    fika.search.run(str(folder / "spec.yaml"))
+    return [load_result(p) for p in sorted((folder / "runs" / way / "trials").glob("*/"))]
 
 
-def run_packed(configs: list, size: int) -> list:
-    """One pack of at most `size` trials; a waiting trial joins at the next micro-step after one ends."""
-    pack = Pack(configs[0].model, activation_checkpointing=configs[0].train.gradient_checkpointing)
-    waiting, results = list(configs), []
-    while waiting or pack.members:
-        while waiting and len(pack.members) < size:
-            pack.add(waiting.pop(0))
-        results += pack.step()
-    return results
+def run_way(way: str, configs: list, gpu: bool) -> list:
+    return run_usual(configs) if way == "usual" else run_search(way, configs, gpu)
 
 
-def run_way(way: str, configs: list) -> list:
-    if way == "usual":
-        return run_usual(configs)
-    if way == "solo":
-        return run_solo(configs)
-    if way.startswith("shared"):
-        return run_shared(configs, int(way.removeprefix("shared")))
-    return run_packed(configs, int(way.removeprefix("packed")))
-
-
-def measure(way: str, configs: list) -> dict:
+def measure(way: str, configs: list, gpu: bool) -> dict:
     began = time.perf_counter()
-    results = run_way(way, configs)
+    results = run_way(way, configs, gpu)
     makespan = time.perf_counter() - began
     statuses = sorted({r.status for r in results})
     peaks = [r.peak_memory_mb for r in results]
@@ -186,11 +179,7 @@ def main() -> None:
     parser.add_argument("--ways", nargs="*", default=["packed8", "packed4", "shared4", "solo", "usual"])
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--deadline-s", type=float, help="start no way after this many seconds (a device call's limit)")
-    parser.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)  # a sharedN process: its trials' configs
     args = parser.parse_args()
-    if args.worker:
-        run_solo([load_config(path) for path in args.worker])
-        return
     if args.smoke:
         args.shape, args.trials, args.steps, args.length = "tiny-llama", 4, 6, 256
         args.ways = ["packed4", "packed2", "shared2", "solo", "usual"]
@@ -213,7 +202,7 @@ def main() -> None:
                 print(f"| {way} | skipped: past --deadline-s {args.deadline_s:.0f} |", flush=True)
                 continue
             configs = trial_configs(model_dir, data, root / way, args.trials, args.steps, args.length)
-            rows.append(measure(way, configs))
+            rows.append(measure(way, configs, device != "cpu"))
             print("| " + " | ".join(str(v) for v in rows[-1].values()) + " |", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"device": device, "args": vars(args), "rows": rows}, indent=1))

@@ -15,7 +15,7 @@ A spec is YAML:
     num_samples: 12
     scheduler: {kind: asha, grace_period: 20, reduction_factor: 2, rung_metric: train_loss_smooth}
     metric: eval_loss         # the ranking: eval loss at the last step (or train_loss_smooth)
-    resources: {cpu: 2, gpu: 0}
+    resources: {cpu: 2, gpu: 0}   # per trial; with pack: K, per pack of K trials on one loaded base model
 
 `fika search NAME` also finds the specs that ship with fika by name (demo, smoke, grid, data-mix).
 """

@@ -43,10 +43,12 @@ class PackDirectory:
         self.packs: dict[tuple[str, str], list] = {}
 
     def packs_on(self, node: str, device: str, known: int = -1) -> list:
-        """The packs of `node` and `device`; when there are `known` of them (all found full), one more is created."""
+        """The live packs of `node` and `device`; when there are `known` of them (all found full), one more is
+        created."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         packs = self.packs.setdefault((node, device), [])
+        packs[:] = [pack for pack in packs if alive(pack)]  # a pack that died (its trials fail and are retried)
         if len(packs) == known:
             env = {} if device == "cpu" else {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": device}}}
             where = NodeAffinitySchedulingStrategy(node, soft=False)
@@ -85,8 +87,7 @@ class PackServer:
 
     def join(self, config: str, hold_at: list[int], quick_evals) -> str | None:
         """Adds a trial (its TrialConfig as JSON) at the next micro-step; returns its key, or None when the pack is
-        full. A member training into the same folder is a stale one (its relay died: Tune runs a trial once at a
-        time) and leaves first."""
+        full."""
         from fika.pack import Pack
 
         trial = TrialConfig.model_validate_json(config)
@@ -94,9 +95,6 @@ class PackServer:
             if self.failure is not None:
                 raise RuntimeError(f"the pack cannot train: {self.failure}")
             members = self.pack.members if self.pack is not None else {}
-            for key, member in list(members.items()):
-                if member.out.resolve() == os.path.realpath(trial.output.dir):
-                    self.stop_member(key, "interrupted")
             if len(members) >= self.capacity:
                 return None
             if self.pack is None:
@@ -111,6 +109,15 @@ class PackServer:
             self.records[key], self.hold_at[key] = queue.Queue(), set(hold_at)
             self.turn.notify_all()
             return key
+
+    def evict(self, folder: str) -> None:
+        """A member training into `folder` leaves (as interrupted): its relay died, and Tune runs the trial again (it
+        never runs two copies of a trial at once)."""
+        with self.turn:
+            members = self.pack.members if self.pack is not None else {}
+            for key, member in list(members.items()):
+                if str(member.out.resolve()) == os.path.realpath(folder):
+                    self.stop_member(key, "interrupted")
 
     def reported(self, key: str, record: dict) -> bool:
         """A member's logged step (in the training thread): queued for its relay, and held there at a hold step."""
@@ -170,6 +177,17 @@ class PackServer:
         return self.pack is not None and any(key not in self.pack.held for key in self.pack.members)
 
 
+def alive(pack) -> bool:
+    """Whether a pack actor still answers (one busy loading its base model counts as alive)."""
+    try:
+        ray.get(pack.members.remote(), timeout=60)
+    except ray.exceptions.RayActorError:
+        return False
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return True
+
+
 def start_packs(spec, capacity: int, cwd: str | None) -> str:
     """Starts the directory of this fit's packs (owned by this driver); returns its name, which relays look up."""
     name = f"fika-packs-{uuid.uuid4().hex[:12]}"
@@ -189,14 +207,15 @@ def join_pack(directory: str, config: TrialConfig, hold_at: list[int], quick_eva
     context = ray.get_runtime_context()
     gpus = context.get_accelerator_ids().get("GPU", [])
     device = str(gpus[0]) if gpus else "cpu"
-    packs_of = ray.get_actor(directory).packs_on
-    packs = ray.get(packs_of.remote(context.get_node_id(), device))
+    packs_of, node = ray.get_actor(directory).packs_on, context.get_node_id()
+    packs = ray.get(packs_of.remote(node, device))
+    ray.get([pack.evict.remote(config.output.dir) for pack in packs])  # a copy of this trial whose relay died
     while True:
         for pack in packs:
             key = ray.get(pack.join.remote(config.model_dump_json(), hold_at, quick_evals))
             if key is not None:
                 return pack, key
-        packs = ray.get(packs_of.remote(context.get_node_id(), device, len(packs)))
+        packs = ray.get(packs_of.remote(node, device, len(packs)))
 
 
 def run_in_pack(

@@ -318,10 +318,17 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240, every_s
         time.sleep(every_s)
 
 
-def test_a_killed_worker_is_retried_and_nothing_else_is_lost(tmp_path):
-    """SIGKILL to one trial's worker process mid-trial: Ray retries the trial, the search finishes, all 6 report."""
+@pytest.mark.parametrize("pack", [1, 2])
+def test_a_killed_worker_is_retried_and_nothing_else_is_lost(tmp_path, pack):
+    """SIGKILL to one trial's worker process mid-trial: Ray retries the trial, the search finishes, all 6 report.
+    In a packed search the worker is the trial's relay: its member, left in the pack, makes way for the retry."""
     args, process = spawn_search(
-        tmp_path, "num_samples=6", "base.train.max_steps=120", "scheduler.grace_period=40", "max_failures=1"
+        tmp_path,
+        "num_samples=6",
+        "base.train.max_steps=120",
+        "scheduler.grace_period=40",
+        "max_failures=1",
+        f"resources.pack={pack}",
     )
     run = tmp_path / "smoke"
 

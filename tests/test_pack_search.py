@@ -4,6 +4,7 @@ A killed driver of a packed search resumes as a solo one does: tests/test_search
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -95,3 +96,36 @@ def test_asha_stops_a_member_mid_pack_and_a_waiting_trial_takes_its_place(tmp_pa
         if b["started_at"] < a["ended_at"] < b["ended_at"] and a["ended_at"] <= c["started_at"] < b["ended_at"]
     ]
     assert took_place, sorted((r["started_at"], r["ended_at"], r["status"]) for r in results.values())
+
+
+def test_a_packed_search_on_declared_gpus_packs_the_trials_of_each_gpu(tmp_path):
+    """A CPU machine declaring 2 GPUs, packs of 2: a trial holds half a GPU, and shares its pack with the trials of
+    its own GPU only."""
+    import ray
+
+    from fika.search.driver import SearchHooks, run_search
+    from fika.search.spec import load_spec
+
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)
+    try:
+        overrides = ["resources.gpu=1", "resources.cpu=1", "resources.pack=2", "num_samples=8"]
+        spec = load_spec(SMOKE, [f"storage={tmp_path}", *overrides, "scheduler={kind: fifo}"])
+        run_search(spec, hooks=SearchHooks(log=lambda _: None))
+    finally:
+        ray.shutdown()
+    rows = [json.loads(line) for p in (tmp_path / "smoke" / "tune").rglob("result.json") for line in p.open()]
+    device = {row["trial_dir"]: row["cuda_visible_devices"] for row in rows}
+    assert set(device.values()) == {"0", "1"}
+    results = list(trial_results(tmp_path / "smoke").values())
+    assert len(results) == 8 and all(r["status"] == "completed" for r in results)
+
+    def overlap(a: dict, b: dict) -> bool:
+        return a is not b and a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]
+
+    on = {id(r): device[r["output_dir"]] for r in results}
+    for trio in itertools.combinations(results, 3):  # never three at once on a GPU (a pack holds 2)
+        together = all(overlap(a, b) for a, b in itertools.combinations(trio, 2))
+        assert not (together and len({on[id(r)] for r in trio}) == 1), trio
+    for a in results:  # a trial packed with another overlapped one on its own GPU
+        if a["pack_size"] == 2:
+            assert any(overlap(a, b) and on[id(b)] == on[id(a)] for b in results), a

@@ -14,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${GPU_RUN_PYTHON:-python3}
-OUT=${OUT:-$ROOT/outputs}
+[[ $PY == */* ]] && PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # it runs from another folder below
+OUT=$(realpath -m "${OUT:-$ROOT/outputs}")
 mkdir -p "$OUT"
 [[ -f .device/site.tar.xz ]] || { echo "no .device/site.tar.xz: run bench/gpu_carry.sh here, carry [\".device\"]" >&2; exit 1; }
 
@@ -25,17 +26,23 @@ tar -C "$T/site" -xJf .device/site.tar.xz
 for f in "$ROOT"/fika/*; do ln -s "$f" "$T/pkg/fika/"; done
 ln -s "$ROOT/search" "$T/pkg/fika/search"
 ln -s "$ROOT/spaces" "$T/pkg/fika/spaces"
-SITE="$T/site:"
-[[ ${GPU_RUN_NO_SITE:-0} == 1 ]] && SITE=
-export PYTHONPATH="$T/pkg:$SITE${PYTHONPATH:-}"
+P="$T/pkg"
+[[ ${GPU_RUN_NO_SITE:-0} == 1 ]] || P="$P:$T/site"
+export PYTHONPATH="$P${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# Run from an empty folder: Ray puts the driver's working directory first on its workers' sys.path, where the
+# checkout's own fika/ (without search/) would shadow the tree above.
+mkdir "$T/run" && cd "$T/run"
 
 nvidia-smi || echo "(no nvidia-smi)"
 "$PY" - <<'EOF'
 import importlib, importlib.metadata as md, sys
 print("python", sys.version.split()[0], sys.executable)
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+except ImportError as err:
+    print("torch MISSING:", err)
 for name in ["transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "ray", "optuna", "pydantic",
              "huggingface-hub", "pyarrow", "pandas", "fsspec", "sqlalchemy", "typing-extensions"]:
     try:
@@ -46,4 +53,4 @@ import fika, fika.search, ray.tune, optuna, trl, datasets, bitsandbytes  # noqa:
 print("fika from", fika.__file__, "| fika.search from", fika.search.__file__)
 EOF
 [[ ${GPU_RUN_CHECK_ONLY:-0} == 1 ]] && exit 0
-"$PY" bench/gpu_search.py "$@" --json "$OUT/gpu_search.json"
+"$PY" "$ROOT/bench/gpu_search.py" "$@" --json "$OUT/gpu_search.json"

@@ -48,7 +48,9 @@ class PackDirectory:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         packs = self.packs.setdefault((node, device), [])
-        packs[:] = [pack for pack in packs if alive(pack)]  # a pack that died (its trials fail and are retried)
+        for pack in [pack for pack in packs if not alive(pack)]:  # its trials failed, and are retried in another
+            packs.remove(pack)
+            ray.kill(pack)
         if len(packs) == known:
             env = {} if device == "cpu" else {"runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": device}}}
             where = NodeAffinitySchedulingStrategy(node, soft=False)
@@ -154,6 +156,9 @@ class PackServer:
             self.turn.notify_all()
 
     def members(self) -> int:
+        """How many trials the pack trains; raises once the pack itself failed (its directory then replaces it)."""
+        if self.failure is not None:
+            raise RuntimeError(f"the pack cannot train: {self.failure}")
         return len(self.pack.members) if self.pack is not None else 0
 
     def train(self) -> None:
@@ -178,10 +183,10 @@ class PackServer:
 
 
 def alive(pack) -> bool:
-    """Whether a pack actor still answers (one busy loading its base model counts as alive)."""
+    """Whether a pack actor still answers and can train (one busy loading its base model counts as alive)."""
     try:
         ray.get(pack.members.remote(), timeout=60)
-    except ray.exceptions.RayActorError:
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
         return False
     except ray.exceptions.GetTimeoutError:
         pass

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +15,7 @@ import yaml
 
 from fika.cli import main
 from fika.files import read_jsonl
-from tests.test_search import SMOKE, load_study, trial_results
+from tests.test_search import SMOKE, load_study, spawn_search, trial_results, wait_for
 
 
 def run_smoke(storage: Path, name: str, *overrides: str) -> Path:
@@ -129,3 +131,40 @@ def test_a_packed_search_on_declared_gpus_packs_the_trials_of_each_gpu(tmp_path)
     for a in results:  # a trial packed with another overlapped one on its own GPU
         if a["pack_size"] == 2:
             assert any(overlap(a, b) and on[id(b)] == on[id(a)] for b in results), a
+
+
+def test_a_killed_pack_has_its_trials_retried_in_a_new_one(tmp_path):
+    """SIGKILL to a pack's process mid-run: its members' trials fail, are retried in a new pack, and the search ends
+    with every trial once."""
+    args, process = spawn_search(
+        tmp_path,
+        "num_samples=4",
+        "resources.cpu=2",
+        "resources.pack=2",
+        "base.train.max_steps=120",
+        "scheduler={kind: fifo}",
+        "max_failures=1",
+    )
+    run = tmp_path / "smoke"
+
+    def packs() -> list[int]:
+        import psutil
+
+        children = psutil.Process(process.pid).children(recursive=True)
+        return [c.pid for c in children if "ray::PackServer" in " ".join(c.cmdline())]
+
+    def midway() -> bool:
+        metrics = list((run / "trials").glob("*/metrics.jsonl")) if (run / "trials").exists() else []
+        return any(len(p.read_text().splitlines()) > 30 for p in metrics) and bool(packs())
+
+    wait_for(midway, process)
+    (victim,) = packs()
+    os.kill(victim, signal.SIGKILL)
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output[-3000:]
+    results = trial_results(run)
+    assert len(results) == 4 and all(r["status"] == "completed" for r in results.values()), results
+    for trial_id in results:  # each ran to its end once, in the new pack (the folder holds one run)
+        steps = [r["step"] for r in read_jsonl(run / "trials" / trial_id / "metrics.jsonl")]
+        assert steps == list(range(1, 121)), trial_id
+    assert "4/4 trials done" in output

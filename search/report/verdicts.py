@@ -101,7 +101,12 @@ def seed_verdict(r: Report) -> list[str]:
     seeds = max(len(by_seed) for by_seed in runs.values())
     spread = statistics.mean(statistics.stdev(v) for v in seed_means(runs).values() if len(v) > 1)
     noise = f"paired over {seeds} seeds and the held-out conversations, 95% intervals; seed spread (std) {spread:.4f}"
-    if len(apart) == 1:
+    if len(means) == 1:  # the only config the seeds re-ran: no comparison to state
+        line = (
+            f"Decision: `{leader}` is the only completed trial re-run with other seeds ({r.spec.metric} "
+            f"{means[leader]:.4f} over {seeds} seeds, seed spread (std) {spread:.4f}); nothing to compare it with."
+        )
+    elif len(apart) == 1:
         line = f"Decision: `{leader}` wins ({r.spec.metric} {means[leader]:.4f} over {seeds} seeds): it beats " + (
             ", ".join(beaten) + f" ({noise})."
         )

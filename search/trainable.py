@@ -12,6 +12,9 @@ When the driver is asked to stop (Ctrl-C, SIGTERM), it marks the run folder (`IN
 its state and stops the live trials: a trial stopped then ends as `interrupted`, not as `stopped` (which is an
 ASHA decision), and `--resume` runs it again.
 
+In a packed search (`resources.pack` > 1) the thread trains nothing itself: it relays its trial's member of a pack
+(`fika.search.pack_server.run_in_pack`), with the same records, the same waits at the rungs and the same result.
+
 A trial's folder is `trials/<trial id>`; a confirmation run (`fika confirm`) has its own deterministic
 folder, `trials/<trial id>-seed<S>[-steps<N>]`, so that running the same confirm command again replays
 what already ran instead of running it twice.

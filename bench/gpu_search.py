@@ -38,15 +38,6 @@ from fika.config import dump_config, load_config
 from fika.result import load_result
 from fika.trial import TrialInputs, run_trial
 
-SHAPES["tiny-llama"] = dict(  # the smoke test's shape: seconds on a CPU
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
 WORDS = [
     "the",
     "a",

@@ -1,4 +1,4 @@
-"""Replays candidate sampler and scheduler settings over both tables at 12 trials (issue 40): tried, not kept.
+"""Replays candidate sampler and scheduler settings over both tables at 12 trials: tried, not kept.
 
   python bench/sampler_candidates.py             # TPE and random candidates (seconds)
   python bench/sampler_candidates.py --gp        # and the GP ones (about 2 min each)
@@ -26,6 +26,8 @@ from optuna.samplers import BaseSampler
 from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import TrialState
 from search_quality import HERE, Table, replay, summarize
+
+from fika.search.tuner import optuna_sampler  # bound here: the replays patch the tuner's name
 
 SamplerFactory = Callable[[str, int, int], BaseSampler]
 
@@ -114,8 +116,8 @@ def tpe(wrapper: type[Delegating] | None = None, **options) -> SamplerFactory:
     """A factory of TPE samplers with these options, wrapped in `wrapper` when given."""
 
     def make(searcher: str, seed: int, startup: int) -> BaseSampler:
-        if searcher == "gp":
-            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        if searcher == "gp" or not (options or wrapper):  # fika's own sampler
+            return optuna_sampler(searcher, seed, startup)
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, **options)
         return wrapper(sampler, startup, seed) if wrapper else sampler
 

@@ -25,6 +25,15 @@ from fika.model import build_tiny_tokenizer, device_kind
 from fika.trial import run_trial
 
 SHAPES = {  # from the published configs (as Llama blocks: Qwen2's q/k/v biases are left out)
+    "tiny-llama": dict(  # not a published model: seconds on a CPU (`bench/gpu_search.py --smoke`)
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
     "llama-3.2-1b": dict(
         vocab_size=128_256,
         hidden_size=2048,

@@ -215,9 +215,10 @@ def join_pack(directory: str, config: TrialConfig, hold_at: list[int], quick_eva
     packs_of, node = ray.get_actor(directory).packs_on, context.get_node_id()
     packs = ray.get(packs_of.remote(node, device))
     ray.get([pack.evict.remote(config.output.dir) for pack in packs])  # a copy of this trial whose relay died
+    trial = config.model_dump_json()
     while True:
         for pack in packs:
-            key = ray.get(pack.join.remote(config.model_dump_json(), hold_at, quick_evals))
+            key = ray.get(pack.join.remote(trial, hold_at, quick_evals))
             if key is not None:
                 return pack, key
         packs = ray.get(packs_of.remote(node, device, len(packs)))
@@ -231,24 +232,24 @@ def run_in_pack(
     raises for a member that failed."""
     pack, key = join_pack(directory, config, hold_at, hooks.quick_evals)
     leaving = False
+
+    def leave() -> None:
+        nonlocal leaving
+        leaving = True
+        ray.get(pack.stop.remote(key, "interrupted" if hooks.interrupted and hooks.interrupted() else "stopped"))
+
     while True:
         item = ray.get(pack.next.remote(key))
-        if item is None or leaving:
-            if item is not None and item[0] == "done":
-                return ended(item[1])
+        if item is not None and item[0] == "done":
+            return ended(item[1])
+        if item is None or leaving:  # no record yet, or one queued after a stop (dropped: the run ended there)
             if not leaving and stopping():
-                leaving = True
-                ray.get(
-                    pack.stop.remote(key, "interrupted" if hooks.interrupted and hooks.interrupted() else "stopped")
-                )
+                leave()
             continue
-        kind, value = item
-        if kind == "done":
-            return ended(value)
-        if hooks.report(value):  # records queued after a stop are dropped: the run ends at this step
-            leaving = True
-            ray.get(pack.stop.remote(key, "interrupted" if hooks.interrupted and hooks.interrupted() else "stopped"))
-        elif value["step"] in hold_at:
+        record = item[1]
+        if hooks.report(record):
+            leave()
+        elif record["step"] in hold_at:
             ray.get(pack.release.remote(key))
 
 

@@ -150,16 +150,23 @@ class Table:
 
 
 class Trial:
-    def __init__(self, trial_id: str):
-        self.trial_id = trial_id
+    """What Ray's schedulers read of a trial: its id and config (the params as Tune holds them)."""
+
+    def __init__(self, trial_id: str, config: dict | None = None):
+        self.trial_id, self.config = trial_id, config or {}
 
 
-def asha(rungs_grace: int, reduction: float, max_t: int, metric: str):
+def asha(rungs_grace: int, reduction: float, max_t: int, metric: str, within: tuple[str, ...] = ()):
+    """Ray's ASHAScheduler as fika builds it; with `within` keys, one per group of their values
+    (fika.search.grouped_asha, `scheduler.compare_within`)."""
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(
+    from fika.search.grouped_asha import GroupedASHAScheduler
+
+    options = dict(
         time_attr="step", metric=metric, mode="min", max_t=max_t, grace_period=rungs_grace, reduction_factor=reduction
     )
+    return GroupedASHAScheduler(list(within), **options) if within else ASHAScheduler(**options)
 
 
 def make_study(table: Table, searcher: str, seed: int, startup: int, seen: dict):
@@ -169,14 +176,15 @@ def make_study(table: Table, searcher: str, seed: int, startup: int, seen: dict)
     from optuna.distributions import CategoricalDistribution
 
     from fika.search.sampler import NoRepeatSampler, config_key
+    from fika.search.trials import encode_choice
     from fika.search.tuner import optuna_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    space = {k: CategoricalDistribution([json.dumps(c) for c in table.space[k]["choice"]]) for k in table.keys}
+    space = {k: CategoricalDistribution([encode_choice(c) for c in table.space[k]["choice"]]) for k in table.keys}
     inner = optuna_sampler(searcher, seed, startup)
 
     def untried() -> list[dict]:
-        configs = [{k: json.dumps(r["params"][k]) for k in table.keys} for r in table.rows]
+        configs = [{k: encode_choice(r["params"][k]) for k in table.keys} for r in table.rows]
         return [c for c in configs if config_key(c) not in seen]
 
     sampler = NoRepeatSampler(inner, seen, untried)
@@ -202,12 +210,13 @@ def replay(
     import optuna
 
     from fika.search.sampler import config_key
+    from fika.search.trials import decode_choice, encode_choice
 
     rng = random.Random(seed)
     seen: dict[str, int] = {}
-    optuna_searcher = searcher in ("tpe", "gp")
+    optuna_searcher = searcher in ("tpe", "gp", "local")
     study, space = make_study(table, searcher, seed, startup, seen) if optuna_searcher else (None, None)
-    params_of = [{k: json.dumps(r["params"][k]) for k in table.keys} for r in table.rows]
+    params_of = [{k: encode_choice(r["params"][k]) for k in table.keys} for r in table.rows]
     for i in known or []:
         seen[config_key(params_of[i])] = i
         if study is not None:
@@ -218,7 +227,8 @@ def replay(
     order = list(range(len(table.rows)))
     rng.shuffle(order)
     grace, reduction = table.grace, table.reduction
-    sched = asha(grace, reduction, table.max_steps, rung_metric) if scheduler == "asha" else None
+    within = ("train.lr_scheduler",) if scheduler == "asha-within" else ()
+    sched = asha(grace, reduction, table.max_steps, rung_metric, within) if scheduler.startswith("asha") else None
     rungs = (
         sorted({int(grace * reduction**k) for k in range(6) if grace * reduction**k < table.max_steps}) if sched else []
     )
@@ -234,7 +244,7 @@ def replay(
             if len(seen) >= len(table.rows):
                 return None
             t = study.ask(space)
-            i = table.index[json.dumps({k: json.loads(t.params[k]) for k in table.keys}, sort_keys=True)]
+            i = table.index[json.dumps({k: decode_choice(t.params[k]) for k in table.keys}, sort_keys=True)]
             seen[config_key(params_of[i])] = i
             asked[i] = t
             return i
@@ -257,7 +267,7 @@ def replay(
             return
         started += 1
         if sched:
-            sched.on_trial_add(None, Trial(str(i)))
+            sched.on_trial_add(None, Trial(str(i), params_of[i]))
         for rung in rungs:
             events.append((now + rung, slot, f"rung{rung}", i))
         events.append((now + table.max_steps, slot, "end", i))
@@ -275,7 +285,7 @@ def replay(
             value = table.rung_value(i, step, rung_metric)
             if optuna_searcher:
                 asked[i].report(value, step)
-            action = sched.on_trial_result(None, Trial(str(i)), {"step": step, rung_metric: value})
+            action = sched.on_trial_result(None, Trial(str(i), params_of[i]), {"step": step, rung_metric: value})
             if action == "STOP":
                 stopped.add(i)
                 spent += step
@@ -347,7 +357,22 @@ def eval_size_agreement(table: Table, size: int, trials: int = 6, draws: int = 2
     return agree / draws
 
 
-SEARCHERS = (("tpe", "asha"), ("tpe", "fifo"), ("gp", "asha"), ("gp", "fifo"), ("random", "asha"), ("random", "fifo"))
+SEARCHERS = (  # (searcher, scheduler): asha-within is ASHA compared within each lr schedule, fika's default
+    ("local", "asha-within"),
+    ("local", "asha"),
+    ("local", "fifo"),
+    ("tpe", "asha-within"),
+    ("tpe", "asha"),
+    ("tpe", "fifo"),
+    ("gp", "asha"),
+    ("gp", "fifo"),
+    ("random", "asha"),
+    ("random", "fifo"),
+)
+
+
+SEARCHER_NAMES = {"tpe": "TPE", "gp": "GP"}
+SCHEDULER_NAMES = {"asha": "ASHA", "asha-within": "ASHA within the schedule", "fifo": "FIFO"}
 
 
 def show(pair) -> str:
@@ -355,24 +380,25 @@ def show(pair) -> str:
     return f"{value:,.0f} ({100 * share:.0f}%)" if value is not None else f"- ({100 * share:.0f}%)"
 
 
-def startup_of(trials: int) -> int:
+def startup_of(trials: int, searcher: str = "tpe") -> int:
     """A search's random start-up draws for this many trials (fika.search.spec.SearchSpec.startup)."""
-    return min(10, max(3, trials // 3))
+    return min(10, max(2, trials // 6)) if searcher == "local" else min(10, max(3, trials // 3))
 
 
-def compare_searchers(table: Table, seeds: int, trial_counts: list[int]) -> None:
+def compare_searchers(table: Table, seeds: int, trial_counts: list[int], searchers: list[str]) -> None:
     budget = len(table.rows) * table.max_steps
     print("\n| trials | searcher | to within 1% (reached) | to within the noise (reached) | regret at 25% |")
     print("|---:|---|---:|---:|---:|")
     for trials in trial_counts:
         for searcher, scheduler in (*SEARCHERS, ("grid", "fifo")):
+            if searcher not in searchers:
+                continue
             curves = [
-                replay(table, searcher, scheduler, seed, budget, trials, startup_of(trials)) for seed in range(seeds)
+                replay(table, searcher, scheduler, seed, budget, trials, startup_of(trials, searcher))
+                for seed in range(seeds)
             ]
             s = summarize(table, curves, budget)
-            name = (
-                f"{searcher.upper() if searcher != 'random' and searcher != 'grid' else searcher} + {scheduler.upper()}"
-            )
+            name = f"{SEARCHER_NAMES.get(searcher, searcher)} + {SCHEDULER_NAMES[scheduler]}"
             print(f"| {trials} | {name} | {show(s['to_1pct'])} | {show(s['to_noise'])} | {s['regret_25']:.4f} |")
 
 
@@ -383,18 +409,17 @@ def best_configs(source: Table, target: Table, k: int) -> list[int]:
     return [target.index[key] for key in keys if key in target.index][:k]
 
 
-def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str) -> None:
+def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str, scheduler: str) -> None:
     """Trial-steps to the noise band with a warm start against a cold start: from the other table (its best 3 configs
     run first) and from a half-finished search of the same table (its trials enter the study with their values)."""
-    print(
-        f"\n| warm start ({searcher.upper()} + ASHA, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |"
-    )
+    name = f"{SEARCHER_NAMES.get(searcher, searcher)} + {SCHEDULER_NAMES[scheduler]}"
+    print(f"\n| warm start ({name}, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |")
     print("|---|---:|---:|---:|")
     for name, table in tables.items():
         budget = len(table.rows) * table.max_steps
         cold = summarize(
             table,
-            [replay(table, searcher, "asha", s, budget, trials, startup_of(trials)) for s in range(seeds)],
+            [replay(table, searcher, scheduler, s, budget, trials, startup_of(trials, searcher)) for s in range(seeds)],
             budget,
         )["to_noise"]
         for other_name, other in tables.items():
@@ -402,7 +427,7 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
                 continue
             first = best_configs(other, table, 3)
             curves = [
-                replay(table, searcher, "asha", s, budget, trials, startup_of(trials), first=first)
+                replay(table, searcher, scheduler, s, budget, trials, startup_of(trials, searcher), first=first)
                 for s in range(seeds)
             ]
             warm = summarize(table, curves, budget)["to_noise"]
@@ -411,14 +436,46 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
         half = trials // 2
         curves = []
         for s in range(seeds):
-            before = replay(table, searcher, "asha", 1000 + s, budget, half, startup_of(half))
+            before = replay(table, searcher, scheduler, 1000 + s, budget, half, startup_of(half, searcher))
             known = [i for _, _, i in before]
-            curves.append(replay(table, searcher, "asha", s, budget, trials - half, startup_of(trials), known=known))
+            rest = trials - half
+            curves.append(
+                replay(table, searcher, scheduler, s, budget, rest, startup_of(trials, searcher), known=known)
+            )
         warm = summarize(table, curves, budget)["to_noise"]
         ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
         print(
             f"| {name}: from its own first {half} trials, then {trials - half} more | {show(cold)} | {show(warm)} | {ratio} |"
         )
+
+
+def reversed_learning_rates(data: dict) -> dict:
+    """The table with its learning rates relabelled in reverse order (the best one becomes the smallest): a
+    problem where the local searcher's prior (the top learning rate at short horizons) is wrong."""
+    data = json.loads(json.dumps(data))
+    rates = data["space"]["train.learning_rate"]["choice"]
+    swap = dict(zip(rates, reversed(rates), strict=True))
+    for row in data["rows"]:
+        row["params"]["train.learning_rate"] = swap[row["params"]["train.learning_rate"]]
+    return data
+
+
+def wrong_prior(tables: dict[str, dict], seeds: int, trial_counts: list[int]) -> None:
+    """The local searcher against TPE + ASHA on tables whose best learning rate is the smallest."""
+    print("\n| table, learning rates reversed | trials | searcher | to within 1% (reached) | to the noise (reached) |")
+    print("|---|---:|---|---:|---:|")
+    for name, data in tables.items():
+        table = Table(reversed_learning_rates(data))
+        budget = len(table.rows) * table.max_steps
+        for trials in trial_counts:
+            for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha")):
+                curves = [
+                    replay(table, searcher, scheduler, s, budget, trials, startup_of(trials, searcher))
+                    for s in range(seeds)
+                ]
+                r = summarize(table, curves, budget)
+                label = f"{SEARCHER_NAMES.get(searcher, searcher)} + {SCHEDULER_NAMES[scheduler]}"
+                print(f"| {name} | {trials} | {label} | {show(r['to_1pct'])} | {show(r['to_noise'])} |", flush=True)
 
 
 def main() -> None:
@@ -432,21 +489,34 @@ def main() -> None:
     )
     parser.add_argument("--storage", type=Path, help="where --grid runs its search (a stopped one goes on there)")
     parser.add_argument(
-        "--only", choices=("searchers", "warm"), help="print only the searchers' or the warm starts' tables"
+        "--only",
+        choices=("searchers", "warm", "prior"),
+        help="print only the searchers', the warm starts' or the wrong-prior tables",
     )
     parser.add_argument("--seeds", type=int, default=30)
+    parser.add_argument(
+        "--searchers",
+        nargs="+",
+        choices=("local", "tpe", "gp", "random", "grid"),
+        default=["local", "tpe", "gp", "random", "grid"],
+        help="the searchers replayed (gp: minutes per row)",
+    )
     parser.add_argument("--trials", type=int, nargs="+", default=[6, 12, 20])
     parser.add_argument("--table", nargs="+", default=[str(t) for t in TABLES if t.exists()])
     args = parser.parse_args()
     if args.grid:
         run_grid(args.grid, Path(args.table[0]), args.storage)
-    tables = {Path(t).stem: Table(json.loads(Path(t).read_text())) for t in args.table}
-    for name, table in tables.items() if args.only != "warm" else ():
+    data = {Path(t).stem: json.loads(Path(t).read_text()) for t in args.table}
+    tables = {name: Table(d) for name, d in data.items()}
+    for name, table in tables.items() if args.only in (None, "searchers") else ():
         describe_table(name, table)
-        compare_searchers(table, args.seeds, args.trials)
-    if len(tables) > 1 and args.only != "searchers":
-        for searcher in ("tpe", "gp"):
-            warm_starts(tables, args.seeds, 12, searcher)
+        compare_searchers(table, args.seeds, args.trials, args.searchers)
+    if len(tables) > 1 and args.only in (None, "warm"):
+        for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha"), ("gp", "asha")):
+            if searcher in args.searchers:
+                warm_starts(tables, args.seeds, 12, searcher, scheduler)
+    if args.only in (None, "prior"):
+        wrong_prior(data, args.seeds, args.trials)
 
 
 def describe_table(name: str, table: Table) -> None:

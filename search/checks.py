@@ -10,7 +10,7 @@ from pathlib import Path
 from fika.errors import ConfigError, FikaError, first_line
 from fika.masking import mask_secrets
 from fika.search.run_folder import run_state
-from fika.search.spec import SearchSpec
+from fika.search.spec import OPTUNA_SEARCHERS, SearchSpec
 from fika.search.trials import encode_choice, split_key, trial_config
 
 AFTER_RAY = (
@@ -48,7 +48,7 @@ def check_cluster_address(spec: SearchSpec, directory: Path, dry_run: bool) -> N
 def check_optuna_storage(spec: SearchSpec, directory: Path, dry_run: bool) -> None:
     """A team's Optuna database (`optuna_storage`) can be used: the real run opens it (creating its tables); the dry
     run parses the URL, finds its driver and connects, creating nothing (a SQLite file's folder must exist)."""
-    if spec.searcher not in ("optuna", "gp") or not spec.optuna_storage:
+    if spec.searcher not in OPTUNA_SEARCHERS or not spec.optuna_storage:
         return
     if not dry_run:
         from fika.search.tuner import study_storage

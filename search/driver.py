@@ -24,7 +24,7 @@ from fika.paths import out_of_space
 from fika.search.checks import checks_before_ray
 from fika.search.ray_session import connect_ray, end_ray, local_slots, stopping_gracefully
 from fika.search.run_folder import run_dir, run_state, spec_yaml, unfinished_search, write_run_json
-from fika.search.spec import SearchSpec
+from fika.search.spec import OPTUNA_SEARCHERS, SearchSpec
 from fika.search.trials import data_needs
 from fika.search.tuner import build_tuner, study_storage
 
@@ -205,7 +205,7 @@ def settle(spec: SearchSpec, directory: Path) -> None:
     for folder in (directory / "trials").glob("*/"):
         if (folder / "config.yaml").exists() and read_json(folder / "result.json") is None:
             write_failed_result(folder, "interrupted: the driver was killed mid-trial")
-    if spec.searcher in ("optuna", "gp"):
+    if spec.searcher in OPTUNA_SEARCHERS:
         import optuna
 
         study = optuna.load_study(study_name=spec.name, storage=study_storage(spec, directory))

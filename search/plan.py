@@ -151,8 +151,9 @@ def describe_search(spec: SearchSpec) -> str:
     """What a search will run and cost, without starting Ray (`fika search --dry-run`)."""
     t = spec.base.train
     tokens = spec.max_steps * t.batch_size * t.gradient_accumulation * spec.base.model.max_seq_length
-    model = {"optuna": "TPE", "gp": "GP"}.get(spec.searcher)
-    drawn = f", {spec.startup()} drawn at random before {model}" if model else ""
+    model = {"local": "a local search around the best", "optuna": "TPE", "gp": "GP"}.get(spec.searcher)
+    top = " (at the top learning rate)" if spec.searcher == "local" and "train.learning_rate" in spec.space else ""
+    drawn = f", {spec.startup()} drawn at random{top} before {model}" if model else ""
     capped = (
         f" (num_samples {spec.num_samples}, but the space holds {spec.num_trials()} configurations and none runs twice)"
         if spec.num_trials() < spec.num_samples
@@ -166,7 +167,12 @@ def describe_search(spec: SearchSpec) -> str:
         f"at most {tokens:,} tokens (base settings); full eval at steps {spec.eval_steps()} on "
         f"{spec.base.data.eval_size} held-out conversations",
         f"scheduler: {spec.scheduler.kind}"
-        + (f", rungs at steps {spec.rungs()} on {spec.scheduler.rung_metric}" if spec.rungs() else ""),
+        + (f", rungs at steps {spec.rungs()} on {spec.scheduler.rung_metric}" if spec.rungs() else "")
+        + (
+            f", each trial compared within its {', '.join(spec.compare_within())}"
+            if spec.rungs() and spec.compare_within()
+            else ""
+        ),
         f"budget: at most {spec.num_trials() * spec.max_steps:,} trial-steps, {spec.num_trials() * tokens:,} tokens; "
         + resources_line(spec),
     ]

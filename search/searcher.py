@@ -134,6 +134,8 @@ class FikaOptunaSearch(OptunaSearch):
             drawn = "baseline"
         elif ot_trial.number in getattr(self._ot_study.sampler, "fallbacks", ()):
             drawn = "untried"
+        elif ot_trial.number in getattr(getattr(self._ot_study.sampler, "sampler", None), "local_draws", ()):
+            drawn = "local"  # a neighbour of the best trial (the local searcher)
         else:
             drawn = "random" if finished < self.startup else self.model
         ot_trial.set_user_attr("tune_trial_id", trial_id)

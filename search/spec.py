@@ -10,8 +10,8 @@ A spec is YAML:
       lora.r,lora.alpha: {choice: [[8, 16], [16, 16], [32, 64]]}   # paired values, tried together
       lora.alpha_ratio: {choice: [1, 2]}                             # tied alpha = ratio x r
       data.sources.ultrachat.weight: {choice: [0, 1, 2]}             # data keys: by source name or index
-    searcher: optuna          # optuna (TPE) | grid (every choice combination) | random
-    startup_trials: 4         # optuna: trials drawn at random before TPE models the results
+    searcher: local           # local (search around the best trial) | optuna (TPE) | gp | grid | random
+    startup_trials: 4         # local, optuna, gp: trials drawn at random before the sampler uses the results
     num_samples: 12
     scheduler: {kind: asha, grace_period: 20, reduction_factor: 2, rung_metric: train_loss_smooth}
     metric: eval_loss         # the ranking: eval loss at the last step (or train_loss_smooth)
@@ -38,6 +38,7 @@ from fika.validation import format_validation_error
 from fika.yaml_files import read_yaml
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
+OPTUNA_SEARCHERS = ("local", "optuna", "gp")  # the searchers that draw through an Optuna study
 EVAL_KEYS = (  # when a trial is evaluated and what it keeps: not what it learns
     "train.eval_steps",
     "train.eval_every",
@@ -108,6 +109,10 @@ class SchedulerSpec(Section):
     always the spec's metric at the last step."""
     rung_eval_size: int | None = Field(None, gt=0)
     """Conversations of the `eval_subset` rung metric (default: 16, or the whole eval set when smaller)."""
+    compare_within: list[str] | None = None
+    """Searched keys whose values split ASHA's rungs: a trial is compared only with trials that share them
+    (default: train.lr_scheduler when it is searched, since a schedule's loss mid-run depends on its shape; [] for
+    one ASHA over all trials)."""
 
 
 class ResourcesSpec(Section):
@@ -153,14 +158,15 @@ class SearchSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     base: TrialConfig
     space: dict[str, Param] = Field(min_length=1, max_length=64)
-    searcher: Literal["optuna", "gp", "grid", "random"] = "optuna"
-    """optuna: Optuna's TPE; gp: Optuna's Gaussian-process sampler (suited to tens of trials); grid: every choice
-    combination; random."""
+    searcher: Literal["local", "optuna", "gp", "grid", "random"] = "local"
+    """local: start-up draws at the top learning rate, then a local search around the best trial, TPE when no
+    neighbour is left (fika.search.local_search); optuna: Optuna's TPE; gp: Optuna's Gaussian-process sampler
+    (suited to tens of trials); grid: every choice combination; random."""
     num_samples: int = Field(8, gt=0, le=100_000)
-    """Trials for optuna, gp and random; repeats of the whole grid for grid."""
+    """Trials for local, optuna, gp and random; repeats of the whole grid for grid."""
     startup_trials: int | None = Field(None, ge=0)
-    """optuna and gp: trials drawn at random before the sampler models the results (default: a third of
-    num_samples, 3 to 10)."""
+    """local, optuna and gp: trials drawn at random before the sampler uses the results (default: a third of
+    num_samples, 3 to 10; for local a sixth, 2 to 10: it starts from the best of them, not from a model)."""
     warm_start: list[str] = Field(default_factory=list, max_length=32)
     """Earlier searches (their run folders) to start from: the trials of one with the same model, data, eval set,
     horizon and metric enter the study with their values; of one that differs, the best configurations run first."""
@@ -231,8 +237,13 @@ class SearchSpec(Section):
             )
         if self.resources.pack != 1:
             self._check_packable()
-        if self.warm_start and self.searcher not in ("optuna", "gp"):
-            raise ValueError(f"warm_start: not allowed with searcher {self.searcher}: give optuna or gp")
+        if self.warm_start and self.searcher not in OPTUNA_SEARCHERS:
+            raise ValueError(f"warm_start: not allowed with searcher {self.searcher}: give local, optuna or gp")
+        for key in self.scheduler.compare_within or []:
+            if key not in self.space:
+                raise ValueError(
+                    f"scheduler.compare_within: {key!r} is not allowed: give searched keys ({', '.join(self.space)})"
+                )
         if self.searcher == "grid":
             ranged = [key for key, p in self.space.items() if p.choice is None]
             if ranged:
@@ -284,6 +295,12 @@ class SearchSpec(Section):
         rungs = self.rungs() if self.scheduler.rung_metric == "eval_loss" else []
         return sorted({*rungs, *(self.base.train.eval_steps or []), self.max_steps})
 
+    def compare_within(self) -> list[str]:
+        """The keys that split ASHA's rungs (`scheduler.compare_within`, resolved)."""
+        if self.scheduler.compare_within is not None:
+            return self.scheduler.compare_within
+        return [key for key in ("train.lr_scheduler",) if key in self.space]
+
     def rung_key(self) -> str:
         """The result key ASHA reads at its rungs."""
         return {"eval_subset": "eval_loss_subset"}.get(self.scheduler.rung_metric, self.scheduler.rung_metric)
@@ -295,9 +312,11 @@ class SearchSpec(Section):
         return self.rungs(), self.scheduler.rung_eval_size
 
     def startup(self) -> int:
-        """How many optuna trials are drawn at random before TPE models the results."""
+        """How many trials of an Optuna searcher (local, optuna, gp) are drawn at random before it uses the results."""
         if self.startup_trials is not None:
             return self.startup_trials
+        if self.searcher == "local":
+            return min(10, max(2, self.num_samples // 6))
         return min(10, max(3, self.num_samples // 3))
 
     def num_trials(self) -> int:
@@ -306,7 +325,7 @@ class SearchSpec(Section):
         configurations = self.configurations()
         if self.searcher == "grid":  # a grid space is choices only (checked above)
             return self.num_samples * configurations
-        if self.searcher in ("optuna", "gp") and configurations is not None:
+        if self.searcher in OPTUNA_SEARCHERS and configurations is not None:
             return min(self.num_samples, configurations)
         return self.num_samples
 

@@ -1,4 +1,4 @@
-"""The Ray Tune Tuner of a search: its space, searcher (OptunaSearch with TPE, or a grid / random searcher), ASHA
+"""The Ray Tune Tuner of a search: its space, searcher (OptunaSearch with fika's sampler, or a grid / random searcher), ASHA
 scheduler, trainable, tracker callbacks; new, or restored from the run folder to resume."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 from fika.errors import ConfigError, first_line
 from fika.masking import mask_secrets
 from fika.search.ray_session import local_slots
-from fika.search.spec import SearchSpec
+from fika.search.spec import OPTUNA_SEARCHERS, SearchSpec
 from fika.search.trials import baseline_params, encode_choice
 
 
@@ -58,7 +58,7 @@ def build_searcher(spec: SearchSpec, directory: Path):
     # grid on a queued point: with num_samples 1, the point alone would run)
     baseline = baseline_params(spec) if spec.baseline and spec.searcher != "grid" else None
     points = [baseline] if baseline else None
-    if spec.searcher not in ("optuna", "gp"):
+    if spec.searcher not in OPTUNA_SEARCHERS:
         return BasicVariantGenerator(
             points_to_evaluate=points, random_state=spec.seed, max_concurrent=spec.max_concurrent or 0
         )
@@ -89,32 +89,45 @@ def build_searcher(spec: SearchSpec, directory: Path):
 
 
 def model_name(spec: SearchSpec) -> str:
-    """How the report names a draw of the searcher's model (after its random start-up draws): tpe or gp."""
+    """How the report names a draw of the searcher's model (after its random start-up draws): tpe or gp (a local
+    search's neighbours are named `local`, its draws when no neighbour is left `tpe`)."""
     return "gp" if spec.searcher == "gp" else "tpe"
 
 
 def optuna_sampler(searcher: str, seed: int, startup: int):
-    """The Optuna sampler of an optuna (TPE) or gp search, seeded, with `startup` random draws first."""
+    """The Optuna sampler of an optuna (TPE), gp or local search, seeded, with `startup` start-up draws first."""
     import optuna
 
     if searcher == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    tpe = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    if searcher == "local":
+        from fika.search.local_search import LocalSearchSampler
+
+        return LocalSearchSampler(tpe, startup, seed)
+    return tpe
 
 
 def build_scheduler(spec: SearchSpec):
+    """FIFO, or ASHA on the rung metric; with `scheduler.compare_within` keys, one ASHA per group of their values."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if spec.scheduler.kind == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="step",
-        metric=spec.rung_key(),
-        mode="min",
-        max_t=spec.max_steps,
-        grace_period=spec.rungs()[0] if spec.rungs() else spec.max_steps,
-        reduction_factor=spec.scheduler.reduction_factor,
-    )
+    options = {
+        "time_attr": "step",
+        "metric": spec.rung_key(),
+        "mode": "min",
+        "max_t": spec.max_steps,
+        "grace_period": spec.rungs()[0] if spec.rungs() else spec.max_steps,
+        "reduction_factor": spec.scheduler.reduction_factor,
+    }
+    within = spec.compare_within()
+    if not within:
+        return ASHAScheduler(**options)
+    from fika.search.grouped_asha import GroupedASHAScheduler
+
+    return GroupedASHAScheduler(within, **options)
 
 
 def tracker_callbacks(spec: SearchSpec, directory: Path) -> list:

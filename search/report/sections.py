@@ -15,6 +15,7 @@ from fika.search.report.render import Section, Table, fmt, short_key
 from fika.search.report.reruns import horizon_section, seeds_section
 from fika.search.report.rows import STATUS_ORDER, Report, TrialRow, paired_against, train_loss_at
 from fika.search.report.verdicts import decision_lines, key_effects
+from fika.search.spec import OPTUNA_SEARCHERS
 
 HARD_FLOOR = {"dropout": 0, "weight": 0, "limit": 0, "min_tokens": 0, "warmup_steps": 0, "weight_decay": 0}
 
@@ -117,11 +118,12 @@ def warnings_lines(r: Report) -> list[str]:
     if r.best is not None:
         lines += [f"Edge: {note}." for note in analysis.edge_values(r.spec.space, r.best.params, HARD_FLOOR)]
     draws = [row.drawn for row in r.ranked if row.drawn]
-    model = "gp" if r.spec.searcher == "gp" else "tpe"
-    if r.spec.searcher in ("optuna", "gp") and draws and model not in draws:
+    model = {"gp": "gp", "local": "local"}.get(r.spec.searcher, "tpe")
+    if r.spec.searcher in OPTUNA_SEARCHERS and draws and not {model, "tpe"} & set(draws):
         lines.append(
             f"Every trial was drawn at random ({draws.count('random')} random, {draws.count('baseline')} baseline): "
-            f"{model.upper()} starts modelling after {r.spec.startup()} finished trials; "
+            f"{'the local search' if model == 'local' else model.upper()} starts after {r.spec.startup()} finished "
+            "trials; "
             + (
                 f"the space holds only {r.spec.num_trials()} configurations: widen it."
                 if r.spec.num_trials() < r.spec.num_samples
@@ -241,7 +243,7 @@ def summary_lines(r: Report) -> list[str]:
     spec = r.spec
     counts = {s: sum(1 for row in r.ranked if row.status == s) for s in STATUS_ORDER}
     draws = [row.drawn for row in r.ranked if row.drawn]
-    kinds = ("baseline", "warm", "random", "tpe", "gp", "untried")
+    kinds = ("baseline", "warm", "random", "local", "tpe", "gp", "untried")
     drawn = ", ".join(f"{draws.count(k)} {k}" for k in kinds if draws.count(k))
     so_far = f" of {spec.num_trials()}" if r.state != "finished" else ""
     trials = f"- {len(r.ranked)}{so_far} trials{' so far' if so_far else ''}: "

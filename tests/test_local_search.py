@@ -1,0 +1,151 @@
+"""The local searcher (start-up at the top learning rate, then neighbours of the best trial) and ASHA compared within
+each lr schedule: their draws and stops, and a real search with both."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from fika.cli import main
+from fika.search.grouped_asha import GroupedASHAScheduler
+from fika.search.searcher import FikaOptunaSearch
+from fika.search.tuner import optuna_sampler
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "search" / "specs" / "smoke.yaml"
+SPACE = {
+    "train.learning_rate": tune.choice([1e-4, 2e-4, 5e-4]),
+    "train.lr_scheduler": tune.choice(["linear", "cosine"]),
+    "lora.r": tune.choice([8, 16, 32]),
+}
+
+
+def local_searcher(tmp_path: Path, startup: int = 2) -> FikaOptunaSearch:
+    (tmp_path / "trials").mkdir(parents=True, exist_ok=True)
+    return FikaOptunaSearch(
+        space=OptunaSearch.convert_search_space(SPACE),
+        metric="eval_loss",
+        mode="min",
+        sampler=optuna_sampler("local", 0, startup),
+        storage=optuna.storages.InMemoryStorage(),
+        run_dir=str(tmp_path),
+        rungs=[],
+        rung_key="train_loss_smooth",
+        max_steps=12,
+        startup=startup,
+        budget=18,
+    )
+
+
+def loss(config: dict) -> float:
+    """A made-up loss: lower with a higher learning rate and rank, cosine a little better."""
+    return (
+        3.0
+        - 1000 * config["train.learning_rate"]
+        - config["lora.r"] / 100
+        - 0.01 * (config["train.lr_scheduler"] == "cosine")
+    )
+
+
+def one_apart(a: dict, b: dict) -> bool:
+    return sum(a[k] != b[k] for k in a) == 1
+
+
+def neighbours(config: dict) -> list[dict]:
+    return [{**config, k: v} for k, d in SPACE.items() for v in d.categories if v != config[k]]
+
+
+def test_start_up_draws_take_the_top_learning_rate_then_neighbours_of_the_best_are_tried(tmp_path):
+    """The start-up draws: the largest learning rate, the other keys spread over their choices. Then a neighbour of
+    the best trial, until none is left."""
+    search = local_searcher(tmp_path)
+    done: dict[str, dict] = {}
+    for i in range(18):
+        config = search.suggest(str(i))
+        if config == Searcher.FINISHED:
+            break
+        if i < 2:
+            assert config["train.learning_rate"] == 5e-4  # the start-up draws: the largest choice
+        else:
+            best = min(done.values(), key=loss)
+            drawn = json.loads((tmp_path / "draws.jsonl").read_text().splitlines()[-1])["drawn"]
+            if drawn == "local":
+                assert one_apart(config, best)  # one choice away from the best so far
+            else:
+                assert drawn in ("tpe", "untried") and all(n in done.values() for n in neighbours(best))
+        done[str(i)] = config
+        search.on_trial_complete(str(i), {"step": 12, "eval_loss": loss(config), "status": "completed"})
+    kinds = [json.loads(line)["drawn"] for line in (tmp_path / "draws.jsonl").read_text().splitlines()]
+    assert kinds[:2] == ["random", "random"] and "local" in kinds
+    first, second = done["0"], done["1"]
+    assert first["lora.r"] != second["lora.r"] and first["train.lr_scheduler"] != second["train.lr_scheduler"]
+    assert len({json.dumps(c, sort_keys=True) for c in done.values()}) == len(done) == 18  # none twice, all run
+    best = {"train.learning_rate": 5e-4, "train.lr_scheduler": "cosine", "lora.r": 32}
+    assert best in list(done.values())[:6]  # found within the start-up and the first neighbours
+
+
+def test_a_learning_rate_given_as_a_range_is_drawn_by_tpe():
+    sampler = optuna_sampler("local", 0, 3)
+    study = optuna.create_study(sampler=sampler)
+    values = [study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}).params["lr"]]
+    assert 1e-5 <= values[0] <= 1e-3
+
+
+class Trial:
+    def __init__(self, trial_id: str, schedule: str):
+        self.trial_id, self.config = trial_id, {"train.lr_scheduler": schedule}
+
+
+def test_asha_within_the_schedule_compares_a_trial_only_with_its_own_schedule():
+    """Reduction 2, one rung at step 4. A trial in the worse half of its own schedule's trials is stopped there; a
+    cosine trial far worse than the linear ones, but better than the other cosine one, goes on (one ASHA over all
+    four trials stops it)."""
+    options = dict(time_attr="step", metric="m", mode="min", max_t=12, grace_period=4, reduction_factor=2)
+    trials = [Trial("a", "linear"), Trial("c", "cosine"), Trial("b", "linear"), Trial("d", "cosine")]
+    values = [1.0, 2.0, 1.5, 1.9]
+    decisions = {}
+    for name, asha in (
+        ("within", GroupedASHAScheduler(["train.lr_scheduler"], **options)),
+        ("one", ASHAScheduler(**options)),
+    ):
+        for trial in trials:
+            asha.on_trial_add(None, trial)
+        decisions[name] = [
+            asha.on_trial_result(None, t, {"step": 4, "m": v}) for t, v in zip(trials, values, strict=True)
+        ]
+        asha.on_trial_complete(None, trials[0], {"step": 12, "m": 0.9})
+    assert decisions["within"] == ["CONTINUE", "CONTINUE", "STOP", "CONTINUE"]
+    assert decisions["one"] == ["CONTINUE", "STOP", "CONTINUE", "STOP"]  # d: in the worse half of all four
+
+
+def test_compare_within_names_searched_keys_only(capsys):
+    assert main(["search", str(SMOKE), "scheduler.compare_within=[lora.alpha]", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scheduler.compare_within: 'lora.alpha' is not allowed: give searched keys" in err[0]
+
+
+def test_a_local_search_runs_end_to_end_with_asha_within_the_schedule(tmp_path, capsys, monkeypatch):
+    """The smoke search with the local searcher: a real Ray Tune search, its draws named, the report written."""
+    monkeypatch.chdir(tmp_path)  # the report goes to reports/ here
+    assert main(["search", str(SMOKE), "searcher=local", "num_samples=6", f"storage={tmp_path}", "--dry-run"]) == 0
+    assert "local searcher, 6 trials, 2 drawn at random (at the top learning rate)" in capsys.readouterr().out
+    assert main(["search", str(SMOKE), "searcher=local", "num_samples=6", f"storage={tmp_path}"]) == 0
+    run = tmp_path / "smoke"
+    draws = [json.loads(line) for line in (run / "draws.jsonl").read_text().splitlines()]
+    kinds = [d["drawn"] for d in draws]
+    later = kinds.index("local")  # the start-up: the draws made before 2 trials had finished
+    assert kinds[:later] == ["baseline"] + ["random"] * (later - 1) and later >= 3
+    assert all(d["params"]["train.learning_rate"] == 2e-2 for d in draws[1:later])  # the smoke space's top
+    assert set(kinds[later:]) <= {"local", "tpe", "untried"}
+    study = optuna.load_study(
+        study_name="smoke",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run / "optuna.journal"))),
+    )
+    assert len(study.trials) == 6 and all(t.state.is_finished() for t in study.trials)
+    assert (tmp_path / "reports" / "smoke" / "index.md").exists()

@@ -4,9 +4,10 @@ best trial, TPE when no neighbour is left.
 Two things are known about short LoRA runs before a search starts: the learning rate matters most, and the best
 one falls as runs get longer (Bjorck et al., ICLR 2025), so at a search's horizon of tens of steps it sits at the top
 of the usual range. The start-up draws therefore take the largest learning-rate choice, and spread over the choices
-of every other key (each takes one of its least-used choices so far). After them, each trial is an untried configuration one choice away from the best completed trial (the
-local search SMAC runs around its incumbents), so a search climbs from its best start without re-learning the space;
-when every neighbour of the best has run, TPE draws.
+of every other key (each takes one of its least-used choices so far). After them, each trial is an untried
+configuration one choice away from the best completed trial (the local search SMAC runs around its incumbents), so a
+search climbs from its best start without re-learning the space; when every neighbour of the best has run, TPE
+draws. A learning rate given as a range is drawn by TPE, and a local move changes choice keys only.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The Ray Tune Tuner of a search: its space, searcher (OptunaSearch with fika's sampler, or a grid / random searcher), ASHA
-scheduler, trainable, tracker callbacks; new, or restored from the run folder to resume."""
+"""The Ray Tune Tuner of a search: its space, searcher (OptunaSearch with fika's sampler, or a grid / random
+searcher), ASHA scheduler, trainable, tracker callbacks; new, or restored from the run folder to resume."""
 
 from __future__ import annotations
 

@@ -149,3 +149,22 @@ def test_a_local_search_runs_end_to_end_with_asha_within_the_schedule(tmp_path, 
     )
     assert len(study.trials) == 6 and all(t.state.is_finished() for t in study.trials)
     assert (tmp_path / "reports" / "smoke" / "index.md").exists()
+
+
+def test_a_warm_started_study_moves_from_its_best_earlier_trial_at_once():
+    """Trials an earlier search brought in (COMPLETE, with their values) count as the start-up: the first new draw is
+    already a neighbour of the best of them."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    space = {
+        "train.learning_rate": CategoricalDistribution([1e-4, 2e-4, 5e-4]),
+        "lora.r": CategoricalDistribution([8, 16, 32]),
+    }
+    sampler = optuna_sampler("local", 0, 2)
+    study = optuna.create_study(sampler=sampler)
+    earlier = [({"train.learning_rate": 1e-4, "lora.r": 8}, 2.0), ({"train.learning_rate": 2e-4, "lora.r": 16}, 1.5)]
+    for params, value in earlier:
+        study.add_trial(create_trial(params=params, distributions=space, value=value))
+    trial = study.ask(space)
+    assert one_apart(trial.params, earlier[1][0]) and trial.number in sampler.local_draws

@@ -6,7 +6,7 @@
 Each candidate runs as `search_quality.replay` runs a search (fika's NoRepeatSampler around the sampler, Ray's
 ASHAScheduler), the sampler swapped in for `fika.search.tuner.optuna_sampler`. Per table: the share of seeds whose
 search completes a trial within the eval noise of the table's best, the median trial-steps there, and that median
-over TPE + ASHA's (fika's default before the local searcher). The goal: at least 90% on both tables at two thirds
+over TPE + ASHA's (fika's default searcher). The goal: at least 90% on both tables at two thirds
 of TPE + ASHA's steps or less. The last rows are bounds, not searchers: random draws over the configs a searcher would keep if it knew the
 best learning rate (and rank) before it started.
 """
@@ -139,9 +139,9 @@ class Candidate:
 
 
 def candidates(gp: bool) -> list[Candidate]:
-    """The settings tried (TPE + ASHA with 4 start-up draws: `searcher: optuna`, the reference)."""
+    """The settings tried (TPE + ASHA with 4 start-up draws, fika's default `searcher: optuna`, is the reference)."""
     found = [
-        Candidate("TPE + ASHA (reference)"),
+        Candidate("TPE + ASHA (default)"),
         Candidate("TPE + FIFO", scheduler="fifo"),
         *(Candidate(f"TPE + ASHA, {n} start-up draws", startup=n) for n in (2, 3, 6)),
         Candidate("TPE multivariate, group + ASHA", sampler=tpe(multivariate=True, group=True)),

@@ -3,13 +3,15 @@
   python bench/search_quality.py --grid          # once: every config of bench/demo_grid.yaml (the demo's space),
                                                  # evals at steps 20, 40 and 60, curves kept -> bench/demo_grid.json
                                                  # (about 117 min, 2 cores)
-  python bench/search_quality.py                 # replay searchers over that table (seconds)
-  python bench/search_quality.py --seeds 50 --trials 12
+  python bench/search_quality.py                 # replay searchers over the tables (GP rows: minutes each)
+  python bench/search_quality.py --searchers local tpe --seeds 90 --trials 12
+  python bench/search_quality.py --only prior    # the tables with their learning rates reversed
 
 Trials are deterministic, so a searcher replayed over the table sees what it would have seen in a real search:
-TPE (Optuna's TPESampler, with fika's start-up count and no repeated draws) and random draws, grid order, each
-with Ray's own ASHAScheduler deciding on the rung metric, or FIFO; two trials at a time, in simulated time
-counted in training steps. Per searcher, over the seeds: the trial-steps until a trial within 1% of the grid's
+fika's samplers (the local searcher, TPE, GP: fika.search.tuner.optuna_sampler, with fika's start-up count and no
+repeated draws) and random draws, grid order, each with Ray's own ASHAScheduler deciding on the rung metric (one
+over all trials, or one per lr schedule as fika's default `scheduler.compare_within`), or FIFO; two trials at a
+time, in simulated time counted in training steps. Per searcher, over the seeds: the trial-steps until a trial within 1% of the grid's
 best (and one within the eval noise of it: its paired 95% interval against the best includes 0), and the regret
 at 25% of the grid's steps. The rung-metric table replays ASHA over random arrival orders of all configs with
 each rung metric and counts how often it keeps or stops a trial as the full eval would; the eval-size table

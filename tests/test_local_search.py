@@ -133,9 +133,13 @@ def test_compare_within_names_searched_keys_only(capsys):
 def test_a_local_search_runs_end_to_end_with_asha_within_the_schedule(tmp_path, capsys, monkeypatch):
     """The smoke search with the local searcher: a real Ray Tune search, its draws named, the report written."""
     monkeypatch.chdir(tmp_path)  # the report goes to reports/ here
-    assert main(["search", str(SMOKE), "searcher=local", "num_samples=6", f"storage={tmp_path}", "--dry-run"]) == 0
-    assert "local searcher, 6 trials, 2 drawn at random (at the top learning rate)" in capsys.readouterr().out
-    assert main(["search", str(SMOKE), "searcher=local", "num_samples=6", f"storage={tmp_path}"]) == 0
+    args = ["search", str(SMOKE), "searcher=local", "num_samples=6", f"storage={tmp_path}"]
+    args.append("scheduler.compare_within=[train.lr_scheduler]")  # the smoke spec sets one ASHA for the other tests
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "local searcher, 6 trials, 2 drawn at random (at the top learning rate)" in out
+    assert "rungs at steps [6] on train_loss_smooth, each trial compared within its train.lr_scheduler" in out
+    assert main(args) == 0
     run = tmp_path / "smoke"
     draws = [json.loads(line) for line in (run / "draws.jsonl").read_text().splitlines()]
     kinds = [d["drawn"] for d in draws]

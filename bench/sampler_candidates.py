@@ -27,34 +27,18 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import TrialState
 from search_quality import HERE, Table, replay, summarize
 
+from fika.search.sampler import WrappedSampler
 from fika.search.tuner import optuna_sampler  # bound here: the replays patch the tuner's name
 
 SamplerFactory = Callable[[str, int, int], BaseSampler]
 
 
-class Delegating(BaseSampler):
-    """An Optuna sampler that hands everything to `inner`; subclasses change one part."""
+class Delegating(WrappedSampler):
+    """fika's WrappedSampler with a start-up count and a seeded rng; subclasses change one part."""
 
     def __init__(self, inner: BaseSampler, startup: int, seed: int):
-        self.inner, self.startup, self.rng = inner, startup, random.Random(seed)
-
-    def infer_relative_search_space(self, study, trial):
-        return self.inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self.inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial) -> None:
-        self.inner.before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self.inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
+        super().__init__(inner)
+        self.startup, self.rng = startup, random.Random(seed)
 
 
 def others(study, trial) -> list:
@@ -97,7 +81,7 @@ class Neighbourhood(Delegating):
         earlier = others(study, trial)
         done = [t for t in earlier if t.state == TrialState.COMPLETE]
         if len(earlier) < self.startup or not done:
-            return super().sample_relative(study, trial, self.inner.infer_relative_search_space(study, trial))
+            return super().sample_relative(study, trial, self.sampler.infer_relative_search_space(study, trial))
         best = min(done, key=lambda t: t.value).params
         tried = {json.dumps(t.params, sort_keys=True) for t in earlier}
         near = [
@@ -109,7 +93,7 @@ class Neighbourhood(Delegating):
         ]
         if near:
             return self.rng.choice(near)
-        return super().sample_relative(study, trial, self.inner.infer_relative_search_space(study, trial))
+        return super().sample_relative(study, trial, self.sampler.infer_relative_search_space(study, trial))
 
 
 def tpe(wrapper: type[Delegating] | None = None, **options) -> SamplerFactory:

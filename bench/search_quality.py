@@ -387,21 +387,29 @@ def startup_of(trials: int, searcher: str = "tpe") -> int:
     return min(10, max(2, trials // 6)) if searcher == "local" else min(10, max(3, trials // 3))
 
 
-def compare_searchers(table: Table, seeds: int, trial_counts: list[int], searchers: list[str]) -> None:
+def label(searcher: str, scheduler: str) -> str:
+    return f"{SEARCHER_NAMES.get(searcher, searcher)} + {SCHEDULER_NAMES[scheduler]}"
+
+
+def replayed(table: Table, searcher: str, scheduler: str, seeds: int, trials: int, **options) -> dict:
+    """The summary of one replayed search per seed (`options`: replay's `first`)."""
     budget = len(table.rows) * table.max_steps
+    startup = startup_of(trials, searcher)
+    curves = [replay(table, searcher, scheduler, s, budget, trials, startup, **options) for s in range(seeds)]
+    return summarize(table, curves, budget)
+
+
+def compare_searchers(table: Table, seeds: int, trial_counts: list[int], searchers: list[str]) -> None:
     print("\n| trials | searcher | to within 1% (reached) | to within the noise (reached) | regret at 25% |")
     print("|---:|---|---:|---:|---:|")
     for trials in trial_counts:
         for searcher, scheduler in (*SEARCHERS, ("grid", "fifo")):
             if searcher not in searchers:
                 continue
-            curves = [
-                replay(table, searcher, scheduler, seed, budget, trials, startup_of(trials, searcher))
-                for seed in range(seeds)
-            ]
-            s = summarize(table, curves, budget)
-            name = f"{SEARCHER_NAMES.get(searcher, searcher)} + {SCHEDULER_NAMES[scheduler]}"
-            print(f"| {trials} | {name} | {show(s['to_1pct'])} | {show(s['to_noise'])} | {s['regret_25']:.4f} |")
+            s = replayed(table, searcher, scheduler, seeds, trials)
+            print(
+                f"| {trials} | {label(searcher, scheduler)} | {show(s['to_1pct'])} | {show(s['to_noise'])} | {s['regret_25']:.4f} |"
+            )
 
 
 def best_configs(source: Table, target: Table, k: int) -> list[int]:
@@ -414,25 +422,17 @@ def best_configs(source: Table, target: Table, k: int) -> list[int]:
 def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str, scheduler: str) -> None:
     """Trial-steps to the noise band with a warm start against a cold start: from the other table (its best 3 configs
     run first) and from a half-finished search of the same table (its trials enter the study with their values)."""
-    name = f"{SEARCHER_NAMES.get(searcher, searcher)} + {SCHEDULER_NAMES[scheduler]}"
-    print(f"\n| warm start ({name}, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |")
+    print(
+        f"\n| warm start ({label(searcher, scheduler)}, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |"
+    )
     print("|---|---:|---:|---:|")
     for name, table in tables.items():
         budget = len(table.rows) * table.max_steps
-        cold = summarize(
-            table,
-            [replay(table, searcher, scheduler, s, budget, trials, startup_of(trials, searcher)) for s in range(seeds)],
-            budget,
-        )["to_noise"]
+        cold = replayed(table, searcher, scheduler, seeds, trials)["to_noise"]
         for other_name, other in tables.items():
             if other is table:
                 continue
-            first = best_configs(other, table, 3)
-            curves = [
-                replay(table, searcher, scheduler, s, budget, trials, startup_of(trials, searcher), first=first)
-                for s in range(seeds)
-            ]
-            warm = summarize(table, curves, budget)["to_noise"]
+            warm = replayed(table, searcher, scheduler, seeds, trials, first=best_configs(other, table, 3))["to_noise"]
             ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
             print(f"| {name}: from {other_name}'s best 3 configs | {show(cold)} | {show(warm)} | {ratio} |")
         half = trials // 2
@@ -468,16 +468,13 @@ def wrong_prior(tables: dict[str, dict], seeds: int, trial_counts: list[int]) ->
     print("|---|---:|---|---:|---:|")
     for name, data in tables.items():
         table = Table(reversed_learning_rates(data))
-        budget = len(table.rows) * table.max_steps
         for trials in trial_counts:
             for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha")):
-                curves = [
-                    replay(table, searcher, scheduler, s, budget, trials, startup_of(trials, searcher))
-                    for s in range(seeds)
-                ]
-                r = summarize(table, curves, budget)
-                label = f"{SEARCHER_NAMES.get(searcher, searcher)} + {SCHEDULER_NAMES[scheduler]}"
-                print(f"| {name} | {trials} | {label} | {show(r['to_1pct'])} | {show(r['to_noise'])} |", flush=True)
+                r = replayed(table, searcher, scheduler, seeds, trials)
+                print(
+                    f"| {name} | {trials} | {label(searcher, scheduler)} | {show(r['to_1pct'])} | {show(r['to_noise'])} |",
+                    flush=True,
+                )
 
 
 def main() -> None:

@@ -21,19 +21,27 @@ import tempfile
 from pathlib import Path
 
 from fika.config import load_config
-from fika.model import build_tiny_tokenizer, device_kind
+from fika.model import build_tiny_tokenizer, device_kind, tiny_llama_config
 from fika.trial import run_trial
 
+
+def tiny_shape() -> dict:
+    """The shape of fika's `tiny` test model (fika.model.tiny_llama_config), with a 512-token vocabulary and tied
+    embeddings like the Llama-3.2 shapes."""
+    config = tiny_llama_config(512)
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
+    return {key: getattr(config, key) for key in keys} | {"tie_word_embeddings": True}
+
+
 SHAPES = {  # from the published configs (as Llama blocks: Qwen2's q/k/v biases are left out)
-    "tiny-llama": dict(  # not a published model: seconds on a CPU (`bench/gpu_search.py --smoke`)
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
+    "tiny-llama": tiny_shape(),  # fika's `tiny` test model: seconds on a CPU (`bench/gpu_search.py --smoke`)
     "llama-3.2-1b": dict(
         vocab_size=128_256,
         hidden_size=2048,

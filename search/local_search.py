@@ -19,19 +19,20 @@ from optuna.samplers import BaseSampler
 from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import TrialState
 
-from fika.search.sampler import config_key
+from fika.search.sampler import WrappedSampler, config_key
 
 LEARNING_RATE = "train.learning_rate"
 
 
-class LocalSearchSampler(BaseSampler):
+class LocalSearchSampler(WrappedSampler):
     """Wraps a TPE sampler: start-up draws with the learning rate at its largest choice and the other choice keys at
     their least-used choices, then untried neighbours (one choice key changed) of the best completed trial, drawn at
     random among them; TPE's draw when none is left (and for ranges). `local_draws` holds the numbers of the trials
     it drew by local search."""
 
-    def __init__(self, inner: BaseSampler, startup: int, seed: int):
-        self.inner, self.startup, self.rng = inner, startup, random.Random(seed)
+    def __init__(self, sampler: BaseSampler, startup: int, seed: int):
+        super().__init__(sampler)
+        self.startup, self.rng = startup, random.Random(seed)
         self.intersection = IntersectionSearchSpace(include_pruned=True)
         self.local_draws: set[int] = set()
 
@@ -42,7 +43,7 @@ class LocalSearchSampler(BaseSampler):
     def infer_relative_search_space(self, study, trial):
         return {
             **self.intersection.calculate(study),
-            **self.inner.infer_relative_search_space(study, trial),
+            **self.sampler.infer_relative_search_space(study, trial),
         }
 
     def sample_relative(self, study, trial, search_space):
@@ -52,8 +53,8 @@ class LocalSearchSampler(BaseSampler):
             if near:
                 self.local_draws.add(trial.number)
                 return self.rng.choice(near)
-        inner_space = self.inner.infer_relative_search_space(study, trial)
-        return self.inner.sample_relative(study, trial, inner_space) if inner_space else {}
+        inner_space = self.sampler.infer_relative_search_space(study, trial)
+        return self.sampler.sample_relative(study, trial, inner_space) if inner_space else {}
 
     def neighbours(self, study, trial, search_space: dict, best: dict) -> list[dict]:
         """The configurations one choice away from `best` that no trial of the study holds."""
@@ -73,7 +74,7 @@ class LocalSearchSampler(BaseSampler):
         if self.finished(study) < self.startup and isinstance(param_distribution, CategoricalDistribution):
             top = top_choice(param_distribution) if param_name == LEARNING_RATE else None
             return top if top is not None else self.least_used(study, trial, param_name, param_distribution)
-        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+        return self.sampler.sample_independent(study, trial, param_name, param_distribution)
 
     def least_used(self, study, trial, param_name: str, distribution: CategoricalDistribution):
         """One of the choices the study's other trials hold least often, at random among them: the start-up draws
@@ -81,15 +82,6 @@ class LocalSearchSampler(BaseSampler):
         earlier = [t.params.get(param_name) for t in study.get_trials(deepcopy=False) if t.number != trial.number]
         used = {choice: earlier.count(choice) for choice in distribution.choices}
         return self.rng.choice([choice for choice, n in used.items() if n == min(used.values())])
-
-    def before_trial(self, study, trial) -> None:
-        self.inner.before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self.inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.inner.reseed_rng()
 
 
 def top_choice(distribution) -> float | None:

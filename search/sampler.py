@@ -20,7 +20,32 @@ def config_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-class NoRepeatSampler(BaseSampler):
+class WrappedSampler(BaseSampler):
+    """An Optuna sampler that hands every call to `sampler`; a subclass changes the calls it needs to."""
+
+    def __init__(self, sampler: BaseSampler):
+        self.sampler = sampler
+
+    def infer_relative_search_space(self, study, trial):
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.sampler.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
+
+
+class NoRepeatSampler(WrappedSampler):
     """An Optuna sampler (TPE, random, ...) that draws again while it proposes a configuration in `seen` (the keys
     of the configurations that ran or run), and after `MAX_DRAWS` such proposals takes one of the configurations not
     yet run (`untried()`, a choice space's) at random. The trials that got such a configuration are in `fallbacks`.
@@ -33,12 +58,10 @@ class NoRepeatSampler(BaseSampler):
     """
 
     def __init__(self, sampler: BaseSampler, seen: dict[str, int], untried: Callable[[], list[dict] | None]):
-        self.sampler, self.seen, self.untried = sampler, seen, untried
+        super().__init__(sampler)
+        self.seen, self.untried = seen, untried
         self.space: dict = {}  # the searched keys and their distributions, in the order a trial draws them
         self.fallbacks: set[int] = set()
-
-    def infer_relative_search_space(self, study, trial):
-        return self.sampler.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
         params = self.sampler.sample_relative(study, trial, search_space)
@@ -83,12 +106,3 @@ class NoRepeatSampler(BaseSampler):
             return proposed
         self.fallbacks.add(trial.number)
         return random.Random(len(self.seen)).choice(untried)
-
-    def before_trial(self, study, trial) -> None:
-        self.sampler.before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self.sampler.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.sampler.reseed_rng()

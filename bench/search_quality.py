@@ -421,7 +421,9 @@ def best_configs(source: Table, target: Table, k: int) -> list[int]:
 
 def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str, scheduler: str) -> None:
     """Trial-steps to the noise band with a warm start against a cold start: from the other table (its best 3 configs
-    run first) and from a half-finished search of the same table (its trials enter the study with their values)."""
+    run first) and from a half-finished search of the same table (its trials enter the study with their values). The
+    rest must run a band config itself, so where the first half already ran one it must find another; the second row
+    of each table keeps the seeds whose first half missed the band, where the warm start's steps are the decision's."""
     print(
         f"\n| warm start ({label(searcher, scheduler)}, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |"
     )
@@ -436,7 +438,7 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
             ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
             print(f"| {name}: from {other_name}'s best 3 configs | {show(cold)} | {show(warm)} | {ratio} |")
         half = trials // 2
-        curves = []
+        curves, missed = [], []
         for s in range(seeds):
             before = replay(table, searcher, scheduler, 1000 + s, budget, half, startup_of(half, searcher))
             known = [i for _, _, i in before]
@@ -444,11 +446,13 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
             curves.append(
                 replay(table, searcher, scheduler, s, budget, rest, startup_of(trials, searcher), known=known)
             )
-        warm = summarize(table, curves, budget)["to_noise"]
-        ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
-        print(
-            f"| {name}: from its own first {half} trials, then {trials - half} more | {show(cold)} | {show(warm)} | {ratio} |"
-        )
+            if not any(table.within_noise[i] for i in known):
+                missed.append(curves[-1])
+        own = f"{name}: from its own first {half} trials, then {trials - half} more"
+        for row, chosen in ((own, curves), (f"{own}, seeds whose first {half} missed the band", missed)):
+            warm = summarize(table, chosen, budget)["to_noise"] if chosen else (None, 0.0)
+            ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
+            print(f"| {row} ({len(chosen)} of {seeds}) | {show(cold)} | {show(warm)} | {ratio} |")
 
 
 def reversed_learning_rates(data: dict) -> dict:

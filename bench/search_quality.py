@@ -5,7 +5,7 @@
                                                  # (about 117 min, 2 cores)
   python bench/search_quality.py                 # replay searchers over the tables (GP rows: minutes each)
   python bench/search_quality.py --searchers local tpe --seeds 90 --trials 12
-  python bench/search_quality.py --only prior    # the tables with their learning rates reversed
+  python bench/search_quality.py --only prior    # the tables with their learning rates, then ranks, reversed
 
 Trials are deterministic, so a searcher replayed over the table sees what it would have seen in a real search:
 fika's samplers (the local searcher, TPE, GP: fika.search.tuner.optuna_sampler, with fika's start-up count and no
@@ -357,9 +357,12 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
         for other_name, other in tables.items():
             if other is table:
                 continue
-            warm = replayed(table, searcher, scheduler, seeds, trials, first=best_configs(other, table, 3))["to_noise"]
-            ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
-            print(f"| {name}: from {other_name}'s best 3 configs | {show(cold)} | {show(warm)} | {ratio} |")
+            top = min(3, startup_of(trials, searcher))  # fika.search.warm_start: as many as the start-up draws
+            warm = replayed(table, searcher, scheduler, seeds, trials, first=best_configs(other, table, top))
+            ratio = f"{warm['to_noise'][0] / cold[0]:.2f}" if warm["to_noise"][0] and cold[0] else "-"
+            print(
+                f"| {name}: from {other_name}'s best {top} configs | {show(cold)} | {show(warm['to_noise'])} | {ratio} |"
+            )
         half = trials // 2
         curves, missed = [], []
         for s in range(seeds):
@@ -378,30 +381,33 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
             print(f"| {row} ({len(chosen)} of {seeds}) | {show(cold)} | {show(warm)} | {ratio} |")
 
 
-def reversed_learning_rates(data: dict) -> dict:
-    """The table with its learning rates relabelled in reverse order (the best one becomes the smallest): a
-    problem where the local searcher's prior (the top learning rate at short horizons) is wrong."""
+def reversed_choices(data: dict, key: str) -> dict:
+    """The table with the choices of `key` relabelled in reverse order (the best learning rate or rank becomes the
+    smallest): a problem where the local searcher's prior (the top learning rate and the largest rank at short
+    horizons) is wrong."""
     data = json.loads(json.dumps(data))
-    rates = data["space"]["train.learning_rate"]["choice"]
-    swap = dict(zip(rates, reversed(rates), strict=True))
+    choices = [json.dumps(c) for c in data["space"][key]["choice"]]
+    swap = dict(zip(choices, reversed(choices), strict=True))
     for row in data["rows"]:
-        row["params"]["train.learning_rate"] = swap[row["params"]["train.learning_rate"]]
+        row["params"][key] = json.loads(swap[json.dumps(row["params"][key])])
     return data
 
 
 def wrong_prior(tables: dict[str, dict], seeds: int, trial_counts: list[int]) -> None:
-    """The local searcher against TPE + ASHA on tables whose best learning rate is the smallest."""
-    print("\n| table, learning rates reversed | trials | searcher | to within 1% (reached) | to the noise (reached) |")
+    """The local searcher against TPE + ASHA on tables whose best learning rate, or best rank, is the smallest."""
+    print("\n| table, choices reversed | trials | searcher | to within 1% (reached) | to the noise (reached) |")
     print("|---|---:|---|---:|---:|")
     for name, data in tables.items():
-        table = Table(reversed_learning_rates(data))
-        for trials in trial_counts:
-            for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha")):
-                r = replayed(table, searcher, scheduler, seeds, trials)
-                print(
-                    f"| {name} | {trials} | {label(searcher, scheduler)} | {show(r['to_1pct'])} | {show(r['to_noise'])} |",
-                    flush=True,
-                )
+        for key in (k for k in data["space"] if k.split(",")[0] in ("train.learning_rate", "lora.r")):
+            table = Table(reversed_choices(data, key))
+            for trials in trial_counts:
+                for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha")):
+                    r = replayed(table, searcher, scheduler, seeds, trials)
+                    print(
+                        f"| {name}, {key} | {trials} | {label(searcher, scheduler)} | {show(r['to_1pct'])} | "
+                        f"{show(r['to_noise'])} |",
+                        flush=True,
+                    )
 
 
 def main() -> None:
@@ -438,9 +444,13 @@ def main() -> None:
         describe_table(name, table)
         compare_searchers(table, args.seeds, args.trials, args.searchers)
     if len(tables) > 1 and args.only in (None, "warm"):
+        rate = "train.learning_rate"  # and where the local searcher's prior is wrong: the learning rates reversed
+        wrong = {
+            f"{name}, lr reversed": Table(reversed_choices(d, rate)) for name, d in data.items() if rate in d["space"]
+        }
         for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha"), ("gp", "asha")):
-            if searcher in args.searchers:
-                warm_starts(tables, args.seeds, 12, searcher, scheduler)
+            for problems in (tables, wrong) if searcher in args.searchers else ():
+                warm_starts(problems, args.seeds, 12, searcher, scheduler)
     if args.only in (None, "prior"):
         wrong_prior(data, args.seeds, args.trials)
 

@@ -152,7 +152,12 @@ def describe_search(spec: SearchSpec) -> str:
     t = spec.base.train
     tokens = spec.max_steps * t.batch_size * t.gradient_accumulation * spec.base.model.max_seq_length
     model = {"local": "a local search around the best", "optuna": "TPE", "gp": "GP"}.get(spec.searcher)
-    top = " (at the top learning rate)" if spec.searcher == "local" and "train.learning_rate" in spec.space else ""
+    top = " and ".join(
+        words
+        for name, words in (("train.learning_rate", "the top learning rate"), ("lora.r", "the largest rank"))
+        if spec.searcher == "local" and any(name in k.split(",") and p.choice for k, p in spec.space.items())
+    )
+    top = f" (at {top})" if top else ""
     drawn = f", {spec.startup()} drawn at random{top} before {model}" if model else ""
     capped = (
         f" (num_samples {spec.num_samples}, but the space holds {spec.num_trials()} configurations and none runs twice)"

@@ -106,7 +106,8 @@ def folder_state(spec: SearchSpec, directory: Path, resume: bool) -> str:
     if differences:
         raise ConfigError(
             f"name: {spec.name!r} already has a search in {directory} with another spec ({'; '.join(differences[:6])}"
-            f"{'; ...' if len(differences) > 6 else ''}); pick another name, or remove that folder"
+            f"{'; ...' if len(differences) > 6 else ''}); pick another name, remove that folder, or give its values "
+            "as overrides (KEY=VALUE) to go on with it"
         )
     if (read_json(directory / "run.json") or {}).get("finished_at"):
         return "finished"

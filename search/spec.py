@@ -10,7 +10,7 @@ A spec is YAML:
       lora.r,lora.alpha: {choice: [[8, 16], [16, 16], [32, 64]]}   # paired values, tried together
       lora.alpha_ratio: {choice: [1, 2]}                             # tied alpha = ratio x r
       data.sources.ultrachat.weight: {choice: [0, 1, 2]}             # data keys: by source name or index
-    searcher: optuna          # optuna (TPE) | local (top lr first, then around the best trial) | gp | grid | random
+    searcher: local           # local (top lr and rank first, then around the best) | optuna (TPE) | gp | grid | random
     startup_trials: 4         # local, optuna, gp: trials drawn at random before the sampler uses the results
     num_samples: 12
     scheduler: {kind: asha, grace_period: 20, reduction_factor: 2, rung_metric: train_loss_smooth}
@@ -158,11 +158,10 @@ class SearchSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     base: TrialConfig
     space: dict[str, Param] = Field(min_length=1, max_length=64)
-    searcher: Literal["optuna", "local", "gp", "grid", "random"] = "optuna"
-    """optuna: Optuna's TPE; local: start-up draws at the top learning rate, then a local search around the best
-    trial, TPE when no neighbour is left (fika.search.local_search; for learning-rate choices whose top is not above
-    the best, as in the usual LoRA range at tens of steps: the shipped specs); gp: Optuna's Gaussian-process sampler
-    (suited to tens of trials); grid: every choice combination; random."""
+    searcher: Literal["local", "optuna", "gp", "grid", "random"] = "local"
+    """local: start-up draws at the top learning rate and the largest rank, then a local search around the best
+    trial, the learning rate first, TPE when no neighbour is left (fika.search.local_search); optuna: Optuna's TPE;
+    gp: Optuna's Gaussian-process sampler (suited to tens of trials); grid: every choice combination; random."""
     num_samples: int = Field(8, gt=0, le=100_000)
     """Trials for local, optuna, gp and random; repeats of the whole grid for grid."""
     startup_trials: int | None = Field(None, ge=0)

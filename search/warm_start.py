@@ -4,8 +4,9 @@ A trial of an earlier search whose resolved config is exactly the one this searc
 values (same model, data, eval set, horizon and every key the new space does not search) enters the study with its
 result: COMPLETE with its metric, or PRUNED with its rung values, without running again; the sampler models the
 space from the first new trial, and that configuration never runs twice. An earlier search none of whose trials
-match (another model, data, length or horizon) gives only its best configurations, which run first (`warm` in
-draws.jsonl). What was reused is written to `warm_start.json` in the run folder for the report.
+match (another model, data, length or horizon) gives only its best configurations (as many as the search's start-up
+draws, 1 to 3), which run first (`warm` in draws.jsonl). What was reused is written to `warm_start.json` in the run
+folder for the report.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fika.files import read_json, write_atomic
 from fika.search.spec import EVAL_KEYS, SearchSpec
 from fika.search.trials import space_values, trial_config
 
-WARM_TOP = 3  # configurations run first from an earlier search that differs
+WARM_TOP = 3  # at most this many configurations run first from an earlier search that differs
 IGNORED = ("output.", *EVAL_KEYS, "train.logging_steps")  # keys that change a trial's outputs and evals, not its result
 
 
@@ -94,7 +95,8 @@ def earlier_search(spec: SearchSpec, run: str) -> Earlier:
             earlier.differs = difference
     if not earlier.values:
         ranked = [r for r in rows if r.status in ("completed", "pruned")]  # in the report's order
-        best = [r for r in ranked if space_values(spec, r.config) is not None][:WARM_TOP]
+        top = max(1, min(WARM_TOP, spec.startup()))  # they take the place of the start-up draws
+        best = [r for r in ranked if space_values(spec, r.config) is not None][:top]
         earlier.first = [{"trial": r.trial_id, "params": space_values(spec, r.config)} for r in best]
         earlier.differs = earlier.differs or "no trial lies in this search's space"
     return earlier

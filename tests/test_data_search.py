@@ -74,8 +74,8 @@ def test_the_data_mix_spec_validates_and_shows_the_rows_each_extreme_would_use(c
     assert main(["search", str(REPO / "search" / "specs" / "data-mix.yaml"), "--address=auto", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert (
-        "search data-mix: local searcher, 48 trials, 12 drawn at random (at the top learning rate) before a local "
-        "search around the best" in out
+        "search data-mix: local searcher, 48 trials, 12 drawn at random (at the top learning rate and the largest "
+        "rank) before a local search around the best" in out
     )
     corners = [line for line in out.splitlines() if line.startswith("  data.sources.")]
     assert len(corners) == 16  # weights and limits of the data keys, smallest and largest of each

@@ -1,5 +1,5 @@
-"""The local searcher (start-up at the top learning rate, then neighbours of the best trial) and ASHA compared within
-each lr schedule: their draws and stops, and a real search with both."""
+"""The local searcher (start-up at the top learning rate and the largest rank, then neighbours of the best trial) and
+ASHA compared within each lr schedule: their draws and stops, and a real search with both."""
 
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ def neighbours(config: dict) -> list[dict]:
     return [{**config, k: v} for k, d in SPACE.items() for v in d.categories if v != config[k]]
 
 
-def test_start_up_draws_take_the_top_learning_rate_then_neighbours_of_the_best_are_tried(tmp_path):
-    """The start-up draws: the largest learning rate, the other keys spread over their choices. Then a neighbour of
-    the best trial, until none is left."""
+def test_start_up_draws_take_the_top_learning_rate_and_rank_then_neighbours_of_the_best_are_tried(tmp_path):
+    """The start-up draws: the largest learning rate and rank, the other keys spread over their choices. Then a
+    neighbour of the best trial, until none is left."""
     search = local_searcher(tmp_path)
     done: dict[str, dict] = {}
     for i in range(18):
@@ -71,7 +71,7 @@ def test_start_up_draws_take_the_top_learning_rate_then_neighbours_of_the_best_a
         if config == Searcher.FINISHED:
             break
         if i < 2:
-            assert config["train.learning_rate"] == 5e-4  # the start-up draws: the largest choice
+            assert config["train.learning_rate"] == 5e-4 and config["lora.r"] == 32  # the start-up: the largest
         else:
             best = min(done.values(), key=loss)
             drawn = json.loads((tmp_path / "draws.jsonl").read_text().splitlines()[-1])["drawn"]
@@ -84,10 +84,28 @@ def test_start_up_draws_take_the_top_learning_rate_then_neighbours_of_the_best_a
     kinds = [json.loads(line)["drawn"] for line in (tmp_path / "draws.jsonl").read_text().splitlines()]
     assert kinds[:2] == ["random", "random"] and "local" in kinds
     first, second = done["0"], done["1"]
-    assert first["lora.r"] != second["lora.r"] and first["train.lr_scheduler"] != second["train.lr_scheduler"]
+    assert first["train.lr_scheduler"] != second["train.lr_scheduler"]  # spread over the other key's choices
     assert len({json.dumps(c, sort_keys=True) for c in done.values()}) == len(done) == 18  # none twice, all run
     best = {"train.learning_rate": 5e-4, "train.lr_scheduler": "cosine", "lora.r": 32}
-    assert best in list(done.values())[:6]  # found within the start-up and the first neighbours
+    assert best in list(done.values())[:2]  # found by the start-up
+
+
+def test_a_paired_rank_key_starts_at_its_largest_rank_and_spreads_over_the_pairs_that_tie():
+    """`lora.r,lora.alpha` by its r: [16, 16] and [16, 32] tie at the top and the start-up draws take both; a key
+    that names no learning rate or rank, or choices that are not numbers, get no top."""
+    from optuna.distributions import CategoricalDistribution
+
+    from fika.search.local_search import top_choices
+    from fika.search.trials import encode_choice
+
+    pairs = CategoricalDistribution([encode_choice(p) for p in ([8, 8], [16, 16], [16, 32])])
+    assert top_choices("lora.r,lora.alpha", pairs) == ["[16, 16]", "[16, 32]"]
+    assert top_choices("lora.alpha,lora.r", CategoricalDistribution(["[8, 32]", "[16, 16]"])) == ["[8, 32]"]
+    assert top_choices("lora.alpha", CategoricalDistribution([8, 16])) is None
+    assert top_choices("train.learning_rate", CategoricalDistribution(["low", "high"])) is None
+    study = optuna.create_study(sampler=optuna_sampler("local", 0, 2))
+    drawn = [study.ask({"lora.r,lora.alpha": pairs}).params["lora.r,lora.alpha"] for _ in range(2)]
+    assert sorted(drawn) == ["[16, 16]", "[16, 32]"]
 
 
 def test_a_learning_rate_given_as_a_range_is_drawn_by_tpe():
@@ -138,7 +156,7 @@ def test_a_local_search_runs_end_to_end_with_asha_within_the_schedule(tmp_path, 
     args.append("scheduler.compare_within=[train.lr_scheduler]")  # the smoke spec sets one ASHA for the other tests
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "local searcher, 6 trials, 2 drawn at random (at the top learning rate)" in out
+    assert "local searcher, 6 trials, 2 drawn at random (at the top learning rate and the largest rank)" in out
     assert "rungs at steps [6] on train_loss_smooth, each trial compared within its train.lr_scheduler" in out
     assert main(args) == 0
     run = tmp_path / "smoke"
@@ -147,6 +165,7 @@ def test_a_local_search_runs_end_to_end_with_asha_within_the_schedule(tmp_path, 
     later = kinds.index("local")  # the start-up: the draws made before 2 trials had finished
     assert kinds[:later] == ["baseline"] + ["random"] * (later - 1) and later >= 3
     assert all(d["params"]["train.learning_rate"] == 2e-2 for d in draws[1:later])  # the smoke space's top
+    assert all(d["params"]["lora.r,lora.alpha"] in ("[16, 16]", "[16, 32]") for d in draws[1:later])  # largest r
     assert set(kinds[later:]) <= {"local", "tpe", "untried"}
     study = optuna.load_study(
         study_name="smoke",
@@ -173,3 +192,27 @@ def test_a_warm_started_study_moves_from_its_best_earlier_trial_at_once():
         study.add_trial(create_trial(params=params, distributions=space, value=value))
     trial = study.ask(space)
     assert one_apart(trial.params, earlier[1][0]) and trial.number in sampler.local_draws
+
+
+def test_a_local_move_walks_down_the_learning_rates_first_one_choice_at_a_time():
+    """A key of numbers moves to its nearest untried choice on either side, a key of names to any untried one; while a
+    learning-rate move is left, the local search makes only those."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    from fika.search.local_search import nearest_untried
+
+    rates = CategoricalDistribution([1e-4, 2e-4, 5e-4, 1e-3])
+    assert nearest_untried(rates, 1e-3, lambda c: False) == [5e-4]
+    assert nearest_untried(rates, 2e-4, lambda c: False) == [1e-4, 5e-4]
+    assert nearest_untried(rates, 1e-3, lambda c: c == 5e-4) == [2e-4]  # the next untried one down
+    names = CategoricalDistribution(["linear", "cosine", "constant"])
+    assert nearest_untried(names, "linear", lambda c: False) == ["cosine", "constant"]
+    space = {"train.learning_rate": rates, "train.lr_scheduler": names}
+    study = optuna.create_study(sampler=optuna_sampler("local", 0, 1))
+    best = {"train.learning_rate": 1e-3, "train.lr_scheduler": "linear"}
+    study.add_trial(create_trial(params=best, distributions=space, value=1.0))
+    drawn = [study.ask(space).params for _ in range(4)]  # no results told: each drawn trial counts as tried
+    assert [d["train.learning_rate"] for d in drawn[:3]] == [5e-4, 2e-4, 1e-4]
+    assert all(d["train.lr_scheduler"] == "linear" for d in drawn[:3])
+    assert drawn[3]["train.learning_rate"] == 1e-3 and drawn[3]["train.lr_scheduler"] != "linear"  # then the others

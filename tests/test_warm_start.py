@@ -11,6 +11,7 @@ import yaml
 
 import fika.search
 from fika.cli import main
+from fika.search.warm_start import plan_warm_start
 
 from .test_search import SMOKE, load_study
 
@@ -57,6 +58,10 @@ def test_a_warm_start_reuses_values_of_the_same_configs_and_reruns_the_best_of_a
     assert len(study.trials) == len(first.ranking) == 4  # no values of the other model's trials
     report = (tmp_path / "r-first" / "index.md").read_text()
     assert f"differs (model.name '{tiny_copy}' -> 'tiny')" in report and "best 3 configurations ran first" in report
+    # as many as the search's start-up draws: the local searcher's 2 of 12 trials
+    local = fika.search.api.resolved_spec(SMOKE, {**common, "name": "local", "searcher": "local", "num_samples": 12})
+    local = local.model_copy(update={"warm_start": [str(other.run_dir)]})
+    assert [len(e.first) for e in plan_warm_start(local)] == [local.startup()] == [2]
 
     # the same configs: the earlier trials enter the study with their values, and none of them runs again
     overrides = {

@@ -12,8 +12,8 @@ best completed trial (the local search SMAC runs around its incumbents), so a se
 without re-learning the space. A key of numbers moves to its nearest untried value on either side (the next learning
 rate down from the top, not the bottom one), and the learning rate moves first, while an untried one is next to the
 best's: it matters most, and where the top of the choices is too high, the search walks down from it. When every
-neighbour of the best has run, TPE draws. A learning rate or rank given as a range is drawn by TPE, and a local move
-changes choice keys only.
+neighbour of the best has run, TPE draws. A local move changes choice keys only: TPE draws every key given as a
+range, for every trial (a learning rate or rank given as a range too).
 """
 
 from __future__ import annotations
@@ -65,17 +65,21 @@ class LocalSearchSampler(WrappedSampler):
         return self.sampler.sample_relative(study, trial, inner_space) if inner_space else {}
 
     def neighbours(self, study, trial, search_space: dict, best: dict) -> list[dict]:
-        """The untried configurations one choice away from `best`: a key of numbers moves to its nearest untried value
-        on either side, another key to any untried value; while a learning-rate move is left, only those."""
-        if not search_space or set(search_space) - set(best):
+        """The choice keys of the configurations one choice away from `best` whose choices no trial holds: a key of
+        numbers moves to its nearest untried value on either side, another key to any untried value; while a
+        learning-rate move is left, only those. Keys with a range are left out: TPE draws them for every trial."""
+        choices = [key for key, dist in search_space.items() if isinstance(dist, CategoricalDistribution)]
+        if not choices or set(choices) - set(best):
             return []
-        tried = {config_key(t.params) for t in study.get_trials(deepcopy=False) if t.number != trial.number}
-        center = {key: best[key] for key in search_space}
+        trials = study.get_trials(deepcopy=False)
+        tried = {config_key({key: t.params.get(key) for key in choices}) for t in trials if t.number != trial.number}
+        center = {key: best[key] for key in choices}
         moves = [
             (key, value)
-            for key, dist in search_space.items()
-            if isinstance(dist, CategoricalDistribution)
-            for value in nearest_untried(dist, center[key], lambda v, k=key: config_key({**center, k: v}) in tried)
+            for key in choices
+            for value in nearest_untried(
+                search_space[key], center[key], lambda v, k=key: config_key({**center, k: v}) in tried
+            )
         ]
         first = [(key, value) for key, value in moves if LEARNING_RATE in key.split(",")]
         return [{**center, key: value} for key, value in first or moves]

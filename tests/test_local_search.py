@@ -108,12 +108,27 @@ def test_a_paired_rank_key_starts_at_its_largest_rank_and_spreads_over_the_pairs
     assert sorted(drawn) == ["[16, 16]", "[16, 32]"]
 
 
-def test_a_learning_rate_given_as_a_range_is_drawn_by_tpe():
-    """The top-of-the-range prior is for choices: a range's start-up draws are TPE's random ones, spread over it."""
-    study = optuna.create_study(sampler=optuna_sampler("local", 0, 3))
-    space = {"train.learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)}
-    values = [study.ask(space).params["train.learning_rate"] for _ in range(3)]
+def test_a_learning_rate_given_as_a_range_is_drawn_by_tpe_for_every_trial():
+    """The top-of-the-range prior is for choices: a range's start-up draws are TPE's random ones, spread over it. After
+    the start-up a local move changes a choice key, and TPE draws the range again: it is not pinned to the best's."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import create_trial
+
+    sampler = optuna_sampler("local", 0, 3)
+    study = optuna.create_study(sampler=sampler)
+    rate = {"train.learning_rate": FloatDistribution(1e-5, 1e-3, log=True)}
+    values = [study.ask(rate).params["train.learning_rate"] for _ in range(3)]
     assert len(set(values)) == 3 and all(1e-5 <= v < 1e-3 for v in values)
+    space = {**rate, "train.lr_scheduler": CategoricalDistribution(["linear", "cosine", "constant"])}
+    study = optuna.create_study(sampler=optuna_sampler("local", 0, 2))
+    best = {"train.learning_rate": 3e-4, "train.lr_scheduler": "linear"}
+    for params, value in ((best, 1.0), ({"train.learning_rate": 1e-5, "train.lr_scheduler": "cosine"}, 2.0)):
+        study.add_trial(create_trial(params=params, distributions=space, value=value))
+    local, after = study.ask(space), study.ask(space)
+    assert local.params["train.lr_scheduler"] == "constant"  # the one schedule no trial holds yet
+    assert local.params["train.learning_rate"] != 3e-4  # drawn by TPE, not the best's
+    local_draws = study.sampler.local_draws
+    assert local.number in local_draws and after.number not in local_draws  # every schedule has run: TPE
 
 
 class Trial:

@@ -343,8 +343,8 @@ def best_configs(source: Table, target: Table, k: int) -> list[int]:
 
 
 def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str, scheduler: str) -> None:
-    """Trial-steps to the noise band with a warm start against a cold start: from the other table (its best 3 configs
-    run first) and from a half-finished search of the same table (its trials enter the study with their values). The
+    """Trial-steps to the noise band with a warm start against a cold start: from the other table (its best configs
+    run first, as many as the start-up draws, at most 3) and from a half-finished search of the same table (its trials enter the study with their values). The
     rest must run a band config itself, so where the first half already ran one it must find another; the second row
     of each table keeps the seeds whose first half missed the band, where the warm start's steps are the decision's."""
     print(

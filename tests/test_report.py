@@ -139,6 +139,8 @@ def test_the_report_measures_its_claims(smoke_report):
     assert "## What each searched key did" in md and (
         "made no measurable difference at 12 steps" in md or "beyond the eval noise (trials" in md
     )
+    pruned = [line for line in md.splitlines() if line.startswith("| ") and line.rstrip().endswith("| pruned |")]
+    assert ("; stopped early: " in md) == bool(pruned)  # the per-key lines count the trials ASHA stopped
     assert "## Rung agreement" in md and "rung 6 (train_loss_smooth) vs eval_loss at step 12" in md
     assert "Edge: " in md and "is the largest value searched: widen the space above it" in md
     assert "drawn: 1 baseline, " in md and " tpe" in md  # 3 start-up trials of 8: TPE drew the rest

@@ -6,6 +6,7 @@ whether its value made a difference beyond the eval noise."""
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 
 from fika.overrides import get_dotted
 from fika.search.report import analysis
@@ -164,7 +165,8 @@ def horizon_verdict(r: Report) -> list[str]:
 def key_effects(r: Report) -> list[str]:
     """Per searched key: whether its values made a difference beyond the eval noise. The completed trials of each
     value are averaged per held-out conversation, and the best value's average is compared with each other value's,
-    paired over the conversations (the other keys vary within each group: a marginal effect, not a controlled one)."""
+    paired over the conversations (the other keys vary within each group: a marginal effect, not a controlled one).
+    Trials the scheduler stopped have no final eval; the line counts them per value."""
     lines = []
     trials = [row for row in r.completed if row.final_eval and row.eval_step == r.spec.max_steps]
     for key in r.spec.space:
@@ -181,6 +183,9 @@ def key_effects(r: Report) -> list[str]:
             if paired is not None and paired.significant and paired.diff > 0:
                 worse.append(f"{value} by {paired.diff:.4f}")
         name, counts = short_key(key), ", ".join(f"{v}: {len(rows)}" for v, rows in groups.items())
+        stopped = Counter(fmt_param(row.params[key]) for row in r.ranked if row.status == "pruned")
+        if stopped:  # not in the comparison (no final eval), but what the scheduler saw of each value
+            counts += "; stopped early: " + ", ".join(f"{v}: {n}" for v, n in stopped.items())
         if worse:
             lines.append(f"- {name}: {best} is better than {', '.join(worse)} beyond the eval noise (trials {counts}).")
         else:

@@ -306,8 +306,10 @@ def show(pair) -> str:
 
 
 def startup_of(trials: int, searcher: str = "tpe") -> int:
-    """A search's random start-up draws for this many trials (fika.search.spec.SearchSpec.startup)."""
-    return min(10, max(2, trials // 6)) if searcher == "local" else min(10, max(3, trials // 3))
+    """A search's random start-up draws for this many trials, as fika counts them."""
+    from fika.search.spec import default_startup
+
+    return default_startup(searcher, trials)
 
 
 def label(searcher: str, scheduler: str) -> str:

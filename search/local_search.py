@@ -26,10 +26,10 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import TrialState
 
 from fika.search.sampler import WrappedSampler, config_key
+from fika.search.spec import TOP_FIRST
 from fika.search.trials import decode_choice
 
 LEARNING_RATE = "train.learning_rate"
-TOP_FIRST = (LEARNING_RATE, "lora.r")  # the keys whose start-up draws take their largest choice
 
 
 class LocalSearchSampler(WrappedSampler):

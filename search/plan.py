@@ -10,7 +10,7 @@ from fika.config import TrialConfig
 from fika.console import say
 from fika.errors import ConfigError, first_line
 from fika.memory import GIB, MemoryEstimate, estimate_memory
-from fika.search.spec import SearchSpec
+from fika.search.spec import TOP_FIRST, SearchSpec
 from fika.search.trials import encode_choice, split_key, trial_config
 
 GPU_SIZES_GB = (24, 40, 80)
@@ -154,7 +154,7 @@ def describe_search(spec: SearchSpec) -> str:
     model = {"local": "a local search around the best", "optuna": "TPE", "gp": "GP"}.get(spec.searcher)
     top = " and ".join(
         words
-        for name, words in (("train.learning_rate", "the top learning rate"), ("lora.r", "the largest rank"))
+        for name, words in TOP_FIRST.items()
         if spec.searcher == "local" and any(name in k.split(",") and p.choice for k, p in spec.space.items())
     )
     top = f" (at {top})" if top else ""

@@ -39,6 +39,12 @@ from fika.yaml_files import read_yaml
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 OPTUNA_SEARCHERS = ("local", "optuna", "gp")  # the searchers that draw through an Optuna study
+TOP_FIRST = {  # the keys whose start-up draws in a `local` search take their largest choice, and how a plan says it
+    "train.learning_rate": "the top learning rate",
+    "lora.r": "the largest rank",
+}
+
+
 EVAL_KEYS = (  # when a trial is evaluated and what it keeps: not what it learns
     "train.eval_steps",
     "train.eval_every",
@@ -69,6 +75,12 @@ INTEGER_KEYS = re.compile(
     r"(lora\.r|train\.(max_steps|batch_size|gradient_accumulation|warmup_steps|num_cycles|seed)|"
     r"data\.(sources\.[a-z0-9_]+\.)?(limit|min_tokens|max_tokens|min_assistant_turns))$"
 )
+
+
+def default_startup(searcher: str, num_samples: int) -> int:
+    """The random start-up draws of a search of `num_samples` trials: a third, 3 to 10; for `local` a sixth, 2 to 10
+    (it starts from the best of them, not from a model)."""
+    return min(10, max(2, num_samples // 6)) if searcher == "local" else min(10, max(3, num_samples // 3))
 
 
 class Param(Section):
@@ -313,11 +325,9 @@ class SearchSpec(Section):
 
     def startup(self) -> int:
         """How many trials of an Optuna searcher (local, optuna, gp) are drawn at random before it uses the results."""
-        if self.startup_trials is not None:
-            return self.startup_trials
-        if self.searcher == "local":
-            return min(10, max(2, self.num_samples // 6))
-        return min(10, max(3, self.num_samples // 3))
+        return (
+            self.startup_trials if self.startup_trials is not None else default_startup(self.searcher, self.num_samples)
+        )
 
     def num_trials(self) -> int:
         """The trials the search runs: num_samples, times the grid for grid; optuna runs no configuration twice,

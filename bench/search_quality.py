@@ -126,12 +126,13 @@ def replay(
     trials: int,
     startup: int,
     rung_metric: str = "train_loss_smooth",
-    first: list[int] | None = None,
+    first: list[dict] | None = None,
     known: list[int] | None = None,
 ) -> list[tuple[int, float, int]]:
     """One simulated search; returns (trial-steps spent, best final eval loss so far, the trial) after each completed
-    trial. `first`: configs that run first (a warm start from a search that differs); `known`: configs whose final
-    eval losses enter the study before the search starts, never run (a warm start from the same configs)."""
+    trial. `first`: values (of some or all keys, as the study holds them) that the first trials take, the other keys
+    drawn by the sampler (a warm start from a search that differs; Optuna searchers only); `known`: configs whose
+    final eval losses enter the study before the search starts, never run (a warm start from the same configs)."""
     import optuna
 
     from fika.search.sampler import config_key
@@ -148,7 +149,7 @@ def replay(
             study.add_trial(
                 optuna.trial.create_trial(params=params_of[i], distributions=space, value=float(table.final[i]))
             )
-    queue = [i for i in first or [] if config_key(params_of[i]) not in seen]
+    queue = [params for params in first or [] if config_key(params) not in seen]
     order = list(range(len(table.rows)))
     rng.shuffle(order)
     grace, reduction = table.grace, table.reduction
@@ -165,7 +166,7 @@ def replay(
     def draw() -> int | None:
         if optuna_searcher:
             if queue:
-                study.enqueue_trial(params_of[queue.pop(0)])
+                study.enqueue_trial(queue.pop(0), user_attrs={"fika_drawn": "warm"})  # as fika.search.warm_start
             if len(seen) >= len(table.rows):
                 return None
             t = study.ask(space)
@@ -173,13 +174,10 @@ def replay(
             seen[config_key(params_of[i])] = i
             asked[i] = t
             return i
-        if queue:
-            i = queue.pop(0)
-        else:
-            left = [i for i in order if config_key(params_of[i]) not in seen]
-            if not left:
-                return None
-            i = left[0] if searcher == "grid" else rng.choice(left)
+        left = [i for i in order if config_key(params_of[i]) not in seen]
+        if not left:
+            return None
+        i = left[0] if searcher == "grid" else rng.choice(left)
         seen[config_key(params_of[i])] = i
         return i
 
@@ -337,34 +335,65 @@ def compare_searchers(table: Table, seeds: int, trial_counts: list[int], searche
             )
 
 
-def best_configs(source: Table, target: Table, k: int) -> list[int]:
-    """The target table's indices of the source table's `k` best configs (the same values of every key)."""
-    ranked = sorted(range(len(source.rows)), key=lambda i: source.final[i])
-    keys = [json.dumps(source.rows[i]["params"], sort_keys=True) for i in ranked]
-    return [target.index[key] for key in keys if key in target.index][:k]
+def earlier_best(table: Table, searcher: str, scheduler: str, seed: int, trials: int) -> list[tuple[dict, dict]]:
+    """The completed trials of one simulated search of `table`, best first: (params as the study holds them, final
+    eval per held-out conversation), what fika.search.warm_start reads of an earlier search."""
+    from fika.search.trials import encode_choice
+
+    budget = len(table.rows) * table.max_steps
+    curve = replay(table, searcher, scheduler, seed, budget, trials, startup_of(trials, searcher))
+    ids = list(range(len(table.rows[0]["evals"][str(table.max_steps)]["sums"])))
+    return [
+        (
+            {k: encode_choice(table.rows[i]["params"][k]) for k in table.keys},
+            {"ids": ids, **table.rows[i]["evals"][str(table.max_steps)]},
+        )
+        for i in sorted({i for _, _, i in curve}, key=lambda i: table.final[i])
+    ]
+
+
+def carried(finals: list[tuple[dict, dict]], rule: str) -> list[dict]:
+    """What runs first in a search warm-started from an earlier one that differs. `fika`: the best configuration
+    with its learning rate and rank and the keys it settled (fika.search.warm_start); `top K`: the best K
+    configurations whole (the rule before, K the start-up draws, at most 3; the local searcher's start-up now takes
+    their learning rate and rank too)."""
+    from fika.search.warm_start import carried_values, settled_keys
+
+    if rule == "fika":
+        return [carried_values(finals[0][0], settled_keys(finals))]
+    return [params for params, _ in finals[: int(rule.split()[1])]]
 
 
 def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str, scheduler: str) -> None:
-    """Trial-steps to the noise band with a warm start against a cold start: from the other table (its best configs
-    run first, as many as the start-up draws, at most 3) and from a half-finished search of the same table (its trials enter the study with their values). The
-    rest must run a band config itself, so where the first half already ran one it must find another; the second row
-    of each table keeps the seeds whose first half missed the band, where the warm start's steps are the decision's."""
+    """Trial-steps to the noise band with a warm start against a cold start: from a search of the other table (what
+    fika runs first from it, against its best configurations whole) and from a half-finished search
+    of the same table (its trials enter the study with their values). The rest must run a band config itself, so
+    where the first half already ran one it must find another; the second row of each table keeps the seeds whose
+    first half missed the band, where the warm start's steps are the decision's."""
     print(
         f"\n| warm start ({label(searcher, scheduler)}, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |"
     )
     print("|---|---:|---:|---:|")
+    before = f"top {min(3, startup_of(trials, searcher))}"  # as many as the start-up draws, at most 3
+    rules = {
+        "fika": "its best config, with its learning rate, rank and the keys it settled",
+        before: f"its best {before.split()[1]} configs whole",
+    }
     for name, table in tables.items():
         budget = len(table.rows) * table.max_steps
         cold = replayed(table, searcher, scheduler, seeds, trials)["to_noise"]
         for other_name, other in tables.items():
             if other is table:
                 continue
-            top = min(3, startup_of(trials, searcher))  # fika.search.warm_start: as many as the start-up draws
-            warm = replayed(table, searcher, scheduler, seeds, trials, first=best_configs(other, table, top))
-            ratio = f"{warm['to_noise'][0] / cold[0]:.2f}" if warm["to_noise"][0] and cold[0] else "-"
-            print(
-                f"| {name}: from {other_name}'s best {top} configs | {show(cold)} | {show(warm['to_noise'])} | {ratio} |"
-            )
+            earlier = [earlier_best(other, searcher, scheduler, 1000 + s, trials) for s in range(seeds)]
+            for rule, how in rules.items():
+                curves = [
+                    replay(table, searcher, scheduler, s, budget, trials, startup_of(trials, searcher), first=first)
+                    for s, first in enumerate(carried(finals, rule) for finals in earlier)
+                ]
+                warm = summarize(table, curves, budget)["to_noise"]
+                ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
+                print(f"| {name}: from a search of {other_name}, {how} | {show(cold)} | {show(warm)} | {ratio} |")
         half = trials // 2
         curves, missed = [], []
         for s in range(seeds):
@@ -446,12 +475,16 @@ def main() -> None:
         describe_table(name, table)
         compare_searchers(table, args.seeds, args.trials, args.searchers)
     if len(tables) > 1 and args.only in (None, "warm"):
-        rate = "train.learning_rate"  # and where the local searcher's prior is wrong: the learning rates reversed
-        wrong = {
-            f"{name}, lr reversed": Table(reversed_choices(d, rate)) for name, d in data.items() if rate in d["space"]
-        }
+        wrong = [  # and where the local searcher's priors are wrong: the learning rates or the ranks reversed
+            {
+                f"{name}, {short} reversed": Table(reversed_choices(d, key))
+                for name, d in data.items()
+                if key in d["space"]
+            }
+            for key, short in (("train.learning_rate", "lr"), ("lora.r,lora.alpha", "rank"))
+        ]
         for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha"), ("gp", "asha")):
-            for problems in (tables, wrong) if searcher in args.searchers else ():
+            for problems in (tables, *wrong) if searcher in args.searchers else ():
                 warm_starts(problems, args.seeds, 12, searcher, scheduler)
     if args.only in (None, "prior"):
         wrong_prior(data, args.seeds, args.trials)

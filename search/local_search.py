@@ -7,7 +7,8 @@ usual range. LoRAs of every rank follow the same loss curve early in a run, a lo
 runs out, and the best learning rate hardly moves with the rank (LoRA Without Regret, Schulman et al., 2025), so the
 largest rank is never the worse start. The start-up draws therefore take the largest learning-rate and rank choices,
 and spread over the choices of every other key (each takes one of its least-used choices so far; so do a paired
-key's choices tied at the largest rank). After them, each trial is an untried configuration one choice away from the
+key's choices tied at the largest rank). A warm start from an earlier search that differs replaces both priors with
+what that search measured: its best trial runs first, and the other start-up draws take its learning rate and rank. After them, each trial is an untried configuration one choice away from the
 best completed trial (the local search SMAC runs around its incumbents), so a search climbs from its best start
 without re-learning the space. A key of numbers moves to its nearest untried value on either side (the next learning
 rate down from the top, not the bottom one), and the learning rate moves first, while an untried one is next to the
@@ -33,8 +34,8 @@ LEARNING_RATE = "train.learning_rate"
 
 
 class LocalSearchSampler(WrappedSampler):
-    """Wraps a TPE sampler: start-up draws with the learning rate and the LoRA rank at their largest choices and the
-    other choice keys at their least-used choices, then untried neighbours (one choice key changed, the learning rate
+    """Wraps a TPE sampler: start-up draws with the learning rate and the LoRA rank at their largest choices (or a
+    warm start's) and the other choice keys at their least-used choices, then untried neighbours (one choice key changed, the learning rate
     first) of the best completed trial, drawn at random among them; TPE's draw when none is left (and for ranges).
     `local_draws` holds the numbers of the trials it drew by local search."""
 
@@ -86,7 +87,7 @@ class LocalSearchSampler(WrappedSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if self.finished(study) < self.startup and isinstance(param_distribution, CategoricalDistribution):
-            tops = top_choices(param_name, param_distribution)
+            tops = warm_choices(study, trial, param_name) or top_choices(param_name, param_distribution)
             return self.least_used(study, trial, param_name, tops or param_distribution.choices)
         return self.sampler.sample_independent(study, trial, param_name, param_distribution)
 
@@ -96,6 +97,19 @@ class LocalSearchSampler(WrappedSampler):
         earlier = [t.params.get(param_name) for t in study.get_trials(deepcopy=False) if t.number != trial.number]
         used = {choice: earlier.count(choice) for choice in choices}
         return self.rng.choice([choice for choice, n in used.items() if n == min(used.values())])
+
+
+def warm_choices(study, trial, param_name: str) -> list:
+    """For a key of TOP_FIRST, the values that trials of a warm start (`fika_drawn` warm: an earlier search's best)
+    hold: the start-up draws take the value an earlier search measured instead of the largest."""
+    if not set(param_name.split(",")) & set(TOP_FIRST):
+        return []
+    warm = [
+        t.params[param_name]
+        for t in study.get_trials(deepcopy=False)
+        if t.number != trial.number and t.user_attrs.get("fika_drawn") == "warm" and param_name in t.params
+    ]
+    return list(dict.fromkeys(warm))
 
 
 def numeric_choices(distribution: CategoricalDistribution) -> list | None:

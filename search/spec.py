@@ -181,7 +181,8 @@ class SearchSpec(Section):
     num_samples, 3 to 10; for local a sixth, 2 to 10: it starts from the best of them, not from a model)."""
     warm_start: list[str] = Field(default_factory=list, max_length=32)
     """Earlier searches (their run folders) to start from: the trials of one with the same model, data, eval set,
-    horizon and metric enter the study with their values; of one that differs, the best configurations run first."""
+    horizon and metric enter the study with their values; of one that differs, the best configuration runs first with
+    its learning rate, rank and the keys it settled (the other keys drawn afresh)."""
     confirm: ConfirmSpec | None = None
     """Re-run the best trials with other seeds and/or at a longer horizon after the search (same run, same Ray)."""
     seed: int = Field(0, ge=0, lt=2**32)

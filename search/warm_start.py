@@ -4,9 +4,13 @@ A trial of an earlier search whose resolved config is exactly the one this searc
 values (same model, data, eval set, horizon and every key the new space does not search) enters the study with its
 result: COMPLETE with its metric, or PRUNED with its rung values, without running again; the sampler models the
 space from the first new trial, and that configuration never runs twice. An earlier search none of whose trials
-match (another model, data, length or horizon) gives only its best configurations (as many as the search's start-up
-draws, 1 to 3), which run first (`warm` in draws.jsonl). What was reused is written to `warm_start.json` in the run
-folder for the report.
+match (another model, data, length or horizon) gives its best configuration, which runs first (`warm` in
+draws.jsonl) with the values that carry over: its learning rate and LoRA rank, which a cold start would guess (at
+their largest, with the local searcher), and each other key the earlier search settled, i.e. where a completed trial
+that differs from its best in that key alone lost to it beyond the eval noise (paired over the held-out
+conversations). The other keys of that trial are drawn as a cold start draws them: a schedule or dropout that won on
+other data by a margin the earlier search did not show is not carried over. What was reused is written to
+`warm_start.json` in the run folder for the report.
 """
 
 from __future__ import annotations
@@ -18,10 +22,9 @@ from pathlib import Path
 
 from fika.errors import ConfigError
 from fika.files import read_json, write_atomic
-from fika.search.spec import EVAL_KEYS, SearchSpec
+from fika.search.spec import EVAL_KEYS, TOP_FIRST, SearchSpec
 from fika.search.trials import space_values, trial_config
 
-WARM_TOP = 3  # at most this many configurations run first from an earlier search that differs
 IGNORED = ("output.", *EVAL_KEYS, "train.logging_steps")  # keys that change a trial's outputs and evals, not its result
 
 
@@ -31,13 +34,26 @@ class Earlier:
 
     run: str
     values: list[dict] = field(default_factory=list)  # {trial, params, state, value, intermediate}
-    first: list[dict] = field(default_factory=list)  # {trial, params}: configurations that run first
+    first: list[dict] = field(default_factory=list)  # {trial, params}: the configuration that runs first
     differs: str = ""  # the first key whose value differs, when none of its trials match
+    settled: list[str] = field(default_factory=list)  # the keys it settled (see `settled_keys`)
 
     def describe(self) -> str:
         if self.values:
             return f"{self.run}: {len(self.values)} trials enter the study with their values (same configs)"
-        return f"{self.run} differs ({self.differs}): its best {len(self.first)} configurations run first"
+        if not self.first:
+            return f"{self.run} differs ({self.differs}): none of its values carry over, nothing runs first"
+        return f"{self.run} differs ({self.differs}): {carried_text(self)}"
+
+
+def carried_text(earlier: Earlier, ran: bool = False) -> str:
+    """What of an earlier search that differs runs first (`ran`: ran first), in words."""
+    kept = ", ".join(f"{key} {value}" for key, value in earlier.first[0]["params"].items())
+    settled = f"it settled {', '.join(earlier.settled)}" if earlier.settled else "it settled no other key"
+    runs, drawn = ("ran", "were") if ran else ("runs", "are")
+    return (
+        f"its best configuration {runs} first with {kept} ({settled}); the other keys {drawn} drawn as at a cold start"
+    )
 
 
 def absolute_runs(runs: list[str]) -> list[str]:
@@ -94,12 +110,39 @@ def earlier_search(spec: SearchSpec, run: str) -> Earlier:
         elif not earlier.differs:
             earlier.differs = difference
     if not earlier.values:
-        ranked = [r for r in rows if r.status in ("completed", "pruned")]  # in the report's order
-        top = max(1, min(WARM_TOP, spec.startup()))  # they take the place of the start-up draws
-        best = [r for r in ranked if space_values(spec, r.config) is not None][:top]
-        earlier.first = [{"trial": r.trial_id, "params": space_values(spec, r.config)} for r in best]
+        ranked = [(r, space_values(spec, r.config)) for r in rows if r.status in ("completed", "pruned")]
+        ranked = [(r, params) for r, params in ranked if params is not None]  # in the report's order
+        finals = [(r, params) for r, params in ranked if r.status == "completed" and r.final_eval]
+        earlier.settled = settled_keys([(params, r.final_eval) for r, params in finals])
+        best, params = (finals or ranked or [(None, {})])[0]
+        if values := carried_values(params, earlier.settled):
+            earlier.first = [{"trial": best.trial_id, "params": values}]
         earlier.differs = earlier.differs or "no trial lies in this search's space"
     return earlier
+
+
+def carried_values(best: dict, settled: list[str]) -> dict:
+    """The values of an earlier search's best configuration that run first in a search that differs: its learning
+    rate and LoRA rank, and the other keys it settled."""
+    return {key: value for key, value in best.items() if key in settled or set(key.split(",")) & set(TOP_FIRST)}
+
+
+def settled_keys(finals: list[tuple[dict, dict]]) -> list[str]:
+    """The keys a search settled, from its completed trials' (params, final eval) pairs, best first: those where a
+    trial that differs from the best in that key alone lost to it beyond the eval noise, paired over the held-out
+    conversations."""
+    from fika.search.report.analysis import compare
+
+    if not finals:
+        return []
+    (best, best_eval), settled = finals[0], []
+    for params, evals in finals[1:]:
+        differ = [key for key in best if params.get(key) != best[key]]
+        if len(differ) == 1 and differ[0] not in settled:
+            paired = compare(evals, best_eval)
+            if paired is not None and paired.significant and paired.diff > 0:
+                settled.append(differ[0])
+    return [key for key in best if key in settled]
 
 
 def plan_warm_start(spec: SearchSpec) -> list[Earlier]:

@@ -89,7 +89,7 @@ def state_lines(r: Report) -> list[str]:
 
 def warm_start_lines(r: Report) -> list[str]:
     """Which earlier searches the study started from, and what each brought."""
-    from fika.search.warm_start import read_warm_start
+    from fika.search.warm_start import carried_text, read_warm_start
 
     lines = []
     warm = [row.trial_id for row in r.ranked if row.drawn == "warm"]
@@ -106,8 +106,13 @@ def warm_start_lines(r: Report) -> list[str]:
         else:
             lines.append(
                 f"Warm start: `{relative(Path(earlier.run))}` differs ({earlier.differs}), so its values were not "
-                f"reused; its best {len(earlier.first)} configurations ran first"
-                + (f" (here: {', '.join(f'`{t}`' for t in warm)})." if warm else ".")
+                "reused; "
+                + (
+                    carried_text(earlier, ran=True)
+                    + (f" (here: {', '.join(f'`{t}`' for t in warm)})." if warm else ".")
+                    if earlier.first
+                    else "none of its values carried over."
+                )
             )
     return lines
 

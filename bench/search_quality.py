@@ -6,6 +6,7 @@
   python bench/search_quality.py                 # replay searchers over the tables (GP rows: minutes each)
   python bench/search_quality.py --searchers local tpe --seeds 90 --trials 12
   python bench/search_quality.py --only prior    # the tables with their learning rates, then ranks, reversed
+  python bench/search_quality.py --only warm --searchers local tpe --seeds 90   # warm starts, also priors reversed
 
 Trials are deterministic, so a searcher replayed over the table sees what it would have seen in a real search:
 fika's samplers (the local searcher, TPE, GP: fika.search.tuner.optuna_sampler, with fika's start-up count and no
@@ -335,7 +336,7 @@ def compare_searchers(table: Table, seeds: int, trial_counts: list[int], searche
             )
 
 
-def earlier_best(table: Table, searcher: str, scheduler: str, seed: int, trials: int) -> list[tuple[dict, dict]]:
+def earlier_finals(table: Table, searcher: str, scheduler: str, seed: int, trials: int) -> list[tuple[dict, dict]]:
     """The completed trials of one simulated search of `table`, best first: (params as the study holds them, final
     eval per held-out conversation), what fika.search.warm_start reads of an earlier search."""
     from fika.search.trials import encode_choice
@@ -360,16 +361,17 @@ def carried(finals: list[tuple[dict, dict]], rule: str) -> list[dict]:
     from fika.search.warm_start import carried_values, settled_keys
 
     if rule == "fika":
-        return [carried_values(finals[0][0], settled_keys(finals))]
+        values = carried_values(finals[0][0], settled_keys(finals))
+        return [values] if values else []
     return [params for params, _ in finals[: int(rule.split()[1])]]
 
 
 def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str, scheduler: str) -> None:
-    """Trial-steps to the noise band with a warm start against a cold start: from a search of the other table (what
-    fika runs first from it, against its best configurations whole) and from a half-finished search
-    of the same table (its trials enter the study with their values). The rest must run a band config itself, so
-    where the first half already ran one it must find another; the second row of each table keeps the seeds whose
-    first half missed the band, where the warm start's steps are the decision's."""
+    """Trial-steps to the noise band with a warm start against a cold start: from a simulated search of the other
+    table (what fika runs first from it, against its best configurations whole) and from a half-finished search of
+    the same table (its trials enter the study with their values): until the study's best is in the band (0 where the
+    first half already holds it), until the rest runs a band config itself, and over the seeds whose first half
+    missed the band, where both are the same."""
     print(
         f"\n| warm start ({label(searcher, scheduler)}, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |"
     )
@@ -385,17 +387,17 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
         for other_name, other in tables.items():
             if other is table:
                 continue
-            earlier = [earlier_best(other, searcher, scheduler, 1000 + s, trials) for s in range(seeds)]
+            earlier = [earlier_finals(other, searcher, scheduler, 1000 + s, trials) for s in range(seeds)]
             for rule, how in rules.items():
                 curves = [
                     replay(table, searcher, scheduler, s, budget, trials, startup_of(trials, searcher), first=first)
                     for s, first in enumerate(carried(finals, rule) for finals in earlier)
                 ]
                 warm = summarize(table, curves, budget)["to_noise"]
-                ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
+                ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] is not None and cold[0] else "-"
                 print(f"| {name}: from a search of {other_name}, {how} | {show(cold)} | {show(warm)} | {ratio} |")
         half = trials // 2
-        curves, missed = [], []
+        curves, missed, studied = [], [], []
         for s in range(seeds):
             before = replay(table, searcher, scheduler, 1000 + s, budget, half, startup_of(half, searcher))
             known = [i for _, _, i in before]
@@ -403,12 +405,18 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
             curves.append(
                 replay(table, searcher, scheduler, s, budget, rest, startup_of(trials, searcher), known=known)
             )
-            if not any(table.within_noise[i] for i in known):
+            held = [i for i in known if table.within_noise[i]]
+            studied.append(([(0, 0.0, held[0])] if held else []) + curves[-1])  # the study's best: 0 steps if held
+            if not held:
                 missed.append(curves[-1])
         own = f"{name}: from its own first {half} trials, then {trials - half} more"
-        for row, chosen in ((own, curves), (f"{own}, seeds whose first {half} missed the band", missed)):
+        for row, chosen in (
+            (f"{own}, the study's best (the first {half} count)", studied),
+            (f"{own}, a band config of its own", curves),
+            (f"{own}, seeds whose first {half} missed the band", missed),
+        ):
             warm = summarize(table, chosen, budget)["to_noise"] if chosen else (None, 0.0)
-            ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] and cold[0] else "-"
+            ratio = f"{warm[0] / cold[0]:.2f}" if warm[0] is not None and cold[0] else "-"
             print(f"| {row} ({len(chosen)} of {seeds}) | {show(cold)} | {show(warm)} | {ratio} |")
 
 

@@ -8,9 +8,9 @@ runs out, and the best learning rate hardly moves with the rank (LoRA Without Re
 largest rank is never the worse start. The start-up draws therefore take the largest learning-rate and rank choices,
 and spread over the choices of every other key (each takes one of its least-used choices so far; so do a paired
 key's choices tied at the largest rank). A warm start from an earlier search that differs replaces both priors with
-what that search measured: its best trial runs first, and the other start-up draws take its learning rate and rank. After them, each trial is an untried configuration one choice away from the
-best completed trial (the local search SMAC runs around its incumbents), so a search climbs from its best start
-without re-learning the space. A key of numbers moves to its nearest untried value on either side (the next learning
+what that search measured: its best trial runs first, and the other start-up draws take its learning rate and rank.
+After them, each trial is an untried configuration one choice away from the best completed trial (the local search
+SMAC runs around its incumbents), so a search climbs from its best start without re-learning the space. A key of numbers moves to its nearest untried value on either side (the next learning
 rate down from the top, not the bottom one), and the learning rate moves first, while an untried one is next to the
 best's: it matters most, and where the top of the choices is too high, the search walks down from it. When every
 neighbour of the best has run, TPE draws. A local move changes choice keys only: TPE draws every key given as a
@@ -35,9 +35,9 @@ LEARNING_RATE = "train.learning_rate"
 
 class LocalSearchSampler(WrappedSampler):
     """Wraps a TPE sampler: start-up draws with the learning rate and the LoRA rank at their largest choices (or a
-    warm start's) and the other choice keys at their least-used choices, then untried neighbours (one choice key changed, the learning rate
-    first) of the best completed trial, drawn at random among them; TPE's draw when none is left (and for ranges).
-    `local_draws` holds the numbers of the trials it drew by local search."""
+    warm start's) and the other choice keys at their least-used choices, then untried neighbours (one choice key
+    changed, the learning rate first) of the best completed trial, drawn at random among them; TPE's draw when none
+    is left (and for ranges). `local_draws` holds the numbers of the trials it drew by local search."""
 
     def __init__(self, sampler: BaseSampler, startup: int, seed: int):
         super().__init__(sampler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 
 import optuna
@@ -150,6 +151,10 @@ def test_a_warm_start_reuses_values_of_the_same_configs_and_reruns_the_best_of_a
     assert {d["drawn"] for d in draws(second.run_dir)} <= {"gp", "random", "untried"}
     report = (tmp_path / "r-second" / "index.md").read_text()
     assert "Warm start: 4 trials of" in report and "entered the study with their values" in report
+    compared = (
+        r"their best: eval_loss [\d.]+ \(`\S+` there\), (within the eval noise of|better than|behind) this search"
+    )
+    assert re.search(compared, report)  # paired with this search's best on the same conversations
     notes = [line for line in report.splitlines() if line.startswith("> ")]
     assert notes[0].startswith("> Decision: ") and "paired over 2 seeds and the held-out conversations" in notes[0]
     assert (

@@ -101,7 +101,9 @@ def warm_start_lines(r: Report) -> list[str]:
                 f"Warm start: {len(earlier.values)} trials of `{relative(Path(earlier.run))}` (the same configs) entered "
                 "the study with their values, so the sampler modelled the space from the first trial and none of their "
                 "configurations ran again"
-                + (f"; their best: {r.spec.metric} {best['value']:.4f} (`{best['trial']}` there)." if best else ".")
+                + (f"; their best: {r.spec.metric} {best['value']:.4f} (`{best['trial']}` there)" if best else "")
+                + (against_earlier_best(r, Path(earlier.run), best["trial"]) if best else "")
+                + "."
             )
         else:
             lines.append(
@@ -115,6 +117,32 @@ def warm_start_lines(r: Report) -> list[str]:
                 )
             )
     return lines
+
+
+def against_earlier_best(r: Report, run: Path, trial: str) -> str:
+    """How the best trial a warm start reused compares with this search's best, paired over the held-out
+    conversations (both ran the same config on the same eval set): the ranking holds this search's trials only."""
+    from fika.errors import ConfigError
+    from fika.search.report.rows import load_rows
+    from fika.search.rerun import load_run_spec
+
+    try:
+        rows = load_rows(run, load_run_spec(run), running=False)
+    except (OSError, ConfigError):
+        return ", not compared with this search's best (its folder cannot be read)"
+    theirs = next((row for row in rows if row.trial_id == trial), None)
+    paired = paired_against(r.best, theirs) if r.best is not None else None
+    if paired is None:
+        return ""
+    if not paired.significant:
+        return f", within the eval noise of this search's best (this - theirs: {paired.text()})"
+    if paired.diff > 0:
+        config = relative(run / "trials" / trial / "config.yaml")
+        return (
+            f", better than this search's best beyond the eval noise (this - theirs: {paired.text()}): the decision is "
+            f"theirs, not the ranking's #1 (`{config}`)"
+        )
+    return f", behind this search's best beyond the eval noise (this - theirs: {paired.text()})"
 
 
 def warnings_lines(r: Report) -> list[str]:

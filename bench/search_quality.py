@@ -376,10 +376,10 @@ def warm_starts(tables: dict[str, Table], seeds: int, trials: int, searcher: str
         f"\n| warm start ({label(searcher, scheduler)}, {trials} trials) | cold: to the noise (reached) | warm | warm / cold |"
     )
     print("|---|---:|---:|---:|")
-    before = f"top {min(3, startup_of(trials, searcher))}"  # as many as the start-up draws, at most 3
+    whole = min(3, startup_of(trials, searcher))  # as many as the start-up draws, at most 3
     rules = {
         "fika": "its best config, with its learning rate, rank and the keys it settled",
-        before: f"its best {before.split()[1]} configs whole",
+        f"top {whole}": f"its best {whole} configs whole",
     }
     for name, table in tables.items():
         budget = len(table.rows) * table.max_steps
@@ -432,12 +432,20 @@ def reversed_choices(data: dict, key: str) -> dict:
     return data
 
 
+def prior_keys(data: dict) -> list[str]:
+    """The table's keys the local searcher starts at the top of (fika.search.spec.TOP_FIRST): the learning rate and
+    the rank."""
+    from fika.search.spec import top_first_key
+
+    return [key for key in data["space"] if top_first_key(key)]
+
+
 def wrong_prior(tables: dict[str, dict], seeds: int, trial_counts: list[int]) -> None:
     """The local searcher against TPE + ASHA on tables whose best learning rate, or best rank, is the smallest."""
     print("\n| table, choices reversed | trials | searcher | to within 1% (reached) | to the noise (reached) |")
     print("|---|---:|---|---:|---:|")
     for name, data in tables.items():
-        for key in (k for k in data["space"] if k.split(",")[0] in ("train.learning_rate", "lora.r")):
+        for key in prior_keys(data):
             table = Table(reversed_choices(data, key))
             for trials in trial_counts:
                 for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha")):
@@ -484,12 +492,8 @@ def main() -> None:
         compare_searchers(table, args.seeds, args.trials, args.searchers)
     if len(tables) > 1 and args.only in (None, "warm"):
         wrong = [  # and where the local searcher's priors are wrong: the learning rates or the ranks reversed
-            {
-                f"{name}, {short} reversed": Table(reversed_choices(d, key))
-                for name, d in data.items()
-                if key in d["space"]
-            }
-            for key, short in (("train.learning_rate", "lr"), ("lora.r,lora.alpha", "rank"))
+            {f"{name}, {key} reversed": Table(reversed_choices(d, key)) for name, d in data.items()}
+            for key in prior_keys(next(iter(data.values())))
         ]
         for searcher, scheduler in (("local", "asha-within"), ("tpe", "asha"), ("gp", "asha")):
             for problems in (tables, *wrong) if searcher in args.searchers else ():

@@ -10,11 +10,12 @@ and spread over the choices of every other key (each takes one of its least-used
 key's choices tied at the largest rank). A warm start from an earlier search that differs replaces both priors with
 what that search measured: its best trial runs first, and the other start-up draws take its learning rate and rank.
 After them, each trial is an untried configuration one choice away from the best completed trial (the local search
-SMAC runs around its incumbents), so a search climbs from its best start without re-learning the space. A key of numbers moves to its nearest untried value on either side (the next learning
-rate down from the top, not the bottom one), and the learning rate moves first, while an untried one is next to the
-best's: it matters most, and where the top of the choices is too high, the search walks down from it. When every
-neighbour of the best has run, TPE draws. A local move changes choice keys only: TPE draws every key given as a
-range, for every trial (a learning rate or rank given as a range too).
+SMAC runs around its incumbents), so a search climbs from its best start without re-learning the space. A key of
+numbers moves to its nearest untried value on either side (the next learning rate down from the top, not the bottom
+one), and the learning rate moves first, while an untried one is next to the best's: it matters most, and where the
+top of the choices is too high, the search walks down from it. When every neighbour of the best has run, TPE draws.
+A local move changes choice keys only: TPE draws every key given as a range, for every trial (a learning rate or
+rank given as a range too).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from optuna.search_space import IntersectionSearchSpace
 from optuna.trial import TrialState
 
 from fika.search.sampler import WrappedSampler, config_key
-from fika.search.spec import TOP_FIRST
+from fika.search.spec import top_first_key
 from fika.search.trials import decode_choice
 
 LEARNING_RATE = "train.learning_rate"
@@ -102,7 +103,7 @@ class LocalSearchSampler(WrappedSampler):
 def warm_choices(study, trial, param_name: str) -> list:
     """For a key of TOP_FIRST, the values that trials of a warm start (`fika_drawn` warm: an earlier search's best)
     hold: the start-up draws take the value an earlier search measured instead of the largest."""
-    if not set(param_name.split(",")) & set(TOP_FIRST):
+    if top_first_key(param_name) is None:
         return []
     warm = [
         t.params[param_name]
@@ -128,8 +129,7 @@ def top_choices(param_name: str, distribution) -> list | None:
     """The choices with the largest value of the first key of TOP_FIRST that `param_name` holds (a paired key such as
     `lora.r,lora.alpha` by its r: [16, 16] and [16, 32] tie); None for another key, a range, or choices that are not
     all numbers."""
-    names = param_name.split(",")
-    key = next((k for k in TOP_FIRST if k in names), None)
+    names, key = param_name.split(","), top_first_key(param_name)
     if (
         key is None
         or not isinstance(distribution, CategoricalDistribution)

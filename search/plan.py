@@ -10,7 +10,7 @@ from fika.config import TrialConfig
 from fika.console import say
 from fika.errors import ConfigError, first_line
 from fika.memory import GIB, MemoryEstimate, estimate_memory
-from fika.search.spec import TOP_FIRST, SearchSpec
+from fika.search.spec import TOP_FIRST, SearchSpec, top_first_key
 from fika.search.trials import encode_choice, split_key, trial_config
 
 GPU_SIZES_GB = (24, 40, 80)
@@ -155,7 +155,7 @@ def describe_search(spec: SearchSpec) -> str:
     top = " and ".join(
         words
         for name, words in TOP_FIRST.items()
-        if spec.searcher == "local" and any(name in k.split(",") and p.choice for k, p in spec.space.items())
+        if spec.searcher == "local" and any(top_first_key(k) == name and p.choice for k, p in spec.space.items())
     )
     top = f" (at {top})" if top else ""
     drawn = f", {spec.startup()} drawn at random{top} before {model}" if model else ""

@@ -77,6 +77,11 @@ INTEGER_KEYS = re.compile(
 )
 
 
+def top_first_key(param: str) -> str | None:
+    """The key of TOP_FIRST that a searched key (or a comma-joined group of keys) holds; None when it holds none."""
+    return next((key for key in TOP_FIRST if key in param.split(",")), None)
+
+
 def default_startup(searcher: str, num_samples: int) -> int:
     """The random start-up draws of a search of `num_samples` trials: a third, 3 to 10; for `local` a sixth, 2 to 10
     (it starts from the best of them, not from a model)."""

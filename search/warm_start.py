@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fika.errors import ConfigError
 from fika.files import read_json, write_atomic
-from fika.search.spec import EVAL_KEYS, TOP_FIRST, SearchSpec
+from fika.search.spec import EVAL_KEYS, SearchSpec, top_first_key
 from fika.search.trials import space_values, trial_config
 
 IGNORED = ("output.", *EVAL_KEYS, "train.logging_steps")  # keys that change a trial's outputs and evals, not its result
@@ -30,7 +30,8 @@ IGNORED = ("output.", *EVAL_KEYS, "train.logging_steps")  # keys that change a t
 
 @dataclass
 class Earlier:
-    """What one earlier search brings: its trials' results (`values`) when they match, else its best configs."""
+    """What one earlier search brings: its trials' results (`values`) when they match, else what of its best runs
+    first (`first`)."""
 
     run: str
     values: list[dict] = field(default_factory=list)  # {trial, params, state, value, intermediate}
@@ -124,7 +125,7 @@ def earlier_search(spec: SearchSpec, run: str) -> Earlier:
 def carried_values(best: dict, settled: list[str]) -> dict:
     """The values of an earlier search's best configuration that run first in a search that differs: its learning
     rate and LoRA rank, and the other keys it settled."""
-    return {key: value for key, value in best.items() if key in settled or set(key.split(",")) & set(TOP_FIRST)}
+    return {key: value for key, value in best.items() if key in settled or top_first_key(key)}
 
 
 def settled_keys(finals: list[tuple[dict, dict]]) -> list[str]:

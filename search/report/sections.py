@@ -123,14 +123,14 @@ def against_earlier_best(r: Report, run: Path, trial: str) -> str:
     """How the best trial a warm start reused compares with this search's best, paired over the held-out
     conversations (both ran the same config on the same eval set): the ranking holds this search's trials only."""
     from fika.errors import ConfigError
-    from fika.search.report.rows import load_rows
+    from fika.search.report.rows import cached_row
     from fika.search.rerun import load_run_spec
 
     try:
-        rows = load_rows(run, load_run_spec(run), running=False)
+        spec = load_run_spec(run)
     except (OSError, ConfigError):
         return ", not compared with this search's best (its folder cannot be read)"
-    theirs = next((row for row in rows if row.trial_id == trial), None)
+    theirs = cached_row(run / "trials" / trial, spec, spec.model_dump_json(), running=False)
     paired = paired_against(r.best, theirs) if r.best is not None else None
     if paired is None:
         return ""

@@ -72,11 +72,12 @@ def plan_confirm(
 def confirm_runs(
     run: Path, spec: SearchSpec, top: int, seeds: int, steps: int | None, trials: list[str] | None = None
 ) -> list[dict]:
-    """The re-runs of the search in `run`: its `top` best completed trials (or the `trials` named), each with
-    `seeds` other seeds and/or once at `steps` (a search's own `confirm:` asks for them when its trials ended)."""
-    from fika.search.report.rows import load_rows, rank
+    """The re-runs of the search in `run`: its `top` best completed trials as the report ranks them (those a warm
+    start reused included), or the `trials` named, each with `seeds` other seeds and/or once at `steps` (a search's
+    own `confirm:` asks for them when its trials ended)."""
+    from fika.search.report.rows import ranked_trials
 
-    completed = [r for r in rank(load_rows(run, spec, running=False)) if r.status == "completed" and not r.confirm_of]
+    completed = [r for r in ranked_trials(run, spec, running=False)[0] if r.status == "completed"]
     if trials:
         named = {r.trial_id: r for r in completed}
         missing = [t for t in trials if t not in named]

@@ -4,8 +4,8 @@ re-runs that end in a decision. Real searches on the tiny model."""
 from __future__ import annotations
 
 import json
+import os
 import random
-import re
 import shutil
 
 import optuna
@@ -151,14 +151,27 @@ def test_a_warm_start_reuses_values_of_the_same_configs_and_reruns_the_best_of_a
     assert {d["drawn"] for d in draws(second.run_dir)} <= {"gp", "random", "untried"}
     report = (tmp_path / "r-second" / "index.md").read_text()
     assert "Warm start: 4 trials of" in report and "entered the study with their values" in report
-    compared = (
-        r"their best: eval_loss [\d.]+ \(`\S+` there\), (within the eval noise of|better than|behind) this search"
-    )
-    assert re.search(compared, report)  # paired with this search's best on the same conversations
+    assert "they rank with this search's own trials, marked `reused from" in report
+    # the reused trials rank with this search's own, read from the earlier folder, marked with where they came from
+    ranking = second.ranking
+    reused = ranking[ranking["from"] != ""]
+    assert set(reused["trial"]) == {d["trial"] for d in first_draws} and len(ranking) == 8
+    assert set(reused["from"]) == {os.path.relpath(first.run_dir, second.run_dir)}
+    assert list(ranking["rank"]) == list(range(1, 9)) and "4 trials: " in report
+    assert sum("reused from " in line for line in report.splitlines() if line.startswith("| ")) == 4  # status
     notes = [line for line in report.splitlines() if line.startswith("> ")]
     assert notes[0].startswith("> Decision: ") and "paired over 2 seeds and the held-out conversations" in notes[0]
     assert (
         "## Seeds: re-runs of the top trials" in report
         and "## Horizon: does the 12-step order hold at 24 steps?" in report
     )
-    assert len(list((second.run_dir / "trials").glob("*-seed*"))) == 4  # the confirm re-runs, in the same run
+    reruns = list((second.run_dir / "trials").glob("*-seed*"))
+    assert len(reruns) == 4  # the confirm re-runs, in the same run, of the best 2 of the ranking (reused ones too)
+    assert {path.name.split("-seed")[0] for path in reruns} == set(ranking["trial"][:2])
+    shutil.move(first.run_dir, tmp_path / "moved")  # an earlier search's folder gone: its trials are not ranked
+    moved = fika.search.load(second.run_dir, tmp_path / "r-moved")
+    assert list(moved.ranking["trial"]) == [t for t in ranking["trial"] if t not in set(reused["trial"])]
+    fika.search.build_report(second.run_dir, tmp_path / "r-moved")
+    assert (
+        "its folder cannot be read any more, so they are not ranked" in (tmp_path / "r-moved" / "index.md").read_text()
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import yaml
 
@@ -56,8 +57,9 @@ def best_lines(r: Report) -> list[str]:
         if best is not r.best
         else ""
     )
+    reused = f" (a trial of `{relative(Path(best.source))}`, reused by the warm start)" if best.source else ""
     lines = [
-        f"`{best.trial_id}`: {r.spec.metric} {fmt(best.metric)} at step {r.spec.max_steps}{longer}.",
+        f"`{best.trial_id}`{reused}: {r.spec.metric} {fmt(best.metric)} at step {r.spec.max_steps}{longer}.",
         f"Reproduce the trial: `fika train --config {relative(r.out / 'best.yaml')}`",
         f"The full run (3 epochs, 10 evals, checkpoints; `fika train --resume DIR` continues a killed run): "
         f"`{full_run_command(r)}`",

@@ -14,7 +14,7 @@ from fika.search.report import plots
 from fika.search.report.best import best_yaml, steps_per_epoch
 from fika.search.report.folder import claim_folder, default_report_dir
 from fika.search.report.render import render_html, render_markdown
-from fika.search.report.rows import STATUS_ORDER, Report, load_rows, rank, search_state, train_loss_at
+from fika.search.report.rows import STATUS_ORDER, Report, ranked_trials, search_state, train_loss_at
 from fika.search.report.sections import build_sections
 from fika.search.rerun import load_run_spec
 from fika.search.trials import encode_choice
@@ -22,14 +22,16 @@ from fika.search.trials import encode_choice
 
 def ranking_frame(r: Report):
     """The ranking as a pandas DataFrame, one row per trial in report order: rank, trial, each searched key
-    (`param:KEY`), status, metric, losses, cost, whether it is the baseline, how it was drawn, its full config."""
+    (`param:KEY`), status, metric, losses, cost, whether it is the baseline, how it was drawn, the earlier search a
+    warm start reused it from (relative to the run folder; empty for this search's own), its full config."""
     import pandas as pd
 
     records, step = [], r.shared_step
     for i, row in enumerate(r.ranked, 1):
         config = json.loads(json.dumps(row.config))
+        folder = os.path.relpath(Path(row.source or r.run) / "trials" / row.trial_id, r.run)
         if isinstance(config.get("output"), dict):  # relative to the run folder, never a machine path
-            config["output"]["dir"] = f"trials/{row.trial_id}"
+            config["output"]["dir"] = folder
         params = {f"param:{k}": encode_choice(v) for k, v in row.params.items()}
         records.append(
             {
@@ -51,6 +53,7 @@ def ranking_frame(r: Report):
                 "pack_size": row.pack_size,
                 "baseline": row.baseline,
                 "drawn": row.drawn,
+                "from": os.path.relpath(row.source, r.run) if row.source else "",
                 "error": row.error,
                 "config": json.dumps(config, sort_keys=True),
             }
@@ -62,10 +65,9 @@ def load_report(run: Path, out: Path | None = None) -> Report:
     """The ranked trials of the search in `run` (finished, running or interrupted), to be written to `out`."""
     spec = load_run_spec(run)
     state = search_state(run)
-    rows = load_rows(run, spec, running=state == "running")
-    ranked = rank([row for row in rows if not row.confirm_of])
+    ranked, confirms = ranked_trials(run, spec, running=state == "running")
     out = Path(out).expanduser() if out else default_report_dir(spec.name)
-    return Report(spec, run, out, ranked, [row for row in rows if row.confirm_of], state)
+    return Report(spec, run, out, ranked, confirms, state)
 
 
 def draw_plots(r: Report, live: bool) -> dict[str, bytes]:
@@ -123,7 +125,8 @@ def report_summary(r: Report, run_id: str) -> dict:
         "run_id": run_id,
         "run": os.path.relpath(r.run.resolve(), r.out.resolve()),
         "generated_at": time.time(),
-        "counts": {s: sum(1 for x in r.ranked if x.status == s) for s in STATUS_ORDER},
+        "counts": {s: sum(1 for x in r.own if x.status == s) for s in STATUS_ORDER},
+        "reused": len(r.ranked) - len(r.own),
         "best": None
         if best is None
         else {

@@ -58,6 +58,7 @@ class TrialRow:
     confirm_steps: int | None = None
     baseline: bool = False
     drawn: str = ""
+    source: str = ""  # the earlier search's folder a warm start reused this trial from ("": this search's own)
     error: str = ""
     config: dict = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
@@ -86,7 +87,6 @@ def search_state(run: Path) -> str:
 def load_rows(run: Path, spec: SearchSpec, running: bool = True) -> list[TrialRow]:
     """Every trial folder of a run as a TrialRow (running and failed ones included); `running=False`: nothing runs
     the search any more, so a trial without a result was interrupted."""
-    baseline = baseline_params(spec) if spec.baseline else None
     draws = {d.get("trial"): d.get("drawn", "") for d in read_jsonl(run / "draws.jsonl")}
     rows = []
     spec_key = spec.model_dump_json()
@@ -95,13 +95,39 @@ def load_rows(run: Path, spec: SearchSpec, running: bool = True) -> list[TrialRo
         if row is None:
             continue
         row.drawn = draws.get(directory.name, "")
-        row.baseline = (
-            baseline is not None
-            and not row.confirm_of
-            and all(encode_choice(row.params[k]) == v or row.params[k] == v for k, v in baseline.items())
-        )
+        row.baseline = not row.confirm_of and is_baseline(spec, row)
         rows.append(row)
     return rows
+
+
+def is_baseline(spec: SearchSpec, row: TrialRow) -> bool:
+    """Whether a trial holds the base config's own values of every searched key (a spec with `baseline: true`)."""
+    baseline = baseline_params(spec) if spec.baseline else None
+    return baseline is not None and all(
+        encode_choice(row.params[k]) == v or row.params[k] == v for k, v in baseline.items()
+    )
+
+
+def reused_rows(run: Path, spec: SearchSpec, own: set[str]) -> list[TrialRow]:
+    """The trials of earlier searches that a warm start put into this search's study with their values (the same
+    configs: `warm_start.json`), read from their folders there: they rank with this search's own trials (`own`:
+    their ids). A folder that cannot be read any more is left out."""
+    rows, spec_key = [], spec.model_dump_json()
+    for earlier in read_json(run / "warm_start.json") or []:
+        for value in earlier.get("values", []):
+            row = cached_row(Path(earlier["run"]) / "trials" / value["trial"], spec, spec_key, running=False)
+            if row is not None and not row.confirm_of and row.trial_id not in own:
+                row.source, row.baseline = earlier["run"], is_baseline(spec, row)
+                rows.append(row)
+    return rows
+
+
+def ranked_trials(run: Path, spec: SearchSpec, running: bool) -> tuple[list[TrialRow], list[TrialRow]]:
+    """A search's ranking (its own trials and those a warm start reused, see `reused_rows`) and its re-runs."""
+    rows = load_rows(run, spec, running)
+    own = [row for row in rows if not row.confirm_of]
+    reused = reused_rows(run, spec, {row.trial_id for row in own})
+    return rank(own + reused), [row for row in rows if row.confirm_of]
 
 
 _ROWS: dict[str, tuple[tuple, TrialRow | None]] = {}
@@ -234,6 +260,11 @@ class Report:
     @property
     def baseline(self) -> TrialRow | None:
         return next((r for r in self.ranked if r.baseline), None)
+
+    @property
+    def own(self) -> list[TrialRow]:
+        """The trials this search ran (the ranking less those a warm start reused)."""
+        return [r for r in self.ranked if not r.source]
 
 
 _PAIRED: dict[tuple, analysis.Paired | None] = {}

@@ -40,8 +40,13 @@ def ranking_table(r: Report) -> Table:
     rows, classes = [], []
     for i, row in enumerate(r.ranked, 1):
         ranked = row.status in ("completed", "pruned")
-        packed = f" (pack of {row.pack_size})" if row.pack_size else ""
-        status = row.status + (" (baseline)" if row.baseline else "") + packed + (f": {row.error}" if row.error else "")
+        marks = [
+            "baseline" if row.baseline else "",
+            f"pack of {row.pack_size}" if row.pack_size else "",
+            f"reused from {relative(Path(row.source))}" if row.source else "",
+        ]
+        marks = ", ".join(mark for mark in marks if mark)
+        status = row.status + (f" ({marks})" if marks else "") + (f": {row.error}" if row.error else "")
         at = (
             f" @{max(row.rung_values)}" + ("*" if spec.rung_key() != spec.metric else "")
             if row.status == "pruned" and row.rung_values
@@ -66,13 +71,18 @@ def ranking_table(r: Report) -> Table:
                 status,
             ]
         )
-        classes.append(row.status + (" baseline" if row.baseline else "") + (" best" if row is r.best else ""))
+        classes.append(
+            row.status
+            + (" baseline" if row.baseline else "")
+            + (" reused" if row.source else "")
+            + (" best" if row is r.best else "")
+        )
     return Table(headers, rows, classes)
 
 
 def state_lines(r: Report) -> list[str]:
     """What a ranking of a search that has not finished stands for: the trials so far, and how to go on."""
-    ended = sum(1 for row in r.ranked if row.status not in ("running", "interrupted"))
+    ended = sum(1 for row in r.own if row.status not in ("running", "interrupted"))
     if r.state == "running":
         return [
             f"The search is still running: {ended} of {r.spec.num_trials()} trials have ended, so this ranking is "
@@ -95,15 +105,19 @@ def warm_start_lines(r: Report) -> list[str]:
     warm = [row.trial_id for row in r.ranked if row.drawn == "warm"]
     for earlier in read_warm_start(r.run):
         if earlier.values:
-            done = [v for v in earlier.values if v["state"] == "COMPLETE" and v["value"] is not None]
-            best = min(done, key=lambda v: v["value"]) if done else None
+            ranked = sum(1 for row in r.ranked if row.source == earlier.run)
+            if ranked == len(earlier.values):
+                where = f"they rank with this search's own trials, marked `reused from {relative(Path(earlier.run))}`"
+            elif ranked:
+                where = (
+                    f"{ranked} rank with this search's own trials; the others cannot be read from its folder any more"
+                )
+            else:
+                where = "its folder cannot be read any more, so they are not ranked"
             lines.append(
                 f"Warm start: {len(earlier.values)} trials of `{relative(Path(earlier.run))}` (the same configs) entered "
                 "the study with their values, so the sampler modelled the space from the first trial and none of their "
-                "configurations ran again"
-                + (f"; their best: {r.spec.metric} {best['value']:.4f} (`{best['trial']}` there)" if best else "")
-                + (against_earlier_best(r, Path(earlier.run), best["trial"]) if best else "")
-                + "."
+                f"configurations ran again; {where}."
             )
         else:
             lines.append(
@@ -117,32 +131,6 @@ def warm_start_lines(r: Report) -> list[str]:
                 )
             )
     return lines
-
-
-def against_earlier_best(r: Report, run: Path, trial: str) -> str:
-    """How the best trial a warm start reused compares with this search's best, paired over the held-out
-    conversations (both ran the same config on the same eval set): the ranking holds this search's trials only."""
-    from fika.errors import ConfigError
-    from fika.search.report.rows import cached_row
-    from fika.search.rerun import load_run_spec
-
-    try:
-        spec = load_run_spec(run)
-    except (OSError, ConfigError):
-        return ", not compared with this search's best (its folder cannot be read)"
-    theirs = cached_row(run / "trials" / trial, spec, spec.model_dump_json(), running=False)
-    paired = paired_against(r.best, theirs) if r.best is not None else None
-    if paired is None:
-        return ""
-    if not paired.significant:
-        return f", within the eval noise of this search's best (this - theirs: {paired.text()})"
-    if paired.diff > 0:
-        config = relative(run / "trials" / trial / "config.yaml")
-        return (
-            f", better than this search's best beyond the eval noise (this - theirs: {paired.text()}): the decision is "
-            f"theirs, not the ranking's #1 (`{config}`)"
-        )
-    return f", behind this search's best beyond the eval noise (this - theirs: {paired.text()})"
 
 
 def warnings_lines(r: Report) -> list[str]:
@@ -274,14 +262,16 @@ def build_sections(r: Report, images: dict[str, bytes], live: bool = False) -> l
 def summary_lines(r: Report) -> list[str]:
     """The report's first lines: the trials by status and how they were drawn, the compute, what ranks them."""
     spec = r.spec
-    counts = {s: sum(1 for row in r.ranked if row.status == s) for s in STATUS_ORDER}
-    draws = [row.drawn for row in r.ranked if row.drawn]
+    counts = {s: sum(1 for row in r.own if row.status == s) for s in STATUS_ORDER}
+    draws = [row.drawn for row in r.own if row.drawn]
     kinds = ("baseline", "warm", "random", "local", "tpe", "gp", "untried")
     drawn = ", ".join(f"{draws.count(k)} {k}" for k in kinds if draws.count(k))
     so_far = f" of {spec.num_trials()}" if r.state != "finished" else ""
-    trials = f"- {len(r.ranked)}{so_far} trials{' so far' if so_far else ''}: "
+    trials = f"- {len(r.own)}{so_far} trials{' so far' if so_far else ''}: "
     trials += ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     trials += (f"; drawn: {drawn}" if drawn else "") + (f"; {len(r.confirms)} re-runs" if r.confirms else "")
+    reused = len(r.ranked) - len(r.own)
+    trials += f"; ranked with {reused} trials of earlier searches (warm start, the same configs)" if reused else ""
     ranked = (
         f"- ranked by {spec.metric} at step {spec.max_steps} on the same {spec.base.data.eval_size} held-out "
         "conversations for every trial"
@@ -290,7 +280,7 @@ def summary_lines(r: Report) -> list[str]:
         ranked += f"; pruned trials rank below completed ones, by the rung they reached ({spec.rung_key()} at "
         ranked += f"steps {spec.rungs()})"
     fits = (read_json(r.run / "run.json") or {}).get("fits", [])
-    return [trials, *compute_lines(r.ranked + r.confirms, fits), ranked + "."]
+    return [trials, *compute_lines(r.own + r.confirms, fits), ranked + "."]
 
 
 PICTURES = [

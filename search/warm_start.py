@@ -3,7 +3,8 @@
 A trial of an earlier search whose resolved config is exactly the one this search would run for the same
 values (same model, data, eval set, horizon and every key the new space does not search) enters the study with its
 result: COMPLETE with its metric, or PRUNED with its rung values, without running again; the sampler models the
-space from the first new trial, and that configuration never runs twice. An earlier search none of whose trials
+space from the first new trial, that configuration never runs twice, and the report ranks the trial with this search's
+own (read from the earlier folder). An earlier search none of whose trials
 match (another model, data, length or horizon) gives its best configuration, which runs first (`warm` in
 draws.jsonl) with the values that carry over: its learning rate and LoRA rank, which a cold start would guess (at
 their largest, with the local searcher), and each other key the earlier search settled, i.e. where a completed trial
@@ -41,7 +42,10 @@ class Earlier:
 
     def describe(self) -> str:
         if self.values:
-            return f"{self.run}: {len(self.values)} trials enter the study with their values (same configs)"
+            return (
+                f"{self.run}: {len(self.values)} trials enter the study with their values and rank with this "
+                "search's (same configs)"
+            )
         if not self.first:
             return f"{self.run} differs ({self.differs}): none of its values carry over, nothing runs first"
         return f"{self.run} differs ({self.differs}): {carried_text(self)}"

@@ -137,7 +137,10 @@ def test_a_warm_start_reuses_values_of_the_same_configs_and_reruns_the_best_of_a
     }
     assert main(["search", str(SMOKE), *(f"{k}={json.dumps(v)}" for k, v in overrides.items()), "--dry-run"]) == 0
     dry = capsys.readouterr().out
-    assert "warm start: " in dry and "4 trials enter the study with their values (same configs)" in dry
+    assert (
+        "warm start: " in dry
+        and "4 trials enter the study with their values and rank with this search's (same configs)" in dry
+    )
     assert "confirm: the best 2 re-run with 1 other seeds and once at 24 steps after the search: 4 more trials" in dry
     second = fika.search.run(SMOKE, overrides)
     study = load_study(second.run_dir, "second")

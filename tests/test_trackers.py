@@ -56,9 +56,22 @@ def test_a_search_reports_to_tensorboard_mlflow_and_wandb(tmp_path, monkeypatch)
     offline = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))  # one offline run per trial
     assert len(offline) == 3
     missing = [
-        f"{r.parent.name}: {k}" for r in offline for k in (b"eval_loss", b"train_loss") if k not in r.read_bytes()
+        f"{r.parent.name}: {k} ({wandb_run_log(r)})"
+        for r in offline
+        for k in (b"eval_loss", b"train_loss")
+        if k not in r.read_bytes()
     ]
     assert not missing, missing
+
+
+def wandb_run_log(run_file: Path) -> str:
+    """What an offline W&B run's own log says: how many results its Ray logging actor handed to wandb (a config
+    update precedes each `wandb.log`), and its last line. Tells a result that never reached the actor from one that
+    wandb did not write."""
+    log = run_file.parent / "logs" / "debug.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    results = sum("config_cb" in line for line in lines)
+    return f"{results} results handed to wandb; its log ends: {lines[-1] if lines else 'no debug.log'}"
 
 
 def test_a_missing_tracker_is_one_clear_line(tmp_path, monkeypatch, capsys):

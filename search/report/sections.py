@@ -40,12 +40,15 @@ def ranking_table(r: Report) -> Table:
     rows, classes = [], []
     for i, row in enumerate(r.ranked, 1):
         ranked = row.status in ("completed", "pruned")
-        marks = [
-            "baseline" if row.baseline else "",
-            f"pack of {row.pack_size}" if row.pack_size else "",
-            f"reused from {relative(Path(row.source))}" if row.source else "",
-        ]
-        marks = ", ".join(mark for mark in marks if mark)
+        marks = ", ".join(
+            mark
+            for mark in (
+                "baseline" if row.baseline else "",
+                f"pack of {row.pack_size}" if row.pack_size else "",
+                f"reused from {relative(Path(row.source))}" if row.source else "",
+            )
+            if mark
+        )
         status = row.status + (f" ({marks})" if marks else "") + (f": {row.error}" if row.error else "")
         at = (
             f" @{max(row.rung_values)}" + ("*" if spec.rung_key() != spec.metric else "")

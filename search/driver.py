@@ -198,12 +198,15 @@ def recorded_fit(directory: Path, spec: SearchSpec):
 
 def settle(spec: SearchSpec, directory: Path) -> None:
     """After the search: a trial folder that never got a result, or a study trial left RUNNING, was cut short
-    by a killed driver; both are recorded as failed (interrupted), so nothing stays `running` forever."""
+    by a killed driver; both are recorded as failed (interrupted), so nothing stays `running` forever. A trial the
+    scheduler had stopped, whose worker died before it wrote its result, is recorded as stopped (`record_stopped`)."""
     from fika.result import write_failed_result
+    from fika.search.run_folder import record_stopped
     from fika.search.searcher import close_interrupted
 
     for folder in (directory / "trials").glob("*/"):
-        if (folder / "config.yaml").exists() and read_json(folder / "result.json") is None:
+        unfinished = (folder / "config.yaml").exists() and read_json(folder / "result.json") is None
+        if unfinished and not record_stopped(folder):
             write_failed_result(folder, "interrupted: the driver was killed mid-trial")
     if spec.searcher in OPTUNA_SEARCHERS:
         import optuna

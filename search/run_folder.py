@@ -148,3 +148,38 @@ def unfinished_search(directory: Path) -> bool:
 def write_run_json(directory: Path, **values) -> None:
     """Updates keys of the run's `run.json`."""
     write_atomic(directory / "run.json", json.dumps({**(read_json(directory / "run.json") or {}), **values}))
+
+
+def record_stopped(folder: Path) -> bool:
+    """Writes the result of a trial the scheduler stopped (`pruned.json`) whose worker died before it wrote one
+    (killed while Ray handed it the next trial, say): `stopped` at that step, from the records the trial wrote up to
+    it. Returns False, writing nothing, when the trial has no record at that step."""
+    import time
+    from dataclasses import asdict
+
+    from fika.files import read_jsonl
+    from fika.result import TrialResult
+
+    step = (read_json(folder / PRUNED_AT) or {}).get("step")
+    records = [r for r in read_jsonl(folder / "metrics.jsonl") if step is not None and r.get("step", 0) <= step]
+    if not records or records[-1].get("step") != step:
+        return False
+    last, evals = records[-1], [r for r in records if "eval_loss" in r]
+    result = TrialResult(
+        status="stopped",
+        steps=step,
+        max_steps=last.get("max_steps", 0),
+        train_loss=last.get("train_loss"),
+        train_loss_smooth=last.get("train_loss_smooth"),
+        eval_loss=evals[-1]["eval_loss"] if evals else None,
+        eval_losses={r["step"]: r["eval_loss"] for r in evals},
+        eval_per_source=(evals[-1].get("eval_per_source") or {}) if evals else {},
+        tokens_seen=last.get("tokens_seen", 0),
+        wall_time_s=last.get("elapsed_s", 0.0),
+        step_time_s=sum(r.get("step_time_s") or 0.0 for r in records),
+        eval_time_s=sum(r.get("eval_time_s") or 0.0 for r in records),
+        output_dir=str(folder),
+        ended_at=time.time(),
+    )
+    write_atomic(folder / "result.json", json.dumps(asdict(result), indent=1))
+    return True

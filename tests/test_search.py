@@ -331,18 +331,26 @@ def test_a_killed_worker_is_retried_and_nothing_else_is_lost(tmp_path, pack):
         f"resources.pack={pack}",
     )
     run = tmp_path / "smoke"
+    rows: list[dict] = []
 
     def running_trial() -> bool:
-        return (
-            any(len(p.read_text().splitlines()) > 10 for p in (run / "tune").rglob("result.json"))
-            if (run / "tune").exists()
-            else False
-        )
+        """A trial past 10 steps that has not ended (a reused worker may run another trial than its first)."""
+        for path in (run / "tune").rglob("result.json") if (run / "tune").exists() else []:
+            lines = path.read_text().splitlines()
+            try:
+                last = json.loads(lines[-1]) if len(lines) > 10 else None
+            except ValueError:  # a line being written
+                last = None
+            if last is None:
+                continue
+            trial = Path(last["trial_dir"])
+            if not (trial / "result.json").exists() and not (trial / "pruned.json").exists():
+                rows.append(last)
+                return True
+        return False
 
-    wait_for(running_trial, process)
-    row = next(
-        json.loads(line) for p in (run / "tune").rglob("result.json") for line in p.read_text().splitlines()[-1:]
-    )
+    wait_for(running_trial, process, every_s=0.01)
+    row = rows[-1]
     victim = row["trial_dir"]
     os.kill(row["pid"], signal.SIGKILL)
     output, _ = process.communicate(timeout=400)
@@ -351,6 +359,41 @@ def test_a_killed_worker_is_retried_and_nothing_else_is_lost(tmp_path, pack):
     assert len(results) == 6 and all(r["status"] in ("completed", "stopped") for r in results.values()), results
     assert Path(victim).name in results  # the killed trial ran again and ended
     assert "6/6 trials done" in output
+
+
+def test_a_stopped_trial_whose_worker_died_before_its_result_is_recorded_as_stopped(tmp_path):
+    """The scheduler stopped a trial at its rung (`pruned.json`), and its worker was killed before it wrote its
+    result: the search's end records it `stopped` at that step from its own records, not failed."""
+    from fika.search.report.rows import load_row
+    from fika.search.run_folder import record_stopped
+    from fika.search.spec import load_spec
+
+    folder = tmp_path / "trials" / "abc"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("train: {seed: 1}\n")
+    records = [
+        {
+            "step": s,
+            "train_loss": 5 - s / 20,
+            "train_loss_smooth": 5 - s / 20,
+            "tokens_seen": 256 * s,
+            "elapsed_s": s / 10,
+            "step_time_s": 0.01,
+            "max_steps": 120,
+        }
+        for s in range(1, 44)
+    ]
+    records[19] |= {"eval_loss": 4.5, "eval_time_s": 0.2}
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "pruned.json").write_text(json.dumps({"step": 50}))
+    assert not record_stopped(folder) and not (folder / "result.json").exists()  # no record at that step
+    (folder / "pruned.json").write_text(json.dumps({"step": 40}))
+    assert record_stopped(folder)
+    result = json.loads((folder / "result.json").read_text())
+    assert result["status"] == "stopped" and result["steps"] == 40 and result["max_steps"] == 120
+    assert result["eval_losses"] == {"20": 4.5} and result["tokens_seen"] == 256 * 40 and result["train_loss"] == 3
+    row = load_row(folder, load_spec(SMOKE), running=False)
+    assert row.status == "pruned" and row.steps == 40 and row.eval_loss == 4.5
 
 
 def a_trial_is_midway(run: Path) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fika.config import TrialConfig
 from fika.files import read_jsonl, write_atomic
-from fika.result import TrialResult
+from fika.result import TrialResult, add_records
 
 SMOOTHING_WINDOW = 10
 FAULT_ENV = "FIKA_FAIL_AT_STEP"  # fault injection for tests: raise a simulated out-of-memory error at that step
@@ -122,15 +122,9 @@ class TrialRun:
         records = read_jsonl(self.out / "metrics.jsonl")
         self.losses = [r["train_loss"] for r in records]
         self.step_times = [r.get("step_time_s", 0.0) for r in records]
-        for r in records:
-            if "eval_loss" in r:
-                self.result.eval_losses[r["step"]] = r["eval_loss"]
-                self.result.eval_loss = r["eval_loss"]
-                self.result.eval_per_source = r.get("eval_per_source", {})
-                self.checkpoint_evals[r["step"]] = r["eval_loss"]
+        add_records(self.result, records)
+        self.checkpoint_evals.update(self.result.eval_losses)
         self.result.resumed_from = step
-        self.result.step_time_s = sum(self.step_times)
-        self.result.eval_time_s = sum(r.get("eval_time_s", 0.0) for r in records)
 
     def run_eval(self, model, step: int, rows: list[int] | None = None):
         from fika.evaluate import evaluate

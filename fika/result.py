@@ -58,6 +58,17 @@ def load_result(directory: Path) -> TrialResult | None:
     return result
 
 
+def add_records(result: TrialResult, records: list[dict]) -> None:
+    """Fills a result's evals and timings from a run's metrics.jsonl records (a run picked up after a stop)."""
+    for record in records:
+        if "eval_loss" in record:
+            result.eval_losses[record["step"]] = record["eval_loss"]
+            result.eval_loss = record["eval_loss"]
+            result.eval_per_source = record.get("eval_per_source", {})
+    result.step_time_s = sum(r.get("step_time_s", 0.0) for r in records)
+    result.eval_time_s = sum(r.get("eval_time_s", 0.0) for r in records)
+
+
 def write_failed_result(directory: Path, error: str) -> None:
     """Records a run that failed outside `run_trial` (before it started, or cut short by a killed process)."""
     result = TrialResult(status="failed", output_dir=str(directory), error=error, ended_at=time.time())

@@ -158,28 +158,24 @@ def record_stopped(folder: Path) -> bool:
     from dataclasses import asdict
 
     from fika.files import read_jsonl
-    from fika.result import TrialResult
+    from fika.result import TrialResult, add_records
 
     step = (read_json(folder / PRUNED_AT) or {}).get("step")
     records = [r for r in read_jsonl(folder / "metrics.jsonl") if step is not None and r.get("step", 0) <= step]
     if not records or records[-1].get("step") != step:
         return False
-    last, evals = records[-1], [r for r in records if "eval_loss" in r]
+    last = records[-1]
     result = TrialResult(
         status="stopped",
         steps=step,
         max_steps=last.get("max_steps", 0),
         train_loss=last.get("train_loss"),
         train_loss_smooth=last.get("train_loss_smooth"),
-        eval_loss=evals[-1]["eval_loss"] if evals else None,
-        eval_losses={r["step"]: r["eval_loss"] for r in evals},
-        eval_per_source=(evals[-1].get("eval_per_source") or {}) if evals else {},
         tokens_seen=last.get("tokens_seen", 0),
         wall_time_s=last.get("elapsed_s", 0.0),
-        step_time_s=sum(r.get("step_time_s") or 0.0 for r in records),
-        eval_time_s=sum(r.get("eval_time_s") or 0.0 for r in records),
         output_dir=str(folder),
         ended_at=time.time(),
     )
+    add_records(result, records)
     write_atomic(folder / "result.json", json.dumps(asdict(result), indent=1))
     return True

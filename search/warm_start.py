@@ -1,17 +1,16 @@
 """Warm starts: a new search starts from earlier ones (`warm_start:` in the spec, `--warm-start RUN ...`).
 
-A trial of an earlier search whose resolved config is exactly the one this search would run for the same
-values (same model, data, eval set, horizon and every key the new space does not search) enters the study with its
-result: COMPLETE with its metric, or PRUNED with its rung values, without running again; the sampler models the
-space from the first new trial, that configuration never runs twice, and the report ranks the trial with this search's
-own (read from the earlier folder). An earlier search none of whose trials
-match (another model, data, length or horizon) gives its best configuration, which runs first (`warm` in
-draws.jsonl) with the values that carry over: its learning rate and LoRA rank, which a cold start would guess (at
-their largest, with the local searcher), and each other key the earlier search settled, i.e. where a completed trial
-that differs from its best in that key alone lost to it beyond the eval noise (paired over the held-out
-conversations). The other keys of that trial are drawn as a cold start draws them: a schedule or dropout that won on
-other data by a margin the earlier search did not show is not carried over. What was reused is written to
-`warm_start.json` in the run folder for the report.
+A trial of an earlier search whose resolved config is exactly the one this search would run for the same values
+(same model, data, eval set, horizon and every key the new space does not search) enters the study with its result:
+COMPLETE with its metric, or PRUNED with its rung values, without running again; the sampler models the space from
+the first new trial, that configuration never runs twice, and the report ranks the trial with this search's own
+(read from the earlier folder). An earlier search none of whose trials match (another model, data, length or
+horizon) gives its best configuration, which runs first (`warm` in draws.jsonl) with the values that carry over: its
+learning rate and LoRA rank, which a cold start would guess (at their largest, with the local searcher), and each
+other key the earlier search settled, i.e. where a completed trial that differs from its best in that key alone lost
+to it beyond the eval noise (paired over the held-out conversations). The other keys of that trial are drawn as a
+cold start draws them: a schedule or dropout that won on other data by a margin the earlier search did not show is
+not carried over. What was reused is written to `warm_start.json` in the run folder for the report.
 """
 
 from __future__ import annotations
